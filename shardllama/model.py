@@ -1,0 +1,293 @@
+"""The LLaMA model math, once, in plain torch.
+
+Weights use Meta's names and Meta's rotary layout (the two halves of each rotary pair are adjacent,
+``(x[2i], x[2i+1])``); other formats are converted at the loading edge.  Every layer function takes its
+weights explicitly and works on whatever number of heads / FFN units those weights hold, so a worker that
+owns a slice of a layer calls the very same function on its slice and the partial outputs add up to the
+reference's (``attention`` and ``feed_forward`` end with a row-split projection, so the sum over workers is
+the full result).  The reference :class:`Transformer` never knows about workers; it is the test oracle.
+
+Sequences live in *slots* of a preallocated KV cache.  One forward pass takes a batch of rows, each row
+``b`` holding ``T`` new tokens for slot ``slots[b]`` starting at position ``start[b]``; rows shorter than
+``T`` are right-padded and name their real length in ``lengths`` (padding writes cache entries past the
+row's end, which the causal mask hides and the next real token overwrites).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelArgs
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def layer_prefix(i: int) -> str:
+    return f"layers.{i}."
+
+
+# ---- the pieces ----------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in f32 whatever the weight dtype, as Meta and HF do; scale in the model dtype.
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, frequency) pair, f32, each (max_seq_len, head_dim // 2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, T, H, hd) by the angles in cos/sin (B, T, 1, hd/2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+@dataclasses.dataclass
+class Step:
+    """Everything about one forward pass that is the same for every layer (computed once per pass)."""
+
+    slots: torch.Tensor  # (B,) long: KV-cache slot of each row
+    positions: torch.Tensor  # (B, T) long: absolute position of each token
+    cos: torch.Tensor  # (B, T, 1, hd/2) f32
+    sin: torch.Tensor  # (B, T, 1, hd/2) f32
+    kv_len: int  # keys to attend over: max position + 1
+    mask: torch.Tensor | None  # (B, 1, T, kv_len) bool, None when every row sees every key
+    single_slot: int | None  # the slot when B == 1: the cache is then sliced, not gathered
+
+    @classmethod
+    def make(cls, start: torch.Tensor, n_tokens: int, slots: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> "Step":
+        start = start.long()
+        positions = start[:, None] + torch.arange(n_tokens)  # (B, T)
+        kv_len = int(positions.max()) + 1
+        cos, sin = rope
+        if kv_len > cos.shape[0]:
+            raise ValueError(f"position {kv_len - 1} is beyond the rotary table ({cos.shape[0]} positions)")
+        mask = None
+        # T == 1 and equal starts: every row attends to all kv_len keys, no mask needed.
+        if n_tokens > 1 or bool((start != start[0]).any()):
+            mask = torch.arange(kv_len)[None, None, None, :] <= positions[:, None, :, None]
+        return cls(
+            slots=slots.long(),
+            positions=positions,
+            cos=cos[positions].unsqueeze(2),
+            sin=sin[positions].unsqueeze(2),
+            kv_len=kv_len,
+            mask=mask,
+            single_slot=int(slots[0]) if len(slots) == 1 else None,
+        )
+
+
+class KVCache:
+    """Keys and values of every layer for ``n_slots`` sequences of up to ``max_seq_len`` tokens.
+
+    Preallocated once; a worker allocates one for its own KV heads only.
+    """
+
+    def __init__(self, n_layers: int, n_slots: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        shape = (n_layers, n_slots, max_seq_len, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (prefix reuse)."""
+        self.k[:, dst, :length] = self.k[:, src, :length]
+        self.v[:, dst, :length] = self.v[:, src, :length]
+
+
+def attention(
+    x: torch.Tensor,  # (B, T, dim), already normalised
+    wq: torch.Tensor,  # (hq * hd, dim)
+    wk: torch.Tensor,  # (hkv * hd, dim)
+    wv: torch.Tensor,  # (hkv * hd, dim)
+    wo: torch.Tensor,  # (dim, hq * hd)
+    cache_k: torch.Tensor,  # (n_slots, max_seq, hkv, hd): this layer's cache
+    cache_v: torch.Tensor,
+    step: Step,
+    head_dim: int,
+) -> torch.Tensor:
+    """Attention over the heads these weights hold; returns their (B, T, dim) contribution."""
+    B, T, _ = x.shape
+    q = F.linear(x, wq).view(B, T, -1, head_dim)
+    k = F.linear(x, wk).view(B, T, -1, head_dim)
+    v = F.linear(x, wv).view(B, T, -1, head_dim)
+    q = apply_rope(q, step.cos, step.sin)
+    k = apply_rope(k, step.cos, step.sin)
+
+    if step.single_slot is not None:
+        s, p0 = step.single_slot, int(step.positions[0, 0])
+        cache_k[s, p0 : p0 + T] = k[0]
+        cache_v[s, p0 : p0 + T] = v[0]
+        keys = cache_k[s, : step.kv_len].unsqueeze(0)  # (1, L, hkv, hd), a view
+        values = cache_v[s, : step.kv_len].unsqueeze(0)
+    else:
+        cache_k[step.slots[:, None], step.positions] = k
+        cache_v[step.slots[:, None], step.positions] = v
+        keys = cache_k[step.slots, : step.kv_len]  # (B, L, hkv, hd), gathered
+        values = cache_v[step.slots, : step.kv_len]
+
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # (B, hq, T, hd)
+        keys.transpose(1, 2),  # (B, hkv, L, hd)
+        values.transpose(1, 2),
+        attn_mask=step.mask,
+        enable_gqa=True,  # each group of hq / hkv query heads shares one KV head
+    )  # (B, hq, T, hd)
+    return F.linear(out.transpose(1, 2).reshape(B, T, -1), wo)
+
+
+def feed_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """SwiGLU over the hidden units these weights hold; returns their (B, T, dim) contribution."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+class Layer(NamedTuple):
+    attention_norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w3: torch.Tensor
+
+    @classmethod
+    def from_weights(cls, weights: Mapping[str, torch.Tensor], i: int) -> "Layer":
+        p = layer_prefix(i)
+        return cls(
+            attention_norm=weights[p + "attention_norm.weight"],
+            wq=weights[p + "attention.wq.weight"],
+            wk=weights[p + "attention.wk.weight"],
+            wv=weights[p + "attention.wv.weight"],
+            wo=weights[p + "attention.wo.weight"],
+            ffn_norm=weights[p + "ffn_norm.weight"],
+            w1=weights[p + "feed_forward.w1.weight"],
+            w2=weights[p + "feed_forward.w2.weight"],
+            w3=weights[p + "feed_forward.w3.weight"],
+        )
+
+
+def last_positions(h: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, dim) -> (B, dim): each row's last real token."""
+    if lengths is None:
+        return h[:, -1]
+    return h[torch.arange(h.shape[0]), lengths.long() - 1]
+
+
+# ---- the reference model -------------------------------------------------------------------------------
+
+
+class Transformer:
+    """Single-process LLaMA: the oracle that the sharded engine must agree with."""
+
+    def __init__(self, args: ModelArgs, weights: Mapping[str, torch.Tensor], max_seq_len: int | None = None):
+        self.args = args
+        self.weights = weights
+        self.dtype = weights["tok_embeddings.weight"].dtype
+        self.max_seq_len = max_seq_len or args.max_seq_len
+        self.layers = [Layer.from_weights(weights, i) for i in range(args.n_layers)]
+        self.output = weights["tok_embeddings.weight"] if args.tie_embeddings else weights["output.weight"]
+        self.rope = rope_tables(args.head_dim, self.max_seq_len, args.rope_theta)
+
+    def new_cache(self, n_slots: int = 1) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layers, n_slots, self.max_seq_len, a.n_kv_heads, a.head_dim, self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T) long
+        cache: KVCache,
+        start: torch.Tensor | int = 0,  # (B,) first position of each row
+        slots: torch.Tensor | None = None,  # (B,) cache slot of each row; default 0..B-1
+        lengths: torch.Tensor | None = None,  # (B,) real tokens per row; default all T
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Logits (f32) of each row's last real token (B, vocab), or of every token (B, T, vocab)."""
+        B, T = tokens.shape
+        start = torch.as_tensor(start).long().expand(B)
+        slots = torch.arange(B) if slots is None else torch.as_tensor(slots).long()
+        step = Step.make(start, T, slots, self.rope)
+        a = self.args
+        h = F.embedding(tokens, self.weights["tok_embeddings.weight"])  # (B, T, dim)
+        for i, L in enumerate(self.layers):
+            h = h + attention(rms_norm(h, L.attention_norm, a.norm_eps), L.wq, L.wk, L.wv, L.wo,
+                              cache.k[i], cache.v[i], step, a.head_dim)
+            h = h + feed_forward(rms_norm(h, L.ffn_norm, a.norm_eps), L.w1, L.w2, L.w3)
+        if not all_logits:
+            h = last_positions(h, lengths)
+        return F.linear(rms_norm(h, self.weights["norm.weight"], a.norm_eps), self.output).float()
+
+
+def random_weights(args: ModelArgs, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in Meta names and shapes, for tests and benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.02) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+    def norm() -> torch.Tensor:
+        return (1.0 + 0.1 * torch.randn(args.dim, generator=g)).to(dtype)
+
+    hd, w = args.head_dim, {}
+    w["tok_embeddings.weight"] = rand(args.vocab_size, args.dim, scale=1.0)
+    for i in range(args.n_layers):
+        p = layer_prefix(i)
+        w[p + "attention.wq.weight"] = rand(args.n_heads * hd, args.dim)
+        w[p + "attention.wk.weight"] = rand(args.n_kv_heads * hd, args.dim)
+        w[p + "attention.wv.weight"] = rand(args.n_kv_heads * hd, args.dim)
+        w[p + "attention.wo.weight"] = rand(args.dim, args.n_heads * hd)
+        w[p + "feed_forward.w1.weight"] = rand(args.hidden_dim, args.dim)
+        w[p + "feed_forward.w2.weight"] = rand(args.dim, args.hidden_dim)
+        w[p + "feed_forward.w3.weight"] = rand(args.hidden_dim, args.dim)
+        w[p + "attention_norm.weight"] = norm()
+        w[p + "ffn_norm.weight"] = norm()
+    w["norm.weight"] = norm()
+    if not args.tie_embeddings:
+        w["output.weight"] = rand(args.vocab_size, args.dim)
+    return w
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every weight name of a model with these args, and its shape (the loaders check against this)."""
+    hd = args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,)}
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, args.dim)
+    for i in range(args.n_layers):
+        p = layer_prefix(i)
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * hd, args.dim),
+            p + "attention.wk.weight": (args.n_kv_heads * hd, args.dim),
+            p + "attention.wv.weight": (args.n_kv_heads * hd, args.dim),
+            p + "attention.wo.weight": (args.dim, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (args.hidden_dim, args.dim),
+            p + "feed_forward.w2.weight": (args.dim, args.hidden_dim),
+            p + "feed_forward.w3.weight": (args.hidden_dim, args.dim),
+            p + "attention_norm.weight": (args.dim,),
+            p + "ffn_norm.weight": (args.dim,),
+        })
+    return shapes
