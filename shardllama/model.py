@@ -127,8 +127,13 @@ def attention(
     cache_v: torch.Tensor,
     step: Step,
     head_dim: int,
+    kv_of_q: torch.Tensor | None = None,  # (hq,) long: local KV head of each local query head
 ) -> torch.Tensor:
-    """Attention over the heads these weights hold; returns their (B, T, dim) contribution."""
+    """Attention over the heads these weights hold; returns their (B, T, dim) contribution.
+
+    Query head i uses KV head ``i // (hq / hkv)`` unless ``kv_of_q`` says otherwise: a worker whose
+    query heads start mid-group (9 heads, 3 KV heads, 2 workers) passes its own mapping.
+    """
     B, T, _ = x.shape
     q = F.linear(x, wq).view(B, T, -1, head_dim)
     k = F.linear(x, wk).view(B, T, -1, head_dim)
@@ -148,6 +153,8 @@ def attention(
         keys = cache_k[step.slots, : step.kv_len]  # (B, L, hkv, hd), gathered
         values = cache_v[step.slots, : step.kv_len]
 
+    if kv_of_q is not None:  # one KV head per query head, picked by the mapping
+        keys, values = keys.index_select(2, kv_of_q), values.index_select(2, kv_of_q)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),  # (B, hq, T, hd)
         keys.transpose(1, 2),  # (B, hkv, L, hd)
