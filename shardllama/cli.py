@@ -1,0 +1,177 @@
+"""The ``shardllama`` command.
+
+``shardllama [generate] --prompt ...`` streams a continuation to stdout and prints timings to stderr.
+Every user mistake ends in one line on stderr and exit code 1 (2 for usage errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ShardllamaError, UsageError
+
+SUBCOMMANDS = ("generate",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (and exit code 2) instead of usage + error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+_positive_int.__name__ = "positive integer"
+_non_negative_int.__name__ = "non-negative integer"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model-path", type=Path, help="model directory or file (Meta .pth, safetensors, GGUF); "
+                   "default: the SmolLM2-135M-Instruct demo model, downloaded once and cached")
+    g.add_argument("--param-path", type=Path, help="params.json / config.json, if not beside the model")
+    g.add_argument("--tokenizer-path", type=Path, help="tokenizer.model / tokenizer.json, if not beside the model")
+    g.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16"),
+                   help="weight precision (auto: as stored; quantized GGUF becomes f32)")
+    g.add_argument("--f16", dest="dtype", action="store_const", const="f16", help="alias for --dtype f16 (rllama)")
+    g.add_argument("--max-seq-len", type=_positive_int, default=1024, help="context length to allocate (default 1024)")
+    g.add_argument("--max-threads", type=_positive_int, help="torch threads (default: torch's choice)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2)")
+    g.add_argument("--top-k", type=_non_negative_int, default=20, help="0 = no limit (default 20)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1.0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)")
+    g.add_argument("--repetition-penalty-last-n", type=int, default=64,
+                   help="recent tokens the penalty looks at; -1 = all (default 64)")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shardllama", description="LLaMA-family inference on CPUs, every layer split across worker processes.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="continue a prompt (the default command)")
+    add_model_args(gen)
+    add_sampling_args(gen)
+    g = gen.add_argument_group("generation")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text to continue")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    g.add_argument("--max-new-tokens", type=_non_negative_int, help="stop after this many tokens (default: until the end token or the context is full)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end token")
+    g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    # Plain `shardllama --prompt ...` means `shardllama generate --prompt ...`.
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "generate")
+    return build_parser().parse_args(argv)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        try:
+            return args.prompt_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"--prompt-file {args.prompt_file}: file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompt-file {args.prompt_file}: cannot read ({e})") from None
+    if args.prompt is None:
+        raise UsageError("give a prompt with --prompt or --prompt-file")
+    return args.prompt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .engine import Sequence, Stats, generate
+    from .runtime import open_model
+    from .sampling import SamplingParams
+
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.repetition_penalty_last_n)
+    prompt = _read_prompt(args)
+    if args.max_threads:
+        torch.set_num_threads(args.max_threads)
+    progress = not args.quiet and sys.stderr.isatty()
+    with open_model(args.model_path, param_path=args.param_path, tokenizer_path=args.tokenizer_path,
+                    dtype=args.dtype, max_seq_len=args.max_seq_len, progress=progress) as model:
+        tok = model.tokenizer
+        prompt_ids = tok.encode(prompt)
+        generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+        stats = Stats()
+        out = sys.stdout
+        if not args.no_echo:
+            out.write(prompt)
+            out.flush()
+        stream = tok.stream()
+        stop_ids = () if args.ignore_eos else tok.stop_ids
+        for event in generate(model.backend, Sequence(), prompt_ids, params, max_new_tokens=args.max_new_tokens,
+                              stop_ids=stop_ids, generator=generator, stats=stats):
+            if event.is_end:
+                break
+            text = stream.push(event.token)
+            if text:
+                out.write(text)
+                out.flush()
+        out.write(stream.flush() + "\n")
+        out.flush()
+        if not args.quiet:
+            _print_stats(stats)
+    return 0
+
+
+def _print_stats(stats) -> None:
+    print(
+        f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_s * 1000:.1f} ms ({stats.prefill_tok_s:.1f} tok/s); "
+        f"time to first token: {stats.first_token_s * 1000:.1f} ms; "
+        f"generated: {stats.generated} tokens, {stats.ms_per_token:.1f} ms/token",
+        file=sys.stderr,
+    )
+
+
+COMMANDS = {"generate": cmd_generate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="shardllama: %(message)s")
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        return COMMANDS[args.command](args)
+    except ShardllamaError as e:
+        print(f"shardllama: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nshardllama: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error worth a traceback.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

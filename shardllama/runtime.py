@@ -1,0 +1,75 @@
+"""Open a model for generation: checkpoint + tokenizer + backend, the one place the CLI and the server
+turn flags into a running engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from .backend import Backend, LocalBackend
+from .config import ModelArgs
+from .errors import UsageError
+from .loading import open_checkpoint, load_weights
+from .model import DTYPES
+from .tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Model:
+    args: ModelArgs
+    tokenizer: Tokenizer
+    backend: Backend
+    path: Path
+    dtype: torch.dtype
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def resolve_dtype(name: str, native: torch.dtype) -> torch.dtype:
+    """``auto`` keeps the checkpoint's own precision (dequantized GGUF types become f32)."""
+    if name == "auto":
+        return native if native in DTYPES.values() else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UsageError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}") from None
+
+
+def open_model(
+    model_path: str | Path | None,
+    *,
+    param_path: str | Path | None = None,
+    tokenizer_path: str | Path | None = None,
+    dtype: str = "auto",
+    max_seq_len: int = 1024,
+    n_slots: int = 1,
+    progress: bool = False,
+) -> Model:
+    if model_path is None:
+        from .demo import demo_model_path
+
+        model_path = demo_model_path(progress=progress)
+    if max_seq_len < 1:
+        raise UsageError(f"--max-seq-len must be >= 1, got {max_seq_len}")
+    with open_checkpoint(model_path, param_path) as ckpt:
+        tok_path = tokenizer_path if tokenizer_path is not None else ckpt.tokenizer_path
+        if tok_path is None:
+            raise UsageError(f"{model_path}: no tokenizer found beside the model; pass --tokenizer-path")
+        tokenizer = load_tokenizer(tok_path, gguf_fields=ckpt.gguf_fields if tokenizer_path is None else None)
+        torch_dtype = resolve_dtype(dtype, ckpt.native_dtype)
+        weights = load_weights(ckpt, torch_dtype, progress=progress)
+        args = ckpt.args
+    backend = LocalBackend(args, weights, max_seq_len=max_seq_len, n_slots=n_slots)
+    return Model(args=args, tokenizer=tokenizer, backend=backend, path=Path(model_path), dtype=torch_dtype)

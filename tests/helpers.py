@@ -1,0 +1,36 @@
+"""Shared test helpers: tiny transformers models and their weights in our (Meta) names."""
+
+from __future__ import annotations
+
+import torch
+
+from shardllama.config import ModelArgs
+
+
+def hf_to_meta(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Rename a transformers LlamaForCausalLM state dict to Meta names and rotary layout.
+
+    Written independently of the loaders on purpose: the model test must not depend on the code the
+    loader tests check.
+    """
+    hd = args.head_dim
+
+    def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:  # rotate-half -> adjacent pairs
+        return w.view(n_heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
+
+    sd = state_dict
+    w = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    if not args.tie_embeddings:
+        w["output.weight"] = sd["lm_head.weight"]
+    for i in range(args.n_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        w[q + "attention.wq.weight"] = unpermute(sd[p + "self_attn.q_proj.weight"], args.n_heads)
+        w[q + "attention.wk.weight"] = unpermute(sd[p + "self_attn.k_proj.weight"], args.n_kv_heads)
+        w[q + "attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
+        w[q + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        w[q + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
+        w[q + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+        w[q + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
+        w[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        w[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    return w
