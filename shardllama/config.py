@@ -71,6 +71,8 @@ class ModelArgs:
             n_layers = int(params["n_layers"])
         except KeyError as e:
             raise ModelFileError(f"params.json: missing key {e.args[0]!r}") from None
+        if params.get("use_scaled_rope"):
+            raise UnsupportedError("params.json: use_scaled_rope (Llama 3.1 rope scaling) is not supported")
         vocab = int(params.get("vocab_size", -1))
         if vocab <= 0:
             if vocab_size is None:
@@ -105,9 +107,11 @@ class ModelArgs:
         model_type = config.get("model_type", "llama")
         if "LlamaForCausalLM" not in archs and model_type != "llama":
             raise UnsupportedError(f"{where}: unsupported architecture {archs[0]!r} (only LlamaForCausalLM)")
-        scaling = config.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise UnsupportedError(f"{where}: unsupported rope_scaling {scaling!r}")
+        # transformers < 5 writes rope_scaling, 5.x rope_parameters; only plain rotary is supported.
+        for key in ("rope_scaling", "rope_parameters"):
+            scaling = config.get(key) or {}
+            if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+                raise UnsupportedError(f"{where}: unsupported {key} {scaling!r} (only plain rotary embeddings)")
         try:
             n_heads = int(config["num_attention_heads"])
             args = cls(

@@ -1,0 +1,139 @@
+"""Checkpoint loading: Meta ``.pth``, HF safetensors and GGUF, all read into Meta's names and layout.
+
+:func:`open_checkpoint` finds the weights, their config and the tokenizer, and checks every tensor's name
+and shape from the file headers (nothing is read yet: all formats are memory-mapped).
+:meth:`Checkpoint.load` then gives one weight at a time; :func:`load_weights` gives them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import ModelFileError
+from ..model import expected_shapes
+from .base import Checkpoint
+from .gguf_file import GGUFCheckpoint
+from .hf import INDEX_NAME, SafetensorsCheckpoint, shard_files
+from .meta import MetaCheckpoint, find_shards, shard_index
+from .unzipped import find_pickle_dir
+
+__all__ = ["Checkpoint", "open_checkpoint", "load_weights", "find_tokenizer"]
+
+log = logging.getLogger(__name__)
+
+
+def open_checkpoint(model_path: str | Path, param_path: str | Path | None = None) -> Checkpoint:
+    """Open the checkpoint in a directory or file; ``param_path`` overrides params.json / config.json."""
+    path = Path(model_path)
+    params = Path(param_path) if param_path is not None else None
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return _open_directory(path, params)
+    return _open_file(path, params)
+
+
+def load_weights(ckpt: Checkpoint, dtype: torch.dtype, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Every weight of the model, read one at a time (converted weights never coexist with a second copy)."""
+    expected = expected_shapes(ckpt.args)
+    names = ckpt.names()
+    present = set(names)
+    for name in expected:
+        if name not in present:
+            raise ModelFileError(f"{ckpt.path}: missing tensor {name!r}")
+    weights: dict[str, torch.Tensor] = {}
+    for name in tqdm(names, desc=f"loading {ckpt.path.name}", unit="tensor", file=sys.stderr, disable=not progress):
+        if name not in expected:
+            raise ModelFileError(f"{ckpt.path}: unknown tensor {name!r}")
+        t = ckpt.load(name, dtype)
+        if tuple(t.shape) != expected[name]:
+            raise ModelFileError(f"{ckpt.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
+        weights[name] = t
+    return weights
+
+
+def find_tokenizer(weights_dir: Path) -> Path | None:
+    """tokenizer.model or tokenizer.json beside the weights, or tokenizer.model one folder up (Meta's layout,
+    where it sits beside the 7B/ folder)."""
+    for candidate in (weights_dir / "tokenizer.model", weights_dir / "tokenizer.json", weights_dir.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ---- finding the files ---------------------------------------------------------------------------------
+
+
+def _open_directory(d: Path, params: Path | None) -> Checkpoint:
+    if shard_index(d) is not None and find_pickle_dir(d) is not None:  # a consolidated.NN/ folder named itself
+        return _open_meta(d, find_shards(d.parent), d.parent, params)
+    ggufs = sorted(d.glob("*.gguf"))
+    indexes = sorted(d.glob("*.safetensors.index.json"))
+    safetensors = sorted(d.glob("*.safetensors"))
+    shards = find_shards(d)
+    kinds = [kind for kind, found in (("GGUF", ggufs), ("safetensors", safetensors), ("Meta .pth", shards)) if found]
+    if len(kinds) > 1:
+        raise ModelFileError(f"{d}: holds several checkpoints ({', '.join(kinds)}); name the file to load")
+    if ggufs:
+        if len(ggufs) > 1:
+            raise ModelFileError(f"{d}: holds {len(ggufs)} .gguf files; name the one to load")
+        return _open_gguf(ggufs[0], params)
+    if safetensors:
+        if len(indexes) > 1:
+            raise ModelFileError(f"{d}: holds {len(indexes)} safetensors index files; name the one to load")
+        if indexes:
+            return _open_hf(d, [], indexes[0], d, params)
+        if len(safetensors) > 1:
+            raise ModelFileError(f"{d}: holds {len(safetensors)} .safetensors files and no {INDEX_NAME}")
+        return _open_hf(d, safetensors, None, d, params)
+    if shards:
+        return _open_meta(d, shards, d, params)
+    if find_pickle_dir(d) is not None:  # an unzipped .pth under another name
+        return _open_meta(d, [d], d, params)
+    raise ModelFileError(f"{d}: no model weights found (*.gguf, *.safetensors or consolidated.NN.pth)")
+
+
+def _open_file(f: Path, params: Path | None) -> Checkpoint:
+    try:
+        with open(f, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise ModelFileError(f"{f}: cannot read ({e.strerror})") from None
+    if f.suffix == ".gguf" or magic == b"GGUF":
+        return _open_gguf(f, params)
+    if f.name.endswith(".safetensors.index.json"):
+        return _open_hf(f, [], f, f.parent, params)
+    if f.suffix == ".safetensors":
+        index = f.parent / INDEX_NAME
+        if index.is_file() and f in shard_files(index).values():  # one shard of a set: load the set
+            return _open_hf(f, [], index, f.parent, params)
+        return _open_hf(f, [f], None, f.parent, params)
+    if f.suffix in (".pth", ".pt") or magic == b"PK\x03\x04":
+        shards = find_shards(f.parent) if shard_index(f) is not None else [f]
+        return _open_meta(f, shards, f.parent, params)
+    raise ModelFileError(f"{f}: not a model file this program reads (.gguf, .safetensors, .pth)")
+
+
+def _open_gguf(f: Path, params: Path | None) -> Checkpoint:
+    if params is not None:
+        log.warning("%s: GGUF files carry their own config; ignoring %s", f, params)
+    return GGUFCheckpoint.open(f)
+
+
+def _open_hf(model_path: Path, files: list[Path], index: Path | None, weights_dir: Path, params: Path | None) -> Checkpoint:
+    config = params or weights_dir / "config.json"
+    if not config.is_file():
+        raise ModelFileError(f"{config}: file not found (safetensors checkpoints need config.json beside them)")
+    return SafetensorsCheckpoint.open(model_path, files, index, config, find_tokenizer(weights_dir))
+
+
+def _open_meta(model_path: Path, shards: list[Path], weights_dir: Path, params: Path | None) -> Checkpoint:
+    params = params or weights_dir / "params.json"
+    if not params.is_file():
+        raise ModelFileError(f"{params}: file not found (Meta checkpoints need params.json beside them)")
+    return MetaCheckpoint.open(model_path, shards, params, find_tokenizer(weights_dir))

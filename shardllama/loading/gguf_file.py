@@ -1,0 +1,125 @@
+"""GGUF files (llama.cpp), architecture ``llama``.
+
+The file is memory-mapped by ``gguf.GGUFReader``; float tensors are returned as copy-on-write views of it,
+quantized ones are dequantized one at a time.  GGUF lists dimensions innermost first, but the reader's numpy
+arrays are already row-major ``(out, in)``, as Meta's are.  llama.cpp's converter has already permuted wq
+and wk from HF's rotate-half layout back to Meta's interleaved one, so nothing is permuted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from ..config import ModelArgs
+from ..errors import ModelFileError, UnsupportedError
+from .base import Checkpoint, build_args, check_shapes, layer_table, one_line, rename
+
+Q = GGMLQuantizationType
+
+# GGUF name -> Meta name, the one mapping for this format.
+GGUF_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+
+# Tensor types we read: floats are viewed in place, the rest dequantized by gguf.quants.
+FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+QUANT_TYPES = {Q.Q8_0, Q.Q4_0, Q.Q4_1}
+
+
+def plain_fields(reader: GGUFReader, path: Path) -> dict[str, Any]:
+    """The metadata as python values: strings decoded, arrays as lists (the ``GGUF.*`` header entries too)."""
+    fields: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            fields[key] = field.contents()
+        except UnicodeDecodeError:
+            raise ModelFileError(f"{path}: metadata {key!r} is not valid UTF-8") from None
+    return fields
+
+
+def _open_reader(path: Path) -> GGUFReader:
+    try:
+        # 'c': copy-on-write mapping, so tensors made from it are writable without touching the file.
+        return GGUFReader(path, "c")
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: file not found") from None
+    except Exception as e:  # the reader raises ValueError, IndexError, KeyError... on a short or bad file
+        raise ModelFileError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
+
+
+@dataclasses.dataclass(eq=False)
+class GGUFCheckpoint(Checkpoint):
+    _reader: GGUFReader | None = dataclasses.field(default=None, repr=False)
+    _tensors: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # Meta name -> ReaderTensor
+
+    @classmethod
+    def open(cls, path: Path) -> "GGUFCheckpoint":
+        reader = _open_reader(path)
+        if reader.byte_order != "I":
+            raise UnsupportedError(f"{path}: big-endian GGUF files are not supported")
+        fields = plain_fields(reader, path)
+        arch = fields.get("general.architecture")
+        if arch != "llama":
+            raise UnsupportedError(f"{path}: unsupported architecture {arch!r} (only 'llama')")
+        if int(fields.get("split.count", 1)) > 1:
+            raise UnsupportedError(f"{path}: split GGUF files are not supported; merge them with llama-gguf-split")
+        by_name = {t.name: t for t in reader.tensors}
+        if "rope_freqs.weight" in by_name:
+            raise UnsupportedError(f"{path}: rope scaling (rope_freqs.weight, Llama 3.1 style) is not supported")
+        for t in reader.tensors:
+            if t.tensor_type not in FLOAT_TYPES and t.tensor_type not in QUANT_TYPES:
+                raise UnsupportedError(f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name}")
+        tokens = fields.get("tokenizer.ggml.tokens")
+        if tokens:
+            vocab = len(tokens)
+        elif "token_embd.weight" in by_name:
+            vocab = int(by_name["token_embd.weight"].shape[-1])
+        else:
+            raise ModelFileError(f"{path}: missing tensor 'token_embd.weight'")
+        tied = "output.weight" not in by_name
+        args = build_args(path, lambda: ModelArgs.from_gguf_fields(fields, vocab_size=vocab, tie_embeddings=tied))
+        table = layer_table(GGUF_NAMES, args.n_layers)
+        renamed = rename(path, by_name, table)
+        tensors = {meta: by_name[name] for meta, name in renamed.items()}
+        # GGUF writes dimensions innermost first: (in, out) -> Meta's (out, in).
+        shapes = {meta: tuple(int(d) for d in reversed(t.shape.tolist())) for meta, t in tensors.items()}
+        check_shapes(path, args, shapes, table)
+        return cls(args, "gguf", path, path, fields, reader, tensors)
+
+    def _read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self._tensors[name]
+        try:
+            if t.tensor_type in FLOAT_TYPES:
+                # The reader gives F32/F16 as typed arrays, BF16 as raw bytes (2 per value).
+                data = torch.from_numpy(np.asarray(t.data))
+                if t.tensor_type == Q.BF16:
+                    data = data.view(torch.bfloat16)
+                return data.reshape(self.shape(name))
+            return torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(self.shape(name))
+        except (ValueError, RuntimeError) as e:
+            raise ModelFileError(f"{self.path}: cannot read tensor {t.name!r} ({one_line(e)})") from None
+
+    def _stored_dtype(self, name: str) -> torch.dtype:
+        return FLOAT_TYPES.get(self._tensors[name].tensor_type, torch.float32)
+
+    def close(self) -> None:
+        self._reader = None
+        self._tensors = {}
