@@ -1,0 +1,78 @@
+"""The `shardllama` command end to end: real processes, the real demo model, every error path."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+MEANING = " not just a random choice, but a choice made by someone who has chosen to live."
+
+
+def run_cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "shardllama", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def test_demo_model_greedy_meaning_of_life(demo_gguf):
+    r = run_cli("--model-path", demo_gguf, "--prompt", "The meaning of life is", "--temperature", "0",
+                "--max-new-tokens", "24", "--dtype", "f32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The meaning of life is" + MEANING)
+    assert "ms/token" in r.stderr and "time to first token" in r.stderr
+
+
+def test_plain_command_uses_the_cached_demo_model_and_quiet_silences_stderr(demo_gguf):
+    # No --model-path: the default model, found in the cache the fixture filled.
+    r = run_cli("generate", "--prompt", "The meaning of life is", "--temperature", "0", "--max-new-tokens", "5",
+                "-q", "--no-echo", env={"SHARDLLAMA_CACHE": str(demo_gguf.parent)})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert r.stdout.startswith(" not just a random")
+
+
+def test_seed_reproduces_and_prompt_file(demo_gguf, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time", encoding="utf-8")
+    runs = [run_cli("--model-path", demo_gguf, "--prompt-file", prompt, "--temperature", "1.0", "--top-k", "0",
+                    "--seed", "7", "--max-new-tokens", "12", "-q") for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+    assert runs[0].stdout.startswith("Once upon a time")
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["--model-path", "/nonexistent/model.gguf", "--prompt", "x"], 1, "/nonexistent/model.gguf"),
+    (["--prompt", "x", "--temperature", "-1"], 2, "temperature"),
+    (["--prompt", "x", "--top-p", "2"], 2, "top_p"),
+    (["--prompt", "x", "--max-seq-len", "0"], 2, "--max-seq-len"),
+    (["--prompt", "x", "--max-seq-len", "abc"], 2, "--max-seq-len"),
+    (["--prompt", "x", "--dtype", "f8"], 2, "--dtype"),
+    (["--prompt", "x", "--no-such-flag"], 2, "--no-such-flag"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], 2, "/nonexistent/prompt.txt"),
+    ([], 2, "--prompt"),
+])
+def test_errors_are_one_line_with_exit_code(args, code, fragment, demo_gguf):
+    r = run_cli(*args, env={"SHARDLLAMA_CACHE": str(demo_gguf.parent)}, timeout=120)
+    assert r.returncode == code, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardllama: error:"), r.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_prompt_longer_than_max_seq_len(demo_gguf):
+    r = run_cli("--model-path", demo_gguf, "--prompt", "word " * 40, "--max-seq-len", "16", timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "--max-seq-len 16" in r.stderr
+
+
+def test_truncated_model_file(demo_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(demo_gguf, "rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    r = run_cli("--model-path", cut, "--prompt", "x", timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and str(cut) in r.stderr
