@@ -16,3 +16,25 @@ def demo_gguf() -> Path:
     A failed download makes the tests that use it fail, never skip: the end-to-end tests must run.
     """
     return demo_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_gguf):
+    """The demo model as shardllama loads it: (args, tokenizer, f32 weights)."""
+    import torch
+
+    from shardllama.loading import load_weights, open_checkpoint
+    from shardllama.tokenizer import load_tokenizer
+
+    with open_checkpoint(demo_gguf) as ckpt:
+        return ckpt.args, load_tokenizer(demo_gguf, gguf_fields=ckpt.gguf_fields), load_weights(ckpt, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_demo(demo_gguf):
+    """transformers' own reading of the same GGUF (dequantized to f32): the outside reference."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name, dtype=torch.float32)
+    return model.eval()

@@ -445,7 +445,7 @@ def test_gguf_float_tensors_are_writable_without_touching_the_file(tmp_path):
 
 
 @pytest.mark.slow  # the real demo model (SmolLM2-135M, Q4_1; conftest's demo_gguf) against transformers: ~20 s
-def test_demo_gguf_matches_transformers_logits(demo_gguf):
+def test_demo_gguf_matches_transformers_logits(demo_gguf, hf_demo):
     """transformers un-permutes q/k when it reads GGUF; we do not.  Equal logits prove GGUF is Meta layout."""
     transformers = pytest.importorskip("transformers")
     ckpt, weights = load_all(demo_gguf)
@@ -455,9 +455,8 @@ def test_demo_gguf_matches_transformers_logits(demo_gguf):
     model = Transformer(ckpt.args, weights, max_seq_len=64)
     tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 2]])
     ours = model.forward(tokens, model.new_cache(), all_logits=True)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name, dtype=torch.float32)
     with torch.no_grad():
-        ref = hf.eval()(tokens).logits
+        ref = hf_demo(tokens).logits
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
