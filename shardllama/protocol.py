@@ -1,0 +1,119 @@
+"""Messages between the coordinator and its workers (ZeroMQ, ROUTER at the coordinator, DEALER at each worker).
+
+Every message is one frame (the ROUTER adds the worker's routing id in front), no pickle:
+
+    offset 0    header   <BBBBIIII: kind, phase, flags, dtype code, step id, layer, B, T   (20 bytes)
+    offset 32   step     only with flag NEW_STEP: start[B], slots[B] as int64, padded to 32 bytes
+    then        payload  the raw bytes of one C-contiguous tensor: (B, T, dim) activations or partial
+                         sums, (B, T, vocab slice) logits; or, for control messages, UTF-8 JSON
+
+One frame instead of header + payload frames: each extra frame costs a send call (~10 us), more than
+copying a decode step's few kilobytes into place.  The payload starts on a 32-byte boundary, so the
+receiver computes on a ``torch.frombuffer`` view of the frame without copying.
+
+One forward pass is, per layer, ``COMPUTE(ATTN, h)`` -> ``RESULT(partial)`` from every worker, the
+coordinator sums, ``COMPUTE(FFN, h)`` -> ``RESULT``, sums; then ``COMPUTE(HEAD, h)`` -> logits slices.
+Step ids let the coordinator drop late answers to a pass it has given up on.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, NamedTuple
+
+import torch
+
+HEADER = struct.Struct("<BBBBIIII")
+ALIGN = 32
+HEADER_BYTES = ALIGN
+
+# kinds
+HELLO = 1  # worker -> coordinator: {"pid", "rank" (None for a remote worker), "host"}
+CONFIG = 2  # coordinator -> worker: everything it needs to build its shard (see Coordinator._config)
+READY = 3  # worker -> coordinator: shard built, cache allocated: {"nbytes"}
+COMPUTE = 4  # coordinator -> worker: one phase of one layer
+RESULT = 5  # worker -> coordinator: the partial sum (or logits slice)
+ERROR = 6  # worker -> coordinator: {"message"}; the worker carries on
+COPY_SLOT = 7  # coordinator -> worker: {"src", "dst", "length"}
+ACK = 8  # worker -> coordinator: a control request is done
+STOP = 9  # coordinator -> worker: exit now
+PING = 10  # coordinator -> remote worker while waiting on it: fails at once if its connection is gone
+
+# phases of COMPUTE / RESULT
+ATTN, FFN, HEAD = 0, 1, 2
+PHASE_NAMES = {ATTN: "attention", FFN: "feed-forward", HEAD: "output head"}
+
+# flags
+NEW_STEP = 1  # the step block (start, slots) follows the header; the worker builds a new model.Step
+
+DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+class Header(NamedTuple):
+    kind: int
+    phase: int = 0
+    flags: int = 0
+    dtype: int = 0
+    step: int = 0
+    layer: int = 0
+    B: int = 0
+    T: int = 0
+
+    @classmethod
+    def unpack(cls, buf: Any) -> "Header":
+        return cls._make(HEADER.unpack_from(buf, 0))
+
+
+def _step_bytes(header: Header) -> int:
+    return -(-16 * header.B // ALIGN) * ALIGN if header.flags & NEW_STEP else 0
+
+
+def tensor_message(
+    header: Header,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    start: torch.Tensor | None = None,  # (B,) with NEW_STEP
+    slots: torch.Tensor | None = None,  # (B,) with NEW_STEP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new message buffer (uint8, sent as is) and a view of its payload to write the tensor into."""
+    n = 1
+    for s in shape:
+        n *= s
+    offset = HEADER_BYTES + _step_bytes(header)
+    buf = torch.empty(offset + n * dtype.itemsize, dtype=torch.uint8)
+    HEADER.pack_into(buf.numpy(), 0, *header)
+    if header.flags & NEW_STEP:
+        assert start is not None and slots is not None and len(start) == len(slots) == header.B
+        step = buf[HEADER_BYTES : HEADER_BYTES + 16 * header.B].view(torch.int64)
+        step[: header.B] = start
+        step[header.B :] = slots
+    return buf, buf[offset:].view(dtype).view(shape)
+
+
+def read_tensor(buf: Any, header: Header, width: int) -> torch.Tensor:
+    """The payload of a received message as a (B, T, width) tensor viewing the frame (no copy)."""
+    dtype = CODE_DTYPES[header.dtype]
+    n = header.B * header.T * width
+    if n == 0:
+        return torch.empty((header.B, header.T, width), dtype=dtype)
+    offset = HEADER_BYTES + _step_bytes(header)
+    return torch.frombuffer(buf, dtype=dtype, count=n, offset=offset).view(header.B, header.T, width)
+
+
+def read_step(buf: Any, header: Header) -> tuple[torch.Tensor, torch.Tensor]:
+    """start and slots (each (B,) long) of a NEW_STEP message (copies: they outlive the frame)."""
+    both = torch.frombuffer(buf, dtype=torch.int64, count=2 * header.B, offset=HEADER_BYTES).clone()
+    return both[: header.B], both[header.B :]
+
+
+def control(kind: int, body: dict | None = None, **fields: int) -> bytes:
+    """A header (``fields``: step, layer, phase) followed by a JSON body."""
+    head = bytearray(HEADER_BYTES)
+    HEADER.pack_into(head, 0, *Header(kind, **fields))
+    return bytes(head) + json.dumps(body or {}).encode()
+
+
+def read_control(buf: Any) -> dict:
+    return json.loads(bytes(memoryview(buf)[HEADER_BYTES:]) or b"{}")

@@ -1,0 +1,360 @@
+"""The sharded engine against the reference model, and what happens when processes die.
+
+Worker start-up (a Python process importing torch) is the slow part, so hypothesis draws few examples and
+each example checks several things on one coordinator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from shardllama.config import ModelArgs
+from shardllama.coordinator import Coordinator, default_workers
+from shardllama.errors import UsageError, WorkerError
+from shardllama.model import Transformer, random_weights
+from shardllama.shm import SHM_DIR, clean_kept, list_kept, shard_key
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_SEQ = 24
+N_SLOTS = 3
+
+# f32 must match to rounding; f16 / bf16 partial sums are rounded per worker, so they are compared
+# relative to the size of the logits.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == torch.float32 and got.shape == want.shape, (got.dtype, got.shape, want.shape)
+    scale = 1.0 if dtype == torch.float32 else float(want.abs().max())
+    err = float((got - want).abs().max())
+    assert err <= TOLERANCE[dtype] * scale, f"{dtype}: max error {err:.3g} > {TOLERANCE[dtype]} x {scale:.3g}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def segments() -> set[str]:
+    return {p.name for p in SHM_DIR.glob("shardllama-*")}
+
+
+def tiny_model(dtype=torch.float32, **kw) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    fields = dict(dim=24, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=61, hidden_dim=40, max_seq_len=MAX_SEQ)
+    args = ModelArgs(**{**fields, **kw})
+    return args, random_weights(args, dtype, seed=3)
+
+
+def forward_both(c: Coordinator, ref: Transformer, cache, tokens, start, slots, lengths=None, all_logits=False):
+    start, slots = torch.as_tensor(start), torch.as_tensor(slots)
+    got = c.forward(tokens, start, slots, lengths, all_logits)
+    want = ref.forward(tokens, cache, start, slots, lengths, all_logits)
+    return got, want
+
+
+def greedy(forward, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """An argmax loop in slot 0; returns the tokens and each step's logits."""
+    logits = forward(torch.tensor([prompt]), torch.tensor([0]), torch.tensor([0]))
+    tokens, seen = [], [logits]
+    for i in range(steps):
+        tokens.append(int(logits.argmax(-1)))
+        logits = forward(torch.tensor([[tokens[-1]]]), torch.tensor([len(prompt) + i]), torch.tensor([0]))
+        seen.append(logits)
+    return tokens, seen
+
+
+# ---- the sharded engine computes what the reference does -----------------------------------------------
+
+
+@st.composite
+def cases(draw):
+    n_kv = draw(st.integers(1, 3))
+    n_heads = n_kv * draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([2, 4, 8]))
+    args = ModelArgs(
+        dim=n_heads * head_dim, n_layers=draw(st.integers(1, 2)), n_heads=n_heads, n_kv_heads=n_kv,
+        vocab_size=draw(st.integers(2, 50)), hidden_dim=draw(st.integers(1, 40)),
+        tie_embeddings=draw(st.booleans()), max_seq_len=MAX_SEQ, rope_theta=draw(st.sampled_from([1e4, 1e5])),
+    )
+    n = draw(st.integers(1, min(6, n_heads)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    B = draw(st.integers(1, N_SLOTS))
+    lengths = draw(st.lists(st.integers(1, 6), min_size=B, max_size=B))
+    slots = draw(st.permutations(range(N_SLOTS)))[:B]
+    prompt = draw(st.lists(st.integers(0, args.vocab_size - 1), min_size=1, max_size=5))
+    return args, n, dtype, lengths, slots, prompt, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_sharded_logits_equal_the_reference(case):
+    args, n, dtype, lengths, slots, prompt, seed = case
+    event(f"{n} workers, {str(dtype).removeprefix('torch.')}")
+    weights = random_weights(args, dtype, seed=seed)
+    ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
+    cache = ref.new_cache(N_SLOTS)
+    g = torch.Generator().manual_seed(seed)
+    with Coordinator(args, weights, n_workers=n, dtype=dtype, max_seq_len=MAX_SEQ, n_slots=N_SLOTS) as c:
+        # A batch of right-padded prompts of different lengths, every position's logits.
+        B, T = len(lengths), max(lengths)
+        tokens = torch.randint(0, args.vocab_size, (B, T), generator=g)
+        lengths_t, slots_t = torch.tensor(lengths), torch.tensor(slots)
+        got, want = forward_both(c, ref, cache, tokens, torch.zeros(B, dtype=torch.long), slots_t, lengths_t, True)
+        assert_logits_close(got, want, dtype)
+        # Then a few batched decode steps, every row at its own position.
+        position = lengths_t.clone()
+        for _ in range(3):
+            nxt = torch.randint(0, args.vocab_size, (B, 1), generator=g)
+            got, want = forward_both(c, ref, cache, nxt, position, slots_t)
+            assert got.shape == (B, args.vocab_size)
+            assert_logits_close(got, want, dtype)
+            position += 1
+        # Greedy generation: the same tokens, unless the reference itself had a near-tie there.
+        ours, _ = greedy(c.forward, prompt, 4)
+        ref_cache = ref.new_cache(1)
+        theirs, ref_logits = greedy(lambda t, s, sl: ref.forward(t, ref_cache, s, sl), prompt, 4)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            if a != b:
+                top2 = ref_logits[i].topk(2).values[0]
+                tol = TOLERANCE[dtype] * (1.0 if dtype == torch.float32 else float(ref_logits[i].abs().max()))
+                assert float(top2[0] - top2[1]) <= 2 * tol, (ours, theirs)
+                break
+
+
+def test_demo_model_agrees_with_the_reference(demo_gguf):
+    """The golden test on real weights: SmolLM2-135M (9 heads, 3 KV heads), two workers, so one KV head
+    straddles them; greedy tokens identical, logits to f32 rounding."""
+    from shardllama.loading import open_checkpoint, load_weights
+
+    ckpt = open_checkpoint(demo_gguf)
+    weights = load_weights(ckpt, torch.float32)
+    ref = Transformer(ckpt.args, weights, max_seq_len=64)
+    ref_cache = ref.new_cache(1)
+    prompt = [504, 3940, 282, 1029, 314]
+    theirs, ref_logits = greedy(lambda t, s, sl: ref.forward(t, ref_cache, s, sl), prompt, 8)
+    with Coordinator(ckpt.args, weights, n_workers=2, max_seq_len=64) as c:
+        ours, our_logits = greedy(c.forward, prompt, 8)
+    assert ours == theirs
+    for got, want in zip(our_logits, ref_logits):
+        assert float((got - want).abs().max()) < 1e-3
+
+
+def test_copy_slot_and_one_worker_per_head():
+    args, weights = tiny_model(n_heads=3, n_kv_heads=1, dim=12)
+    ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
+    cache = ref.new_cache(N_SLOTS)
+    prompt = torch.tensor([[5, 7, 11, 13]])
+    with Coordinator(args, weights, n_workers=3, max_seq_len=MAX_SEQ, n_slots=N_SLOTS) as c:
+        forward_both(c, ref, cache, prompt, [0], [0])
+        c.copy_slot(0, 2, 4)
+        cache.copy_slot(0, 2, 4)
+        got, want = forward_both(c, ref, cache, torch.tensor([[17]]), [4], [2])
+        assert_logits_close(got, want, torch.float32)
+        with pytest.raises(ValueError, match="beyond the context"):
+            c.forward(torch.tensor([[1]]), torch.tensor([MAX_SEQ]), torch.tensor([0]))
+
+
+def test_bad_worker_counts_fail_before_anything_starts():
+    args, weights = tiny_model()
+    before = segments()
+    for n in (0, args.n_heads + 1):
+        with pytest.raises(UsageError, match="number of workers"):
+            Coordinator(args, weights, n_workers=n)
+    assert segments() == before
+    assert 1 <= default_workers() and default_workers(args) <= args.n_heads
+
+
+# ---- failures ------------------------------------------------------------------------------------------
+
+
+def test_killed_worker_is_named_quickly_then_replaced():
+    args, weights = tiny_model()
+    ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
+    before = segments()
+    with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, timeout=30) as c:
+        mine = {s.name for s in c.store.segments.values()}
+        assert mine <= segments()
+        greedy(c.forward, [1, 2, 3], 2)
+        victim = c.pids[1]
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=rf"worker 1 \(pid {victim}\)"):
+            c.forward(torch.tensor([[4]]), torch.tensor([5]), torch.tensor([0]))
+        assert time.monotonic() - t0 < 5, "a dead worker must be noticed in seconds, not at the timeout"
+        # The replacement maps the same shards, but the sequence in flight is gone with the old cache.
+        epoch = c.cache_epoch
+        with pytest.raises(WorkerError, match="start its sequence again"):
+            c.forward(torch.tensor([[4]]), torch.tensor([5]), torch.tensor([0]))
+        ours, _ = greedy(c.forward, [1, 2, 3], 3)
+        assert c.cache_epoch == epoch + 1 and c.pids[1] != victim
+        ref_cache = ref.new_cache(1)
+        assert ours == greedy(lambda t, s, sl: ref.forward(t, ref_cache, s, sl), [1, 2, 3], 3)[0]
+    assert not _running(victim)
+    assert segments() == before and not mine & segments()
+
+
+def test_silent_worker_times_out_and_restarts():
+    args, weights = tiny_model()
+    with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, timeout=1.0) as c:
+        stuck = c.pids[0]
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            with pytest.raises(WorkerError, match=rf"worker 0 \(pid {stuck}\) did not answer within 1 s"):
+                c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))
+            c.restart_worker(0)
+        finally:
+            if psutil.pid_exists(stuck):
+                os.kill(stuck, signal.SIGCONT)
+        assert c.pids[0] != stuck
+        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))
+
+
+COORDINATOR_SCRIPT = textwrap.dedent("""
+    import json, sys, time, torch
+    from shardllama.config import ModelArgs
+    from shardllama.coordinator import Coordinator
+    from shardllama.model import random_weights
+    args = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=11, hidden_dim=8, max_seq_len=8)
+    with Coordinator(args, random_weights(args), n_workers=2, max_seq_len=8) as c:
+        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))
+        print(json.dumps({"pids": c.pids, "segments": [s.name for s in c.store.segments.values()],
+                          "ipc": c.endpoint}), flush=True)
+        while True:
+            c.forward(torch.tensor([[3]]), torch.tensor([2]), torch.tensor([0]))
+            time.sleep(0.01)
+""")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_coordinator_death_leaves_nothing_behind(how):
+    """SIGKILL: the workers notice the orphaning and the resource tracker unlinks the shards.
+    SIGINT (Ctrl-C): KeyboardInterrupt unwinds through close()."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", COORDINATOR_SCRIPT], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        assert set(info["segments"]) <= segments()
+        proc.send_signal(how)
+        proc.wait(10)
+        socket_file = Path(info["ipc"].removeprefix("ipc://"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = [p for p in info["pids"] if _running(p)]
+            if not alive and not set(info["segments"]) & segments() and not socket_file.parent.exists():
+                break
+            time.sleep(0.1)
+        assert not alive, f"workers {alive} outlived their coordinator"
+        assert not set(info["segments"]) & segments(), "shared memory left behind"
+        assert not socket_file.parent.exists(), "ipc directory left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# ---- kept shards ---------------------------------------------------------------------------------------
+
+
+def test_kept_shards_outlive_the_run_and_are_mapped_again(tmp_path):
+    args, weights = tiny_model()
+    model_file = tmp_path / "model.bin"
+    model_file.write_bytes(b"stands for the checkpoint the shards were cut from")
+    key = shard_key(model_file, torch.float32, 2)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    try:
+        with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, keep_shards=True, model_path=model_file) as c:
+            first = c.forward(prompt, torch.tensor([0]), torch.tensor([0]))
+        kept = [i for i in list_kept() if i.key == key]
+        assert len(kept) == 1 and kept[0].kept and kept[0].ready and len(kept[0].segments) == 3
+
+        def must_not_load(name):
+            raise AssertionError(f"kept shards were rebuilt (asked for {name})")
+
+        with Coordinator(args, must_not_load, n_workers=2, max_seq_len=MAX_SEQ, model_path=model_file) as c:
+            assert torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([0])), first)
+        assert [i.key for i in list_kept() if i.key == key] == [key], "a run that did not make them keeps them"
+    finally:
+        removed = clean_kept(key)
+    assert len(removed) == 3 and not any(i.key == key for i in list_kept())
+    with pytest.raises(UsageError, match="model's path"):
+        Coordinator(args, weights, n_workers=2, keep_shards=True)
+
+
+# ---- remote workers over tcp ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tcp_workers_load_their_own_shards(tmp_path):
+    from shardllama.loading import open_checkpoint
+
+    params = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 53, "multiple_of": 16,
+              "norm_eps": 1e-5, "rope_theta": 10000.0}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    args = ModelArgs.from_params_json(params)
+    weights = random_weights(args, seed=7)
+    torch.save(weights, tmp_path / "consolidated.00.pth")
+    ckpt = open_checkpoint(tmp_path)
+    args = ckpt.args.replace(max_seq_len=MAX_SEQ)
+    tokens = torch.tensor([[2, 7, 1, 8], [2, 8, 1, 8]])
+    start, slots = torch.zeros(2, dtype=torch.long), torch.tensor([0, 1])
+
+    with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, n_slots=2) as c:
+        over_ipc = c.forward(tokens, start, slots, all_logits=True)
+
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def start_remote() -> subprocess.Popen:
+        remote.append(subprocess.Popen([sys.executable, "-m", "workers", "--connect", f"tcp://127.0.0.1:{port}",
+                                        "--model-path", str(tmp_path), "--connect-timeout", "60"], env=env))
+        return remote[-1]
+
+    remote: list[subprocess.Popen] = []
+    try:
+        for _ in range(2):
+            start_remote()
+        load = lambda name: ckpt.load(name, torch.float32)  # noqa: E731 -- the coordinator needs only the embedding
+        with Coordinator(args, load, n_workers=2, max_seq_len=MAX_SEQ, n_slots=2,
+                         endpoint=f"tcp://127.0.0.1:{port}", connect_timeout=60, timeout=30) as c:
+            assert sorted(c.pids) == sorted(p.pid for p in remote)
+            assert_logits_close(c.forward(tokens, start, slots, all_logits=True), over_ipc, torch.float32)
+            # A remote worker that dies is named at once (its connection drops), and a new one can take its place.
+            victim = remote[1]
+            rank = c.pids.index(victim.pid)
+            victim.kill()
+            victim.wait()
+            t0 = time.monotonic()
+            with pytest.raises(WorkerError, match=rf"worker {rank} \(pid {victim.pid}\)"):
+                c.forward(tokens, start, slots)
+            assert time.monotonic() - t0 < 5
+            start_remote()
+            assert_logits_close(c.forward(tokens, start, slots, all_logits=True), over_ipc, torch.float32)
+            assert c.pids[rank] == remote[-1].pid
+        for p in remote:
+            if p is not victim:
+                assert p.wait(10) == 0, "a remote worker exits cleanly when the coordinator closes"
+    finally:
+        for p in remote:
+            if p.poll() is None:
+                p.kill()

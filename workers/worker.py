@@ -1,0 +1,299 @@
+"""One worker process: its slice of every layer, its own KV cache, and a loop that answers the coordinator.
+
+A local worker (started by the coordinator) maps its shard from shared memory; a remote worker
+(``--connect tcp://... --model-path ...``) cuts its own shard from its own copy of the checkpoint, with the
+rank, N and dtype that the coordinator's handshake gives it.  Either way the math is ``model.py``'s,
+applied to the slices that ``sharding.shard`` cut.
+
+A worker never outlives its coordinator: a local one exits when its parent pid changes (and removes the
+private ipc directory that a killed coordinator leaves behind); a remote one exits when its connection to
+the coordinator drops (ZeroMQ socket monitor, with heartbeats on tcp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from shardllama import protocol as P
+from shardllama.config import ModelArgs
+from shardllama.model import DTYPES, KVCache, Layer, Step, attention, feed_forward, rms_norm, rope_tables
+from shardllama.sharding import ShardSpec, plan, shard, worker_weights
+from shardllama.shm import Segment
+
+log = logging.getLogger("shardllama.worker")
+
+POLL_MS = 250  # how often an idle worker checks that its coordinator is still there
+
+
+class ShardModel:
+    """This worker's slice of the model: the same functions as the reference, on fewer heads / units."""
+
+    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                 max_seq_len: int, n_slots: int):
+        self.args = args
+        self.spec = spec
+        self.layers = [Layer.from_weights(weights, i) for i in range(args.n_layers)]
+        self.norm = weights["norm.weight"]  # (dim,)
+        self.output = weights["output.weight"]  # (vocab slice, dim)
+        self.kv_of_q = spec.kv_map()
+        self.cache = KVCache(args.n_layers, n_slots, max_seq_len, len(spec.kv_heads), args.head_dim, dtype)
+        self.rope = rope_tables(args.head_dim, max_seq_len, args.rope_theta)
+
+    def compute(self, phase: int, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """This worker's term of the layer's sum (B, T, dim), or its logits slice (B, T, vocab slice)."""
+        eps = self.args.norm_eps
+        if phase == P.ATTN:
+            L = self.layers[i]
+            return attention(rms_norm(h, L.attention_norm, eps), L.wq, L.wk, L.wv, L.wo,
+                             self.cache.k[i], self.cache.v[i], step, self.args.head_dim, self.kv_of_q)
+        if phase == P.FFN:
+            L = self.layers[i]
+            return feed_forward(rms_norm(h, L.ffn_norm, eps), L.w1, L.w2, L.w3)
+        assert phase == P.HEAD, phase
+        return F.linear(rms_norm(h, self.norm, eps), self.output)
+
+
+def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This worker's slices, cut from full tensors loaded one at a time (copies: the full ones are freed)."""
+    users: dict[str, list[str]] = {}
+    for name, src in worker_weights(args).items():
+        users.setdefault(src, []).append(name)
+    weights = {}
+    for src, names in users.items():
+        full = load(src)
+        for name in names:
+            weights[name] = shard(name, full, spec).clone()
+        del full
+    return weights
+
+
+class _Exit(Exception):
+    """The coordinator is gone or said stop (exit code 0), or never answered (1)."""
+
+    def __init__(self, why: str, code: int = 0):
+        super().__init__(why)
+        self.code = code
+
+
+class Worker:
+    def __init__(self, endpoint: str, rank: int | None, model_path: str | None, threads: int | None,
+                 parent_pid: int | None, connect_timeout: float):
+        self.endpoint = endpoint
+        self.rank = rank
+        self.model_path = model_path
+        self.threads = threads
+        self.parent_pid = parent_pid
+        self.connect_timeout = connect_timeout
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        if endpoint.startswith("tcp://"):  # notice a coordinator host that vanished without closing
+            self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+            self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.connected = False
+        self.spin_s = 0.0
+        self.model: ShardModel | None = None
+        self.segment: Segment | None = None
+
+    def close(self) -> None:
+        self.model = None  # drop the views before unmapping
+        if self.segment is not None:
+            self.segment.close()
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close()
+        self.ctx.term()
+
+    # ---- waiting ---------------------------------------------------------------------------------
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Block until a message arrives (True) or ``timeout`` seconds pass (False); raise _Exit when the
+        coordinator is gone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            events = dict(self.poller.poll(POLL_MS))
+            if self.monitor in events:
+                event = recv_monitor_message(self.monitor)["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    self.connected = True
+                elif event == zmq.EVENT_DISCONNECTED and self.connected and self.parent_pid is None:
+                    # (a local worker watches its parent instead: that also tells it to clean up)
+                    raise _Exit("lost the connection to the coordinator")
+            if self.sock in events:
+                return True
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                self._remove_socket_file()
+                raise _Exit("the coordinator process is gone")
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+
+    def _recv(self, timeout: float | None = None) -> zmq.Frame:
+        if self.spin_s:  # the coordinator found a core for every process: busy-wait a little before sleeping
+            end = time.perf_counter() + self.spin_s
+            while time.perf_counter() < end:
+                if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return self.sock.recv(copy=False)
+        if not self._wait(timeout):
+            raise _Exit(f"no answer from the coordinator at {self.endpoint} within {timeout:.0f} s", code=1)
+        return self.sock.recv(copy=False)
+
+    def _remove_socket_file(self) -> None:
+        """A coordinator that was killed could not remove its private ipc directory; its workers do."""
+        if not self.endpoint.startswith("ipc://"):
+            return
+        path = Path(self.endpoint.removeprefix("ipc://"))
+        if path.parent.name.startswith("shardllama-"):
+            for p, remove in ((path, os.unlink), (path.parent, os.rmdir)):
+                try:
+                    remove(p)
+                except OSError:
+                    pass  # another worker got there first
+
+    # ---- handshake -------------------------------------------------------------------------------
+
+    def handshake(self) -> None:
+        self.sock.connect(self.endpoint)
+        self.sock.send(P.control(P.HELLO, {"pid": os.getpid(), "rank": self.rank, "host": socket.gethostname()}))
+        buf = self._recv(self.connect_timeout).buffer
+        header = P.Header.unpack(buf)
+        if header.kind == P.STOP:
+            raise _Exit("the coordinator needs no more workers")
+        assert header.kind == P.CONFIG, header
+        config = P.read_control(buf)
+        try:
+            nbytes = self._build(config)
+        except Exception as e:
+            self.sock.send(P.control(P.ERROR, {"message": f"{type(e).__name__}: {e}"}))
+            raise
+        self.sock.send(P.control(P.READY, {"nbytes": nbytes}))
+
+    def _build(self, config: dict) -> int:
+        args = ModelArgs(**config["args"])
+        dtype = DTYPES[config["dtype"]]
+        self.rank = config["rank"]
+        torch.set_num_threads(self.threads or config["threads"])
+        self.spin_s = config.get("spin_us", 0.0) * 1e-6
+        spec = plan(args, config["n_workers"])[self.rank]
+        if config.get("segment"):
+            self.segment = Segment.attach(config["segment"])
+            weights = self.segment.tensors()
+        else:
+            weights = self._load_own(args, spec, dtype)
+        self.model = ShardModel(args, spec, weights, dtype, config["max_seq_len"], config["n_slots"])
+        log.info("worker %d (pid %d): heads %s, kv heads %s, ffn %s, vocab %s", self.rank, os.getpid(),
+                 spec.q_heads, spec.kv_heads, spec.ffn, spec.vocab)
+        return sum(t.numel() * t.element_size() for t in weights.values()) + self.model.cache.nbytes()
+
+    def _load_own(self, args: ModelArgs, spec: ShardSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if not self.model_path:
+            raise ValueError("the coordinator sent no shared-memory shard; start the worker with --model-path")
+        from shardllama.loading import open_checkpoint  # only remote workers read checkpoints
+
+        ckpt = open_checkpoint(self.model_path)
+        mine = {k: v for k, v in vars(ckpt.args).items() if k != "max_seq_len"}
+        theirs = {k: v for k, v in vars(args).items() if k != "max_seq_len"}
+        if mine != theirs:
+            raise ValueError(f"{self.model_path} is not the coordinator's model: {mine} != {theirs}")
+        return cut_weights(args, spec, lambda name: ckpt.load(name, dtype))
+
+    # ---- serving ---------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        model = self.model
+        assert model is not None
+        step, step_id = None, None
+        send = self.sock.send
+        while True:
+            buf = self._recv().buffer
+            h = P.Header.unpack(buf)
+            if h.kind == P.COMPUTE:
+                try:
+                    if h.flags & P.NEW_STEP:
+                        start, slots = P.read_step(buf, h)
+                        step, step_id = Step.make(start, h.T, slots, model.rope), h.step
+                    elif h.step != step_id:
+                        raise RuntimeError(f"step {h.step} continues a pass this worker never began")
+                    out = model.compute(h.phase, h.layer, P.read_tensor(buf, h, model.args.dim), step)
+                    reply, payload = P.tensor_message(P.Header(P.RESULT, h.phase, 0, P.DTYPE_CODES[out.dtype], h.step,
+                                                               h.layer, h.B, h.T), tuple(out.shape), out.dtype)
+                    payload.copy_(out)
+                    send(reply.numpy(), copy=False)
+                except Exception as e:
+                    step_id = None
+                    log.debug("%s", traceback.format_exc())
+                    send(P.control(P.ERROR, {"message": f"{type(e).__name__}: {e}"}, phase=h.phase, step=h.step,
+                                   layer=h.layer))
+            elif h.kind == P.COPY_SLOT:
+                body = P.read_control(buf)
+                model.cache.copy_slot(body["src"], body["dst"], body["length"])
+                send(P.control(P.ACK, step=h.step))
+            elif h.kind == P.STOP:
+                raise _Exit("stopped by the coordinator")
+            elif h.kind != P.PING:
+                log.warning("worker %s: unexpected message kind %d", self.rank, h.kind)
+
+
+def _rank(rank: int | None) -> str:
+    return "?" if rank is None else str(rank)
+
+
+def run_worker(endpoint: str, *, rank: int | None = None, model_path: str | None = None, threads: int | None = None,
+               parent_pid: int | None = None, connect_timeout: float = 60.0) -> int:
+    """Connect to a coordinator, build this worker's shard, answer until told to stop.  Returns an exit code.
+
+    Local workers get ``rank`` and ``parent_pid`` from the coordinator that starts them; a remote worker
+    passes only ``endpoint`` and ``model_path`` (``shardllama worker --connect tcp://HOST:PORT``).
+    """
+    worker = Worker(endpoint, rank, model_path, threads, parent_pid, connect_timeout)
+    try:
+        with torch.inference_mode():
+            worker.handshake()
+            worker.serve()
+    except _Exit as e:
+        (log.error if e.code else log.info)("worker %s (pid %d) exits: %s", _rank(worker.rank), os.getpid(), e)
+        return e.code
+    except Exception as e:
+        log.error("worker %s (pid %d) failed: %s: %s", _rank(worker.rank), os.getpid(), type(e).__name__, e)
+        return 1
+    finally:
+        worker.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description="a shardllama worker process")
+    parser.add_argument("--connect", required=True, metavar="ENDPOINT",
+                        help="the coordinator's endpoint, e.g. tcp://HOST:PORT")
+    parser.add_argument("--model-path", help="this machine's copy of the model (remote workers)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: what the coordinator says)")
+    parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # set by a local coordinator
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator")
+    parser.add_argument("--log-level", default="WARNING")
+    a = parser.parse_args(argv)
+    if a.model_path is not None and not Path(a.model_path).exists():
+        parser.error(f"--model-path {a.model_path}: no such file or directory")
+    logging.basicConfig(level=a.log_level.upper(), format="%(name)s: %(message)s", stream=sys.stderr)
+    if a.parent_pid is not None:
+        # Local worker: Ctrl-C in the terminal reaches the whole process group; the coordinator stops us.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return run_worker(a.connect, rank=a.rank, model_path=a.model_path, threads=a.threads,
+                      parent_pid=a.parent_pid, connect_timeout=a.connect_timeout)
