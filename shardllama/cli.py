@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .errors import ShardllamaError, UsageError
 
-SUBCOMMANDS = ("generate",)
+SUBCOMMANDS = ("generate", "worker", "shards")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +52,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight precision (auto: as stored; quantized GGUF becomes f32)")
     g.add_argument("--f16", dest="dtype", action="store_const", const="f16", help="alias for --dtype f16 (rllama)")
     g.add_argument("--max-seq-len", type=_positive_int, default=1024, help="context length to allocate (default 1024)")
-    g.add_argument("--max-threads", type=_positive_int, help="torch threads (default: torch's choice)")
+    g.add_argument("--max-threads", type=_positive_int,
+                   help="torch threads in all (default: one per worker; torch's choice with --workers 0)")
+    w = p.add_argument_group("workers")
+    w.add_argument("--workers", type=_non_negative_int,
+                   help="worker processes, each holding a slice of every layer (default: one per physical core); "
+                        "0 = the single-process reference model")
+    w.add_argument("--keep-shards", action="store_true",
+                   help="leave the weight shards in shared memory so the next run with the same model, dtype "
+                        "and --workers starts in seconds (see `shardllama shards`)")
+    w.add_argument("--listen", metavar="tcp://HOST:PORT",
+                   help="wait for --workers remote workers (`shardllama worker --connect`) here instead of "
+                        "starting local ones")
+    w.add_argument("--worker-timeout", type=float, default=60.0,
+                   help="seconds a worker may take for one step before the run fails naming it (default 60)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end token")
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
+
+    sub.add_parser("worker", add_help=False, help="run a worker for a coordinator on another host "
+                   "(shardllama worker --connect tcp://HOST:PORT --model-path PATH; --help for more)")
+
+    shards = sub.add_parser("shards", help="show or remove weight shards kept in shared memory (--keep-shards)")
+    shards.add_argument("action", choices=("list", "clean"))
+    shards.add_argument("--key", help="clean only this set (default: every kept set)")
     return parser
 
 
@@ -89,6 +109,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     # Plain `shardllama --prompt ...` means `shardllama generate --prompt ...`.
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "generate")
+    if argv[0] == "worker":  # the worker parses its own flags
+        return argparse.Namespace(command="worker", worker_argv=argv[1:])
     return build_parser().parse_args(argv)
 
 
@@ -114,11 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.repetition_penalty_last_n)
     prompt = _read_prompt(args)
-    if args.max_threads:
-        torch.set_num_threads(args.max_threads)
     progress = not args.quiet and sys.stderr.isatty()
-    with open_model(args.model_path, param_path=args.param_path, tokenizer_path=args.tokenizer_path,
-                    dtype=args.dtype, max_seq_len=args.max_seq_len, progress=progress) as model:
+    with open_model_from_args(args, progress=progress) as model:
         tok = model.tokenizer
         prompt_ids = tok.encode(prompt)
         generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
@@ -144,6 +163,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_model_from_args(args: argparse.Namespace, *, n_slots: int = 1, progress: bool = False):
+    """The model flags of add_model_args, turned into a running model (also for serve and chat)."""
+    import torch
+
+    from .runtime import open_model
+
+    threads_per_worker = 1
+    if args.workers == 0 and args.max_threads:
+        torch.set_num_threads(args.max_threads)  # the reference model computes in this process
+    elif args.max_threads:
+        from .coordinator import default_workers
+
+        threads_per_worker = max(1, args.max_threads // (args.workers or default_workers()))
+    return open_model(args.model_path, param_path=args.param_path, tokenizer_path=args.tokenizer_path,
+                      dtype=args.dtype, max_seq_len=args.max_seq_len, n_slots=n_slots, workers=args.workers,
+                      keep_shards=args.keep_shards, listen=args.listen, worker_timeout=args.worker_timeout,
+                      threads_per_worker=threads_per_worker, progress=progress)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers import main as worker_main
+
+    return worker_main(args.worker_argv)
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from .shm import clean_kept, list_kept
+
+    if args.action == "clean":
+        removed = clean_kept(args.key)
+        print(f"removed {len(removed)} shared-memory segment(s)")
+        return 0
+    sets = list_kept()
+    if not sets:
+        print("no shard sets in shared memory")
+    for s in sets:
+        state = "kept" if s.kept else ("orphaned" if s.orphaned else f"in use by pid {s.owner_pid}")
+        print(f"{s.key}  {s.nbytes / 2**20:,.0f} MiB  {s.dtype}  {s.n_workers} workers  {state}  {s.model}")
+    return 0
+
+
 def _print_stats(stats) -> None:
     print(
         f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_s * 1000:.1f} ms ({stats.prefill_tok_s:.1f} tok/s); "
@@ -153,7 +213,7 @@ def _print_stats(stats) -> None:
     )
 
 
-COMMANDS = {"generate": cmd_generate}
+COMMANDS = {"generate": cmd_generate, "worker": cmd_worker, "shards": cmd_shards}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -76,3 +76,41 @@ def test_truncated_model_file(demo_gguf, tmp_path):
     r = run_cli("--model-path", cut, "--prompt", "x", timeout=120)
     assert r.returncode == 1, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and str(cut) in r.stderr
+
+
+def shm_segments():
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("shardllama"))
+
+
+def test_workers_give_the_reference_text_and_leave_no_segment(demo_gguf):
+    before = shm_segments()
+    runs = {n: run_cli("--model-path", demo_gguf, "--prompt", "The meaning of life is", "--temperature", "0",
+                       "--max-new-tokens", "16", "--workers", n, "-q") for n in (0, 2)}
+    assert runs[0].returncode == 0 and runs[2].returncode == 0, runs[2].stderr
+    assert runs[2].stdout == runs[0].stdout
+    assert shm_segments() == before
+
+
+def test_keep_shards_then_list_and_clean(demo_gguf):
+    r = run_cli("--model-path", demo_gguf, "--prompt", "Hi", "--max-new-tokens", "2", "--workers", "2",
+                "--keep-shards", "--dtype", "f32", "-q")
+    assert r.returncode == 0, r.stderr
+    try:
+        listed = run_cli("shards", "list")
+        assert listed.returncode == 0
+        assert "kept" in listed.stdout and str(demo_gguf) in listed.stdout and "2 workers" in listed.stdout
+        # The second run attaches to the kept shards.
+        again = run_cli("--model-path", demo_gguf, "--prompt", "Hi", "--max-new-tokens", "2", "--workers", "2",
+                        "--keep-shards", "--dtype", "f32", "-q")
+        assert again.returncode == 0, again.stderr
+    finally:
+        cleaned = run_cli("shards", "clean")
+    assert cleaned.returncode == 0 and "removed" in cleaned.stdout
+    assert not [n for n in shm_segments() if "anon" not in n]
+    assert "no shard sets" in run_cli("shards", "list").stdout
+
+
+def test_too_many_workers_is_a_usage_error(demo_gguf):
+    r = run_cli("--model-path", demo_gguf, "--prompt", "x", "--workers", "10", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "10" in r.stderr

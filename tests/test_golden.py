@@ -56,3 +56,15 @@ def test_half_precision_agrees_with_transformers_at_that_precision(demo_model, h
     f32 = LocalBackend(args, weights, max_seq_len=64).forward(context, torch.tensor([0]), torch.tensor([0]), all_logits=True)
     low = LocalBackend(args, half, max_seq_len=64).forward(context, torch.tensor([0]), torch.tensor([0]), all_logits=True)
     assert float((low - f32).pow(2).mean().sqrt()) < rms_tol
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 4])
+def test_sharded_engine_greedy_equals_reference(demo_model, hf_greedy, n_workers):
+    """The demo model (9 heads, 3 KV heads: uneven splits for 2 and 4) on N worker processes."""
+    from shardllama.coordinator import Coordinator
+
+    args, _, weights = demo_model
+    ids, expected = hf_greedy
+    with Coordinator(args, weights, n_workers=n_workers, max_seq_len=128) as backend:
+        assert greedy(backend, ids) == expected
