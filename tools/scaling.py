@@ -1,0 +1,133 @@
+"""Per-core scaling of the tensor-parallel engine: decode ms/token and prefill tok/s for N = 1..cores.
+
+    python tools/scaling.py                       # the demo model, f32, N = 1..physical cores
+    python tools/scaling.py --model-path M --dtype f16 --workers 1 2 --out-dir bench/
+
+For every N it starts a coordinator with N workers, times prefill of a --prompt-len token prompt and
+--decode-tokens single-token steps (median of --repeat runs), reads the PSS of every process (the
+coordinator and each worker; shared-memory pages are split between the processes that map them, so the
+sum is the real footprint), and measures the synchronisation cost: the same number of layers at a tiny
+width, where the time is nearly all messaging, divided by the layer count.  Prints a markdown table and
+writes scaling.json and scaling.png (matplotlib) to --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from shardllama.config import ModelArgs
+from shardllama.coordinator import Coordinator, default_workers
+from shardllama.loading import load_weights, open_checkpoint
+from shardllama.model import DTYPES, random_weights
+
+
+def time_backend(backend, vocab: int, prompt_len: int, decode_tokens: int, repeat: int) -> tuple[float, float]:
+    """Median prefill tok/s and decode ms/token over ``repeat`` runs in slot 0."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    prefill, decode = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        backend.forward(prompt, torch.tensor([0]), torch.tensor([0]))
+        prefill.append(prompt_len / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for i in range(decode_tokens):
+            backend.forward(torch.tensor([[i % vocab]]), torch.tensor([prompt_len + i]), torch.tensor([0]))
+        decode.append(1000 * (time.perf_counter() - t) / decode_tokens)
+    return statistics.median(prefill), statistics.median(decode)
+
+
+def pss_mb(pids: list[int]) -> list[float]:
+    return [psutil.Process(pid).memory_full_info().pss / 2**20 for pid in pids]
+
+
+def sync_overhead_ms(args: ModelArgs, n: int, repeat: int) -> float:
+    """Decode time per layer of a model with the same layer count and a tiny width: messaging cost."""
+    tiny = ModelArgs(dim=n * 16, n_layers=args.n_layers, n_heads=n, n_kv_heads=n, vocab_size=64, hidden_dim=n * 16, max_seq_len=64)
+    with Coordinator(tiny, random_weights(tiny), n_workers=n, max_seq_len=64) as c:
+        _, ms = time_backend(c, tiny.vocab_size, 4, 32, repeat)
+    return ms / tiny.n_layers
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", type=Path, help="default: the demo model")
+    p.add_argument("--dtype", default="f32", choices=DTYPES)
+    p.add_argument("--workers", type=int, nargs="+", help="worker counts (default 1..physical cores)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--out-dir", type=Path, default=Path("."))
+    a = p.parse_args()
+
+    if a.model_path is None:
+        from shardllama.demo import demo_model_path
+
+        a.model_path = demo_model_path()
+    dtype = DTYPES[a.dtype]
+    with open_checkpoint(a.model_path) as ckpt:
+        args, weights = ckpt.args, load_weights(ckpt, dtype)
+    weight_mb = sum(w.numel() * w.element_size() for w in weights.values()) / 2**20
+    counts = a.workers or list(range(1, default_workers() + 1))
+
+    rows = []
+    for n in counts:
+        with Coordinator(args, weights, n_workers=n, dtype=dtype, max_seq_len=a.max_seq_len) as c:
+            prefill, decode = time_backend(c, args.vocab_size, a.prompt_len, a.decode_tokens, a.repeat)
+            pss = pss_mb([os.getpid(), *c.pids])
+        kv_mb = 2 * args.n_layers * a.max_seq_len * args.kv_dim * torch.finfo(dtype).bits / 8 / 2**20
+        rows.append(dict(workers=n, decode_ms=decode, prefill_tok_s=prefill, pss_total_mb=sum(pss),
+                         pss_coordinator_mb=pss[0], pss_workers_mb=pss[1:], weights_mb=weight_mb, kv_cache_mb=kv_mb,
+                         sync_ms_per_layer=sync_overhead_ms(args, n, a.repeat)))
+        print(f"N={n}: decode {decode:.1f} ms/token, prefill {prefill:.0f} tok/s", file=sys.stderr)
+
+    base = rows[0]["decode_ms"]
+    print(f"\n{args.n_layers} layers, dim {args.dim}, {a.dtype}, {platform.processor() or platform.machine()}, "
+          f"{psutil.cpu_count(logical=False)} cores, torch {torch.__version__}\n")
+    print("| workers | decode ms/token | speed-up | prefill tok/s | PSS total MB | PSS / (weights + KV) | sync ms/layer |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["pss_total_mb"] / (r["weights_mb"] + r["kv_cache_mb"])
+        print(f"| {r['workers']} | {r['decode_ms']:.1f} | {base / r['decode_ms']:.2f}× | {r['prefill_tok_s']:.0f} | "
+              f"{r['pss_total_mb']:.0f} | {ratio:.2f} | {r['sync_ms_per_layer']:.3f} |")
+
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(model=str(a.model_path), dtype=a.dtype, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
+                repeat=a.repeat, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows)
+    (a.out_dir / "scaling.json").write_text(json.dumps(meta, indent=2))
+    plot(rows, a.out_dir / "scaling.png", f"{a.model_path.name} ({a.dtype})")
+    return 0
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["workers"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.plot(n, [rows[0]["decode_ms"] / r["decode_ms"] for r in rows], "o-", label="decode")
+    left.plot(n, [r["prefill_tok_s"] / rows[0]["prefill_tok_s"] for r in rows], "s-", label="prefill")
+    left.plot(n, n, ":", color="grey", label="linear")
+    left.set(xlabel="workers", ylabel="speed-up over 1 worker", title=title, xticks=n)
+    left.legend()
+    right.bar(n, [r["decode_ms"] for r in rows])
+    right.set(xlabel="workers", ylabel="decode ms/token", xticks=n)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
