@@ -131,7 +131,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .engine import Sequence, Stats, generate
-    from .runtime import open_model
     from .sampling import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.repetition_penalty_last_n)

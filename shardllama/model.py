@@ -173,6 +173,11 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
+def output_head(h: torch.Tensor, norm: torch.Tensor, output: torch.Tensor, eps: float) -> torch.Tensor:
+    """Final norm and the vocabulary projection (of the rows ``output`` holds): (..., dim) -> (..., vocab)."""
+    return F.linear(rms_norm(h, norm, eps), output)
+
+
 class Layer(NamedTuple):
     attention_norm: torch.Tensor
     wq: torch.Tensor
@@ -249,7 +254,7 @@ class Transformer:
             h = h + feed_forward(rms_norm(h, L.ffn_norm, a.norm_eps), L.w1, L.w2, L.w3)
         if not all_logits:
             h = last_positions(h, lengths)
-        return F.linear(rms_norm(h, self.weights["norm.weight"], a.norm_eps), self.output).float()
+        return output_head(h, self.weights["norm.weight"], self.output, a.norm_eps).float()
 
 
 def random_weights(args: ModelArgs, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:

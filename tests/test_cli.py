@@ -1,6 +1,5 @@
 """The `shardllama` command end to end: real processes, the real demo model, every error path."""
 
-import json
 import os
 import subprocess
 import sys

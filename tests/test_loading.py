@@ -447,7 +447,6 @@ def test_gguf_float_tensors_are_writable_without_touching_the_file(tmp_path):
 @pytest.mark.slow  # the real demo model (SmolLM2-135M, Q4_1; conftest's demo_gguf) against transformers: ~20 s
 def test_demo_gguf_matches_transformers_logits(demo_gguf, hf_demo):
     """transformers un-permutes q/k when it reads GGUF; we do not.  Equal logits prove GGUF is Meta layout."""
-    transformers = pytest.importorskip("transformers")
     ckpt, weights = load_all(demo_gguf)
     assert ckpt.native_dtype == torch.float32  # Q4_1 dequantizes to f32
     assert ckpt.args.tie_embeddings and ckpt.args.n_kv_heads < ckpt.args.n_heads

@@ -2,6 +2,7 @@
 
     python tools/scaling.py                       # the demo model, f32, N = 1..physical cores
     python tools/scaling.py --model-path M --dtype f16 --workers 1 2 --out-dir bench/
+    python tools/scaling.py --shape 7b --layers 4     # random weights, LLaMA-7B layer shapes, 4 layers
 
 For every N it starts a coordinator with N workers, times prefill of a --prompt-len token prompt and
 --decode-tokens single-token steps (median of --repeat runs), reads the PSS of every process (the
@@ -29,6 +30,16 @@ from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator, default_workers
 from shardllama.loading import load_weights, open_checkpoint
 from shardllama.model import DTYPES, random_weights
+
+
+# Layer shapes of the LLaMA family (random weights; --layers keeps the first few, since the cost per layer
+# is what scales with workers and a full 30B does not fit this machine).
+SHAPES = {
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000),
+    "13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824, vocab_size=32000),
+    "30b": dict(dim=6656, n_layers=60, n_heads=52, n_kv_heads=52, hidden_dim=17920, vocab_size=32000),
+    "65b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=64, hidden_dim=22016, vocab_size=32000),
+}
 
 
 def time_backend(backend, vocab: int, prompt_len: int, decode_tokens: int, repeat: int) -> tuple[float, float]:
@@ -62,6 +73,8 @@ def sync_overhead_ms(args: ModelArgs, n: int, repeat: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", type=Path, help="default: the demo model")
+    p.add_argument("--shape", choices=SHAPES, help="random weights of this LLaMA shape instead of a checkpoint")
+    p.add_argument("--layers", type=int, help="with --shape: keep only this many layers")
     p.add_argument("--dtype", default="f32", choices=DTYPES)
     p.add_argument("--workers", type=int, nargs="+", help="worker counts (default 1..physical cores)")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -71,13 +84,19 @@ def main() -> int:
     p.add_argument("--out-dir", type=Path, default=Path("."))
     a = p.parse_args()
 
-    if a.model_path is None:
-        from shardllama.demo import demo_model_path
-
-        a.model_path = demo_model_path()
     dtype = DTYPES[a.dtype]
-    with open_checkpoint(a.model_path) as ckpt:
-        args, weights = ckpt.args, load_weights(ckpt, dtype)
+    if a.shape:
+        args = ModelArgs(**{**SHAPES[a.shape], **({"n_layers": a.layers} if a.layers else {})}, max_seq_len=a.max_seq_len)
+        weights = random_weights(args, dtype)
+        label = f"LLaMA-{a.shape} shape, {args.n_layers} layers"
+    else:
+        if a.model_path is None:
+            from shardllama.demo import demo_model_path
+
+            a.model_path = demo_model_path()
+        with open_checkpoint(a.model_path) as ckpt:
+            args, weights = ckpt.args, load_weights(ckpt, dtype)
+        label = a.model_path.name
     weight_mb = sum(w.numel() * w.element_size() for w in weights.values()) / 2**20
     counts = a.workers or list(range(1, default_workers() + 1))
 
@@ -93,7 +112,7 @@ def main() -> int:
         print(f"N={n}: decode {decode:.1f} ms/token, prefill {prefill:.0f} tok/s", file=sys.stderr)
 
     base = rows[0]["decode_ms"]
-    print(f"\n{args.n_layers} layers, dim {args.dim}, {a.dtype}, {platform.processor() or platform.machine()}, "
+    print(f"\n{label}: {args.n_layers} layers, dim {args.dim}, {a.dtype}, {platform.processor() or platform.machine()}, "
           f"{psutil.cpu_count(logical=False)} cores, torch {torch.__version__}\n")
     print("| workers | decode ms/token | speed-up | prefill tok/s | PSS total MB | PSS / (weights + KV) | sync ms/layer |")
     print("|---|---|---|---|---|---|---|")
@@ -103,10 +122,10 @@ def main() -> int:
               f"{r['pss_total_mb']:.0f} | {ratio:.2f} | {r['sync_ms_per_layer']:.3f} |")
 
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=str(a.model_path), dtype=a.dtype, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
+    meta = dict(model=label, dtype=a.dtype, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
                 repeat=a.repeat, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows)
     (a.out_dir / "scaling.json").write_text(json.dumps(meta, indent=2))
-    plot(rows, a.out_dir / "scaling.png", f"{a.model_path.name} ({a.dtype})")
+    plot(rows, a.out_dir / "scaling.png", f"{label} ({a.dtype})")
     return 0
 
 

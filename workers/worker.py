@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
-from shardllama.model import DTYPES, KVCache, Layer, Step, attention, feed_forward, rms_norm, rope_tables
+from shardllama.model import DTYPES, KVCache, Layer, Step, attention, feed_forward, output_head, rms_norm, rope_tables
 from shardllama.sharding import ShardSpec, plan, shard, worker_weights
 from shardllama.shm import Segment
 
@@ -64,7 +63,7 @@ class ShardModel:
             L = self.layers[i]
             return feed_forward(rms_norm(h, L.ffn_norm, eps), L.w1, L.w2, L.w3)
         assert phase == P.HEAD, phase
-        return F.linear(rms_norm(h, self.norm, eps), self.output)
+        return output_head(h, self.norm, self.output, eps)
 
 
 def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
