@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -215,8 +216,17 @@ def _print_stats(stats) -> None:
 COMMANDS = {"generate": cmd_generate, "worker": cmd_worker, "shards": cmd_shards}
 
 
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that every context manager (workers, shards) closes."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="shardllama: %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command](args)
@@ -226,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nshardllama: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("\nshardllama: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a traceback.
         sys.stderr.close()

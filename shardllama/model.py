@@ -16,6 +16,7 @@ row's end, which the causal mask hides and the next real token overwrites).
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Mapping, NamedTuple
 
 import torch
@@ -257,33 +258,20 @@ class Transformer:
         return output_head(h, self.weights["norm.weight"], self.output, a.norm_eps).float()
 
 
+def random_weight(args: ModelArgs, name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """One random weight of a model with these args, the same every call (seeded by ``seed`` and the name),
+    so a model of any size can be produced one tensor at a time."""
+    shape = expected_shapes(args)[name]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if len(shape) == 1:  # norms: around 1
+        return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(dtype)
+    scale = 1.0 if name == "tok_embeddings.weight" else 0.02
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
 def random_weights(args: ModelArgs, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights in Meta names and shapes, for tests and benchmarks."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int, scale: float = 0.02) -> torch.Tensor:
-        return (torch.randn(shape, generator=g) * scale).to(dtype)
-
-    def norm() -> torch.Tensor:
-        return (1.0 + 0.1 * torch.randn(args.dim, generator=g)).to(dtype)
-
-    hd, w = args.head_dim, {}
-    w["tok_embeddings.weight"] = rand(args.vocab_size, args.dim, scale=1.0)
-    for i in range(args.n_layers):
-        p = layer_prefix(i)
-        w[p + "attention.wq.weight"] = rand(args.n_heads * hd, args.dim)
-        w[p + "attention.wk.weight"] = rand(args.n_kv_heads * hd, args.dim)
-        w[p + "attention.wv.weight"] = rand(args.n_kv_heads * hd, args.dim)
-        w[p + "attention.wo.weight"] = rand(args.dim, args.n_heads * hd)
-        w[p + "feed_forward.w1.weight"] = rand(args.hidden_dim, args.dim)
-        w[p + "feed_forward.w2.weight"] = rand(args.dim, args.hidden_dim)
-        w[p + "feed_forward.w3.weight"] = rand(args.hidden_dim, args.dim)
-        w[p + "attention_norm.weight"] = norm()
-        w[p + "ffn_norm.weight"] = norm()
-    w["norm.weight"] = norm()
-    if not args.tie_embeddings:
-        w["output.weight"] = rand(args.vocab_size, args.dim)
-    return w
+    return {name: random_weight(args, name, dtype, seed) for name in expected_shapes(args)}
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -1,9 +1,11 @@
 """The `shardllama` command end to end: real processes, the real demo model, every error path."""
 
 import os
+import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 MEANING = " not just a random choice, but a choice made by someone who has chosen to live."
@@ -113,3 +115,24 @@ def test_too_many_workers_is_a_usage_error(demo_gguf):
     r = run_cli("--model-path", demo_gguf, "--prompt", "x", "--workers", "10", timeout=120)
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "10" in r.stderr
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_stops_workers_and_removes_shards(demo_gguf, sig, code):
+    proc = subprocess.Popen([sys.executable, "-m", "shardllama", "--model-path", str(demo_gguf), "--prompt", "Once",
+                             "--workers", "2", "--max-new-tokens", "400", "--ignore-eos"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        proc.stdout.read(8)  # generation is under way
+        workers = [p for p in psutil.Process(proc.pid).children() if "workers" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == code
+    finally:
+        proc.kill()
+        proc.wait()
+    _, still_running = psutil.wait_procs(workers, timeout=10)
+    assert not still_running
+    assert not [n for n in shm_segments() if f"-{proc.pid}-" in n]
+    stderr = proc.stderr.read().decode()
+    assert "leaked" not in stderr and "Traceback" not in stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,8 +29,8 @@ import torch
 
 from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator, default_workers
-from shardllama.loading import load_weights, open_checkpoint
-from shardllama.model import DTYPES, random_weights
+from shardllama.loading import open_checkpoint
+from shardllama.model import DTYPES, expected_shapes, random_weight, random_weights
 
 
 # Layer shapes of the LLaMA family (random weights; --layers keeps the first few, since the cost per layer
@@ -85,24 +86,26 @@ def main() -> int:
     a = p.parse_args()
 
     dtype = DTYPES[a.dtype]
+    # Weights go to the coordinator one tensor at a time, as in the CLI: this process never holds the
+    # whole model, so its PSS is the coordinator's real footprint.
     if a.shape:
         args = ModelArgs(**{**SHAPES[a.shape], **({"n_layers": a.layers} if a.layers else {})}, max_seq_len=a.max_seq_len)
-        weights = random_weights(args, dtype)
+        load = lambda name: random_weight(args, name, dtype)  # noqa: E731
         label = f"LLaMA-{a.shape} shape, {args.n_layers} layers"
     else:
         if a.model_path is None:
             from shardllama.demo import demo_model_path
 
             a.model_path = demo_model_path()
-        with open_checkpoint(a.model_path) as ckpt:
-            args, weights = ckpt.args, load_weights(ckpt, dtype)
+        ckpt = open_checkpoint(a.model_path)
+        args, load = ckpt.args, lambda name: ckpt.load(name, dtype)
         label = a.model_path.name
-    weight_mb = sum(w.numel() * w.element_size() for w in weights.values()) / 2**20
+    weight_mb = sum(math.prod(s) for s in expected_shapes(args).values()) * dtype.itemsize / 2**20
     counts = a.workers or list(range(1, default_workers() + 1))
 
     rows = []
     for n in counts:
-        with Coordinator(args, weights, n_workers=n, dtype=dtype, max_seq_len=a.max_seq_len) as c:
+        with Coordinator(args, load, n_workers=n, dtype=dtype, max_seq_len=a.max_seq_len) as c:
             prefill, decode = time_backend(c, args.vocab_size, a.prompt_len, a.decode_tokens, a.repeat)
             pss = pss_mb([os.getpid(), *c.pids])
         kv_mb = 2 * args.n_layers * a.max_seq_len * args.kv_dim * torch.finfo(dtype).bits / 8 / 2**20
