@@ -7,8 +7,9 @@
 For every N it starts a coordinator with N workers, times prefill of a --prompt-len token prompt and
 --decode-tokens single-token steps (median of --repeat runs), reads the PSS of every process (the
 coordinator and each worker; shared-memory pages are split between the processes that map them, so the
-sum is the real footprint), and measures the synchronisation cost: the same number of layers at a tiny
-width, where the time is nearly all messaging, divided by the layer count.  Prints a markdown table and
+sum is the real footprint), and measures the synchronisation cost (the same number of layers at a tiny
+width, where the time is nearly all messaging, divided by the layer count) and the machine's memory
+bandwidth with N single-thread processes, the ceiling for memory-bound decoding.  Prints a markdown table and
 writes scaling.json and scaling.png (matplotlib) to --out-dir.
 """
 
@@ -20,6 +21,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,6 +63,27 @@ def time_backend(backend, vocab: int, prompt_len: int, decode_tokens: int, repea
 
 def pss_mb(pids: list[int]) -> list[float]:
     return [psutil.Process(pid).memory_full_info().pss / 2**20 for pid in pids]
+
+
+_MATVEC = """
+import sys, time, torch, torch.nn.functional as F
+torch.set_num_threads(1)
+W = [torch.randn(11008, 4096) for _ in range(4)]  # 720 MB: far beyond any cache
+x = torch.randn(1, 4096)
+for w in W: F.linear(x, w)
+t, n = time.perf_counter(), 0
+while time.perf_counter() - t < 3:
+    for w in W: F.linear(x, w)
+    n += 1
+print(n * sum(w.numel() * 4 for w in W) / (time.perf_counter() - t) / 1e9)
+"""
+
+
+def bandwidth_gb_s(n: int) -> float:
+    """What n single-thread processes streaming f32 matvecs at once move together (GB/s): the ceiling of
+    memory-bound decoding on n workers, measured on this machine now."""
+    procs = [subprocess.Popen([sys.executable, "-c", _MATVEC], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    return sum(float(p.communicate()[0]) for p in procs)
 
 
 def sync_overhead_ms(args: ModelArgs, n: int, repeat: int) -> float:
@@ -111,18 +134,22 @@ def main() -> int:
         kv_mb = 2 * args.n_layers * a.max_seq_len * args.kv_dim * torch.finfo(dtype).bits / 8 / 2**20
         rows.append(dict(workers=n, decode_ms=decode, prefill_tok_s=prefill, pss_total_mb=sum(pss),
                          pss_coordinator_mb=pss[0], pss_workers_mb=pss[1:], weights_mb=weight_mb, kv_cache_mb=kv_mb,
-                         sync_ms_per_layer=sync_overhead_ms(args, n, a.repeat)))
+                         sync_ms_per_layer=sync_overhead_ms(args, n, a.repeat), bandwidth_gb_s=bandwidth_gb_s(n)))
         print(f"N={n}: decode {decode:.1f} ms/token, prefill {prefill:.0f} tok/s", file=sys.stderr)
 
     base = rows[0]["decode_ms"]
     print(f"\n{label}: {args.n_layers} layers, dim {args.dim}, {a.dtype}, {platform.processor() or platform.machine()}, "
           f"{psutil.cpu_count(logical=False)} cores, torch {torch.__version__}\n")
-    print("| workers | decode ms/token | speed-up | prefill tok/s | PSS total MB | PSS / (weights + KV) | sync ms/layer |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workers | decode ms/token | speed-up | bandwidth ceiling | prefill tok/s | prefill speed-up | PSS total MB "
+          "| PSS / (weights + KV) | sync ms/layer |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["pss_total_mb"] / (r["weights_mb"] + r["kv_cache_mb"])
-        print(f"| {r['workers']} | {r['decode_ms']:.1f} | {base / r['decode_ms']:.2f}× | {r['prefill_tok_s']:.0f} | "
-              f"{r['pss_total_mb']:.0f} | {ratio:.2f} | {r['sync_ms_per_layer']:.3f} |")
+        ceiling = r["bandwidth_gb_s"] / rows[0]["bandwidth_gb_s"]
+        print(f"| {r['workers']} | {r['decode_ms']:.1f} | {base / r['decode_ms']:.2f}× | {ceiling:.2f}× "
+              f"({r['bandwidth_gb_s']:.1f} GB/s) | {r['prefill_tok_s']:.0f} | "
+              f"{r['prefill_tok_s'] / rows[0]['prefill_tok_s']:.2f}× | {r['pss_total_mb']:.0f} | {ratio:.2f} | "
+              f"{r['sync_ms_per_layer']:.3f} |")
 
     a.out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(model=label, dtype=a.dtype, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
@@ -142,6 +169,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     left.plot(n, [rows[0]["decode_ms"] / r["decode_ms"] for r in rows], "o-", label="decode")
     left.plot(n, [r["prefill_tok_s"] / rows[0]["prefill_tok_s"] for r in rows], "s-", label="prefill")
+    left.plot(n, [r["bandwidth_gb_s"] / rows[0]["bandwidth_gb_s"] for r in rows], "^--", color="grey",
+              label="memory-bandwidth ceiling")
     left.plot(n, n, ":", color="grey", label="linear")
     left.set(xlabel="workers", ylabel="speed-up over 1 worker", title=title, xticks=n)
     left.legend()
