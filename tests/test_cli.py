@@ -7,6 +7,7 @@ import sys
 
 import psutil
 import pytest
+import torch
 
 MEANING = " not just a random choice, but a choice made by someone who has chosen to live."
 
@@ -136,3 +137,68 @@ def test_interrupt_stops_workers_and_removes_shards(demo_gguf, sig, code):
     assert not [n for n in shm_segments() if f"-{proc.pid}-" in n]
     stderr = proc.stderr.read().decode()
     assert "leaked" not in stderr and "Traceback" not in stderr
+
+
+# ---- checkpoint errors through the command, and a tiny model on tcp workers ------------------------
+
+
+def _bad_checkpoint(kind, tmp_path):
+    """A small checkpoint in a real format with one thing wrong; returns (path, text the error must name)."""
+    from tests.test_loading import ARGS, Q, write_gguf, write_hf
+    from shardllama.model import random_weights
+
+    weights = random_weights(ARGS)
+    if kind == "shape mismatch":
+        weights["layers.1.attention.wk.weight"] = torch.randn(24, 64)
+        return write_gguf(tmp_path / "m.gguf", weights), "blk.1.attn_k.weight"
+    if kind == "unknown tensor":
+        d = write_hf(tmp_path, weights, extra={"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})
+        return d, "model.layers.0.self_attn.q_proj.bias"
+    if kind == "unsupported quant type":
+        return write_gguf(tmp_path / "m.gguf", weights, ARGS, Q.F16, types={"blk.1.ffn_down.weight": Q.Q5_0}), "Q5_0"
+    if kind == "unsupported architecture":
+        return write_gguf(tmp_path / "m.gguf", weights, arch="qwen2"), "qwen2"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["shape mismatch", "unknown tensor", "unsupported quant type", "unsupported architecture"])
+def test_checkpoint_errors_exit_1_with_one_line(kind, tmp_path):
+    path, fragment = _bad_checkpoint(kind, tmp_path)
+    r = run_cli("--model-path", path, "--prompt", "tok1 tok2", timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardllama: error:") and fragment in lines[0], r.stderr
+
+
+def test_listen_with_remote_workers_gives_the_ipc_tokens(tmp_path):
+    """`shardllama --listen tcp://...` and two `shardllama worker --connect` processes that load their own
+    slices from the model file: the same greedy text as local ipc workers."""
+    import socket
+
+    from tests.test_loading import ARGS, write_gguf
+    from shardllama.model import random_weights
+
+    model = write_gguf(tmp_path / "tiny.gguf", random_weights(ARGS, seed=5))
+    common = ["--model-path", model, "--prompt", "tok1 tok2 tok3", "--temperature", "0", "--max-new-tokens", "12",
+              "--ignore-eos", "-q", "--workers", "2"]
+    local = run_cli(*common, timeout=120)
+    assert local.returncode == 0, local.stderr
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    coordinator = subprocess.Popen([sys.executable, "-m", "shardllama", *map(str, common), "--listen", endpoint],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    workers = [subprocess.Popen([sys.executable, "-m", "shardllama", "worker", "--connect", endpoint, "--model-path",
+                                 str(model)], stdin=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        out, err = coordinator.communicate(timeout=120)
+        assert coordinator.returncode == 0, err
+        assert out == local.stdout
+        for w in workers:  # the coordinator's close() tells remote workers to stop
+            assert w.wait(timeout=20) == 0
+    finally:
+        for p in [coordinator, *workers]:
+            p.kill()
+            p.wait()
