@@ -32,3 +32,10 @@ class PromptTooLongError(ShardllamaError):
 
 class WorkerError(ShardllamaError):
     """A worker process died, stopped answering, or reported a failure."""
+
+
+def one_line(e: BaseException) -> str:
+    """A library's exception as a short single line, for wrapping into one of our messages."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 200 else line[:197] + "..."

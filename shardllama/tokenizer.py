@@ -27,9 +27,9 @@ from typing import Any
 
 import sentencepiece
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from .errors import ModelFileError, UnsupportedError
+from .errors import ModelFileError, UnsupportedError, one_line
+from .gguf_vocab import BYTE_PIECE, CHAR_BYTES, CONTROL, NORMAL, gguf_byte_level, gguf_sentencepiece, read_gguf_fields
 
 log = logging.getLogger(__name__)
 
@@ -41,42 +41,6 @@ STOP_TEXTS = frozenset({
     "<end_of_turn>", "<EOT>", "<end_of_utterance>",
 })
 
-# GGUF token types (llama.cpp's llama_token_type).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-# Pre-tokenizer split regexes for byte-level BPE vocabularies, by ``tokenizer.ggml.pre``; these are
-# llama.cpp's (llm_tokenizer_bpe) in the form the models' own tokenizer.json files use.  "default" (a file
-# whose converter did not know the model) is split as GPT-2, as transformers does; llama.cpp uses a legacy
-# chain of four regexes there.  An unknown value falls back to GPT-2 with a warning.
-_GPT2 = "gpt2"  # ByteLevel's built-in regex: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-_DIGITS_GPT2 = "digits+gpt2"  # every digit on its own first (HF Digits(individual_digits=True)), then GPT-2
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-BPE_PRE = {
-    **dict.fromkeys(["default", "gpt2", "mpt", "olmo", "jais"], _GPT2),
-    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"], _DIGITS_GPT2),
-    **dict.fromkeys(["llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falcon3", "pixtral"], _LLAMA3),
-    **dict.fromkeys(["qwen2", "stablelm2", "deepseek-r1-qwen"], _QWEN2),
-}
-
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, in which byte-level BPE vocabularies are spelled."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-BYTE_CHARS = _bytes_to_unicode()
-CHAR_BYTES = {c: b for b, c in BYTE_CHARS.items()}
 
 
 class Tokenizer:
@@ -206,7 +170,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             sp.Load(str(path))
         except Exception as e:  # OSError / RuntimeError on a file that is not a model proto
-            raise ModelFileError(f"{path}: not a readable SentencePiece model ({_one_line(e)})") from None
+            raise ModelFileError(f"{path}: not a readable SentencePiece model ({one_line(e)})") from None
         self._sp = sp
         n = sp.get_piece_size()
         control = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
@@ -284,7 +248,7 @@ class HFTokenizer(Tokenizer):
                 return bytes(CHAR_BYTES[c] for c in piece)
             return piece.encode()
         if self._spelling == "sentencepiece":
-            m = _BYTE_PIECE.fullmatch(piece)
+            m = BYTE_PIECE.fullmatch(piece)
             return bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode()
         return self._tk.decode([id], skip_special_tokens=False).encode()
 
@@ -317,20 +281,14 @@ def load_tokenizer(path: str | Path | None, *, gguf_fields: Mapping[str, Any] | 
     except FileNotFoundError:
         raise ModelFileError(f"{path}: tokenizer file not found") from None
     except OSError as e:
-        raise ModelFileError(f"{path}: cannot read tokenizer file ({_one_line(e)})") from None
+        raise ModelFileError(f"{path}: cannot read tokenizer file ({one_line(e)})") from None
     if head == b"GGUF":
-        return _from_gguf_fields(_read_gguf_fields(path), str(path))
+        return _from_gguf_fields(read_gguf_fields(path), str(path))
     if path.suffix == ".json" or head.lstrip()[:1] == b"{":
         return _from_tokenizer_json(path)
     if path.suffix == ".gguf":
         raise ModelFileError(f"{path}: not a GGUF file (no GGUF magic)")
     return SentencePieceTokenizer(path, _read_json(path.parent / "tokenizer_config.json"))
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    line = lines[0] if lines else type(e).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -340,7 +298,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path}: not a readable JSON file ({_one_line(e)})") from None
+        raise ModelFileError(f"{path}: not a readable JSON file ({one_line(e)})") from None
     if not isinstance(value, dict):
         raise ModelFileError(f"{path}: expected a JSON object")
     return value
@@ -372,7 +330,7 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
         spec = json.loads(text)
         tk = tokenizers.Tokenizer.from_str(text)
     except Exception as e:  # OSError, JSONDecodeError, or the library's own Exception on a bad spec
-        raise ModelFileError(f"{path}: not a readable tokenizer.json ({_one_line(e)})") from None
+        raise ModelFileError(f"{path}: not a readable tokenizer.json ({one_line(e)})") from None
     directory = path.parent
     config = _read_json(directory / "tokenizer_config.json")
     special_map = _read_json(directory / "special_tokens_map.json")
@@ -410,16 +368,6 @@ def _spelling(decoder: Any) -> str:
 # --- GGUF
 
 
-def _read_gguf_fields(path: Path) -> dict[str, Any]:
-    import gguf  # heavy import, only for GGUF files
-
-    try:
-        reader = gguf.GGUFReader(path, "r")
-        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-    except Exception as e:  # the reader raises ValueError, IndexError, KeyError... on a short or bad file
-        raise ModelFileError(f"{path}: not a readable GGUF file ({_one_line(e)})") from None
-
-
 def _from_gguf_fields(fields: Mapping[str, Any], source: str) -> Tokenizer:
     model = fields.get("tokenizer.ggml.model")
     if model is None:
@@ -446,10 +394,10 @@ def _from_gguf_fields(fields: Mapping[str, Any], source: str) -> Tokenizer:
     spm = model == "llama"
     if spm:  # llama.cpp's defaults for SentencePiece files that leave the ids out
         bos, eos = token_id("bos_token_id", 1), token_id("eos_token_id", 2)
-        tk = _gguf_sentencepiece(fields, tokens, types, token_id("unknown_token_id", 0), source)
+        tk = gguf_sentencepiece(fields, tokens, types, token_id("unknown_token_id", 0), source)
     else:
         bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
-        tk = _gguf_byte_level(fields, tokens, types, source)
+        tk = gguf_byte_level(fields, tokens, types, source)
     stops = {i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL and t in STOP_TEXTS}
     stops |= {i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
     add_bos = fields.get("tokenizer.ggml.add_bos_token", spm)
@@ -457,95 +405,3 @@ def _from_gguf_fields(fields: Mapping[str, Any], source: str) -> Tokenizer:
     return HFTokenizer(tk, kind=f"gguf-{model}", source=source, spelling="sentencepiece" if spm else "byte-level",
                        vocab_size=n, bos_id=bos, eos_id=eos, add_bos=bool(add_bos), stop_ids=stops,
                        chat_template=template if isinstance(template, str) else None)
-
-
-def _add_marked_tokens(tk: tokenizers.Tokenizer, tokens: list[str], types: list[int], special: set[int]) -> None:
-    """Tokens llama.cpp matches whole in text: control (and unknown) as special, user-defined as plain."""
-    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
-    tk.add_tokens([AddedToken(t, special=False, normalized=False)
-                   for t, ty in zip(tokens, types) if ty == USER_DEFINED])
-
-
-def _gguf_byte_level(fields: Mapping[str, Any], tokens: list[str], types: list[int],
-                     source: str) -> tokenizers.Tokenizer:
-    merges = fields.get("tokenizer.ggml.merges")
-    if not merges:
-        raise ModelFileError(f"{source}: gpt2 GGUF tokenizer without merges (tokenizer.ggml.merges)")
-    vocab: dict[str, int] = {}
-    for i, (t, ty) in enumerate(zip(tokens, types)):
-        if ty == NORMAL and not all(c in CHAR_BYTES for c in t):
-            t = "".join(BYTE_CHARS[b] for b in t.encode())  # a piece stored as plain text: respell it
-        vocab.setdefault(t, i)
-    pairs = []
-    for m in merges:
-        left, sep, right = str(m).partition(" ")
-        if not sep:
-            raise ModelFileError(f"{source}: malformed merge {m!r} in tokenizer.ggml.merges")
-        pairs.append((left, right))
-    try:
-        tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    except Exception as e:
-        raise ModelFileError(f"{source}: inconsistent gpt2 GGUF vocabulary ({_one_line(e)})") from None
-    pre = str(fields.get("tokenizer.ggml.pre", "default"))
-    split = BPE_PRE.get(pre)
-    if split is None:
-        log.warning("%s: unknown tokenizer.ggml.pre %r; splitting text as GPT-2 does", source, pre)
-        split = _GPT2
-    if split == _GPT2:
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif split == _DIGITS_GPT2:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    else:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    _add_marked_tokens(tk, tokens, types, {i for i, ty in enumerate(types) if ty == CONTROL})
-    return tk
-
-
-def _gguf_sentencepiece(fields: Mapping[str, Any], tokens: list[str], types: list[int], unk: int | None,
-                        source: str) -> tokenizers.Tokenizer:
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    merges = fields.get("tokenizer.ggml.merges")
-    if merges:
-        pairs = [tuple(str(m).split(" ", 1)) for m in merges]
-    else:
-        scores = fields.get("tokenizer.ggml.scores")
-        if scores is None or len(scores) != len(tokens):
-            raise ModelFileError(f"{source}: llama GGUF tokenizer without scores (tokenizer.ggml.scores)")
-        pairs = _merges_from_scores(tokens, [float(s) for s in scores], types)
-    unk_token = tokens[unk] if unk is not None else None
-    try:
-        bpe = models.BPE(vocab=vocab, merges=pairs, unk_token=unk_token, fuse_unk=True, byte_fallback=True)
-    except Exception as e:
-        raise ModelFileError(f"{source}: inconsistent llama GGUF vocabulary ({_one_line(e)})") from None
-    tk = tokenizers.Tokenizer(bpe)
-    # As llama.cpp: spaces become '▁', and each stretch of text (the start, and after every control or
-    # user-defined token) gets one '▁' in front, even when it already starts with a space -- which is
-    # why this is a normalizer, not Metaspace (that one skips the prefix before an existing space).
-    space_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
-    replace = normalizers.Replace(" ", "▁")
-    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if space_prefix else replace
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if space_prefix:
-        steps.append(decoders.Strip(" ", 1, 0))
-    tk.decoder = decoders.Sequence(steps)
-    _add_marked_tokens(tk, tokens, types, {i for i, ty in enumerate(types) if ty in (CONTROL, UNKNOWN)})
-    return tk
-
-
-def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
-    """BPE merges equivalent to SentencePiece's rule (merge the adjacent pair whose joined piece scores
-    highest): every split of every normal piece into two normal pieces, best joined score first."""
-    normal = {t: i for i, t in enumerate(tokens) if types[i] == NORMAL}
-    found = []
-    for piece, i in normal.items():
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in normal and right in normal:
-                found.append((-scores[i], normal[left], normal[right], left, right))
-    found.sort()
-    return [(left, right) for *_, left, right in found]

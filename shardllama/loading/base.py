@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..config import ModelArgs
-from ..errors import ModelFileError, ShardllamaError
+from ..errors import ModelFileError, ShardllamaError, one_line
 from ..model import expected_shapes
 
 _LAYER = re.compile(r"^layers\.\d+\.")
@@ -132,13 +132,6 @@ def check_shapes(path: Path, args: ModelArgs, shapes: Mapping[str, tuple[int, ..
 def weight_kind(name: str) -> str:
     """``layers.3.attention.wq.weight`` -> ``attention.wq.weight`` (the key of per-weight tables)."""
     return _LAYER.sub("", name)
-
-
-def one_line(e: BaseException) -> str:
-    """A library exception as a short single line, for wrapping into our own message."""
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def build_args(path: Path, build: Callable[[], ModelArgs]) -> ModelArgs:

@@ -18,8 +18,8 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from ..config import ModelArgs
-from ..errors import ModelFileError, UnsupportedError
-from .base import Checkpoint, build_args, check_shapes, layer_table, one_line, rename
+from ..errors import ModelFileError, UnsupportedError, one_line
+from .base import Checkpoint, build_args, check_shapes, layer_table, rename
 
 Q = GGMLQuantizationType
 

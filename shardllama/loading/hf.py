@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import ModelArgs
-from ..errors import ModelFileError, UnsupportedError
-from .base import Checkpoint, build_args, check_shapes, layer_table, one_line, rename, weight_kind
+from ..errors import ModelFileError, UnsupportedError, one_line
+from .base import Checkpoint, build_args, check_shapes, layer_table, rename, weight_kind
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelArgs
-from ..errors import ModelFileError
-from .base import Checkpoint, build_args, check_shapes, one_line, weight_kind
+from ..errors import ModelFileError, one_line
+from .base import Checkpoint, build_args, check_shapes, weight_kind
 from .unzipped import find_pickle_dir, load_unzipped
 
 # How Meta's model-parallel checkpoints split each weight across consolidated.NN files: the dimension the

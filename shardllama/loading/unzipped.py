@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelFileError, UnsupportedError
-from .base import one_line
+from ..errors import ModelFileError, UnsupportedError, one_line
 
 # What torch.save writes for each storage type (the legacy typed-storage class names carry the dtype).
 STORAGE_DTYPES = {
