@@ -59,23 +59,27 @@ def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penal
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution the next token is drawn from, (vocab,) f32, zero outside top-k / top-p."""
-    logits = logits.float()
+    """The distribution the next token is drawn from, (vocab,) float64, zero outside top-k / top-p."""
+    # In float64, with the maximum shifted to 0 before scaling: any temperature or penalty a user can type
+    # (1e-300 included) then gives a distribution, never inf - inf or 0 / 0.
+    logits = torch.nan_to_num(logits.double(), nan=-torch.inf, posinf=torch.finfo(torch.float64).max)
     if params.greedy:
         probs = torch.zeros_like(logits)
         probs[int(logits.argmax())] = 1.0
         return probs
-    scaled = logits / params.temperature
-    if 0 < params.top_k < scaled.numel():
-        # In the logit domain: probabilities that underflow to 0 must not tie with the k-th.
-        kth = torch.topk(scaled, params.top_k).values[-1]
-        scaled = torch.where(scaled >= kth, scaled, -torch.inf)
+    if 0 < params.top_k < logits.numel():
+        # On the logits themselves (a positive temperature keeps their order): probabilities that
+        # underflow to 0 must not tie with the k-th.
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = torch.where(logits >= kth, logits, -torch.inf)
+    scaled = (logits - logits.max()) / params.temperature
     probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < p.
         keep_sorted = (cumulative - sorted_probs) < params.top_p * cumulative[-1]
+        keep_sorted[0] = True  # the most likely token always stays, however small top_p is
         keep = torch.zeros_like(keep_sorted).scatter_(0, order, keep_sorted)
         probs = torch.where(keep, probs, 0.0)
     return probs / probs.sum()
@@ -89,7 +93,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 def choose(logits: torch.Tensor, history: Sequence[int], params: SamplingParams,
            generator: torch.Generator | None) -> tuple[int, float]:
     """Penalise, shape and draw: the chosen token id and its probability under ``params``."""
-    logits = apply_repetition_penalty(logits, history, params.repetition_penalty, params.repetition_penalty_last_n)
+    logits = apply_repetition_penalty(logits.double(), history, params.repetition_penalty, params.repetition_penalty_last_n)
     probs = logits_to_probs(logits, params)
     token = int(probs.argmax()) if params.greedy else sample(probs, generator)
     return token, float(probs[token])

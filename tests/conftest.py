@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from shardllama.demo import demo_model_path
+
+# Timing is not what these tests check, and CI machines are noisy: no per-example deadline.
+settings.register_profile("shardllama", deadline=None)
+settings.load_profile("shardllama")
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ def test_top_k_is_softmax_over_the_k_most_likely(logits, k, temperature):
     probs = logits_to_probs(logits, SamplingParams(temperature=temperature, top_k=k, top_p=1.0))
     kth = torch.topk(logits, min(k, len(logits))).values[-1]
     expected = torch.softmax(torch.where(logits >= kth, logits / temperature, -torch.inf), -1)
-    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probs.float(), expected, atol=1e-6, rtol=1e-5)
 
 
 @settings(max_examples=200)
@@ -48,7 +48,7 @@ def test_top_p_example():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.75))
     assert (probs > 0).tolist() == [True, True, False, False]
-    torch.testing.assert_close(probs[:2], torch.tensor([0.625, 0.375]))
+    torch.testing.assert_close(probs[:2].float(), torch.tensor([0.625, 0.375]))
 
 
 @given(logits=logit_vectors, seed=st.integers(0, 2**32 - 1))
@@ -84,3 +84,14 @@ def test_repetition_penalty_window():
 def test_bad_params_are_usage_errors(kwargs):
     with pytest.raises(UsageError):
         SamplingParams(**kwargs)
+
+
+@given(logits=logit_vectors, temperature=st.sampled_from([1e-300, 1e-45, 1e-38, 1e-4, 1e300]),
+       top_p=st.sampled_from([1e-300, 1e-38, 1e-10, 0.5]), penalty=st.sampled_from([1e-300, 1e-38, 1.0, 1e300]))
+def test_extreme_settings_give_a_distribution(logits, temperature, top_p, penalty):
+    """Found by the server's fuzzer: tiny top_p, temperature or penalty must not produce NaN."""
+    params = SamplingParams(temperature=temperature, top_k=0, top_p=top_p, repetition_penalty=penalty)
+    token, prob = choose(logits, [0, 1], params, torch.Generator().manual_seed(0))
+    assert 0 <= token < len(logits) and 0 < prob <= 1
+    probs = logits_to_probs(logits, params)
+    assert bool(torch.isfinite(probs).all()) and abs(float(probs.sum()) - 1) < 1e-5
