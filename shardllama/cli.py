@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ShardllamaError, UsageError
+from .server import add_server_args
 
-SUBCOMMANDS = ("generate", "worker", "shards")
+SUBCOMMANDS = ("generate", "serve", "worker", "shards")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end token")
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
+    g.add_argument("--inference-server", action="store_true",
+                   help="serve rllama's HTTP API instead of generating (same as `shardllama serve`)")
+    add_server_args(gen)
+
+    serve = sub.add_parser("serve", help="serve rllama's HTTP inference API (JSONL streaming, batching, prompt cache)")
+    add_model_args(serve)
+    add_server_args(serve)
+    serve.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no start-up lines")
 
     sub.add_parser("worker", add_help=False, help="run a worker for a coordinator on another host "
                    "(shardllama worker --connect tcp://HOST:PORT --model-path PATH; --help for more)")
@@ -128,7 +137,15 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return args.prompt
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve_from_args
+
+    return serve_from_args(args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.inference_server:  # rllama's spelling of `shardllama serve`
+        return cmd_serve(args)
     import torch
 
     from .engine import Sequence, Stats, generate
@@ -213,7 +230,7 @@ def _print_stats(stats) -> None:
     )
 
 
-COMMANDS = {"generate": cmd_generate, "worker": cmd_worker, "shards": cmd_shards}
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "worker": cmd_worker, "shards": cmd_shards}
 
 
 class _Terminated(BaseException):

@@ -1,0 +1,164 @@
+"""The rllama inference request: its fields, defaults and validation, and nothing about HTTP.
+
+rllama's API (``POST /rllama/v1/inference``) takes one JSON object::
+
+    prompt              string, required
+    temperature         number >= 0 (0 = greedy), default 0.2 as on the command line
+    top_k               integer >= 1, default 20
+    top_p               number in (0, 1], default 1.0
+    repetition_penalty  number > 0, default 1.0 (off; > 1 discourages repeats)
+    stop_at_end_token   bool, default true
+    max_seq_len         integer >= 1, default 1024, clamped to the server's --max-seq-len
+    max_new_tokens      integer >= 0, default 1024
+    no_token_sampling   bool, default false
+    seed                integer in [0, 2**64), optional (ours): reproducible sampling
+
+``null`` means the default (rllama's fields were ``Option``s); unknown fields are ignored, as rllama's
+serde did.  Every mistake raises :class:`RequestError` with a one-line message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from ..errors import ShardllamaError
+from ..sampling import SamplingParams
+
+CONTENT_TYPES = ("application/json", "text/jsonl", "application/jsonl", "application/x-ndjson")
+# Labels that say nothing about the body, taken as JSON as rllama did (it never looked): none at all
+# (aiohttp reports application/octet-stream), text/plain, and what `curl -d` sends.
+UNLABELLED = ("application/octet-stream", "text/plain", "application/x-www-form-urlencoded")
+
+
+class RequestError(ShardllamaError):
+    """A request the server cannot act on: bad JSON, a missing or ill-typed field, a value out of range."""
+
+
+class UnsupportedMediaType(RequestError):
+    """A request body in a format other than JSON."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceRequest:
+    prompt: str
+    temperature: float = SamplingParams.temperature
+    top_k: int = 20
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_at_end_token: bool = True
+    max_seq_len: int = 1024
+    max_new_tokens: int = 1024
+    no_token_sampling: bool = False
+    seed: int | None = None
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty)
+
+
+def check_content_type(content_type: str) -> None:
+    """JSON in any of its usual names, or a body labelled as nothing in particular; else 415."""
+    if content_type and content_type not in CONTENT_TYPES and content_type not in UNLABELLED:
+        raise UnsupportedMediaType(f"Content-Type must be application/json or text/jsonl, got {content_type}")
+
+
+def parse_inference_request(body: bytes) -> InferenceRequest:
+    """The request in ``body`` (UTF-8 JSON), validated; RequestError naming what is wrong."""
+    if not body.strip():
+        raise RequestError('the request body is empty: send a JSON object with at least a "prompt"')
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"the request body is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise RequestError("invalid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError(f"the request body must be a JSON object, got {_kind(data)}")
+    return request_from_dict(data)
+
+
+def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
+    if data.get("prompt") is None:
+        raise RequestError('"prompt" is required (a string)')
+    prompt = data["prompt"]
+    if not isinstance(prompt, str):
+        raise RequestError(f'"prompt" must be a string, got {_kind(prompt)}')
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f'"prompt" is not valid Unicode (lone surrogate at character {e.start})') from None
+    fields: dict[str, Any] = {"prompt": prompt}
+
+    def number(name: str) -> float | None:
+        value = data.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(f'"{name}" must be a number, got {_kind(value)}')
+        value = float(value)  # a huge JSON integer becomes inf: caught just below
+        if not math.isfinite(value):
+            raise RequestError(f'"{name}" must be a finite number, got {value}')
+        fields[name] = value
+        return value
+
+    def integer(name: str, minimum: int) -> int | None:
+        value = data.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(f'"{name}" must be an integer, got {_kind(value)}')
+        if value < minimum:
+            raise RequestError(f'"{name}" must be >= {minimum}, got {value}')
+        fields[name] = value
+        return value
+
+    def boolean(name: str) -> None:
+        value = data.get(name)
+        if value is None:
+            return
+        if not isinstance(value, bool):
+            raise RequestError(f'"{name}" must be true or false, got {_kind(value)}')
+        fields[name] = value
+
+    t = number("temperature")
+    if t is not None and t < 0:
+        raise RequestError(f'"temperature" must be >= 0 (0 = greedy), got {t}')
+    integer("top_k", 1)
+    p = number("top_p")
+    if p is not None and not 0 < p <= 1:
+        raise RequestError(f'"top_p" must be in (0, 1], got {p}')
+    r = number("repetition_penalty")
+    if r is not None and r <= 0:
+        raise RequestError(f'"repetition_penalty" must be > 0 (1 = off), got {r}')
+    boolean("stop_at_end_token")
+    integer("max_seq_len", 1)
+    integer("max_new_tokens", 0)
+    boolean("no_token_sampling")
+    seed = integer("seed", 0)
+    if seed is not None and seed >= 2**64:
+        raise RequestError(f'"seed" must be < 2**64, got {seed}')
+    return InferenceRequest(**fields)
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type, as a person calls it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
