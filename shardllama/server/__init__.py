@@ -123,8 +123,9 @@ def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path
     cache = scheduler.cache.capacity
     if cache < prompt_cache_size:
         log.info("prompt cache: %d of %d entries fit in the KV cache's spare slots", cache, prompt_cache_size)
+    name = model.path.stem if model.path.suffix else model.path.name  # x.gguf -> x; a directory: its name
     state = ServerState(tokenizer=model.tokenizer, scheduler=scheduler, max_seq_len=backend.max_seq_len,
-                        api_path=api_path, exit_after_one_query=exit_after_one_query)
+                        api_path=api_path, model_name=name, exit_after_one_query=exit_after_one_query)
     summary = (f"{max_concurrent} concurrent, queue {max_queue}, context {backend.max_seq_len}; prompt cache "
                f"{cache} entries x {per_slot / 2**20:.1f} MiB = {cache * per_slot / 2**20:.0f} MiB of KV cache")
     try:
@@ -152,8 +153,8 @@ async def _run(app, state, host: str, port: int, summary: str, quiet: bool) -> i
         bound = runner.addresses[0]
         where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         if not quiet:
-            print(f"shardllama: serving POST http://{where}:{bound[1]}{state.api_path} ({summary})",
-                  file=sys.stderr, flush=True)
+            print(f"shardllama: serving POST http://{where}:{bound[1]}{state.api_path} and the OpenAI API at "
+                  f"http://{where}:{bound[1]}/v1 ({summary})", file=sys.stderr, flush=True)
         await state.stop.wait()
         # Running generations end now (their clients get an error line), then the connections close.
         await loop.run_in_executor(None, state.scheduler.close)

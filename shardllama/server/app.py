@@ -78,6 +78,7 @@ class ServerState:
     scheduler: Scheduler
     max_seq_len: int  # the backend's context: a request's max_seq_len is clamped to it
     api_path: str
+    model_name: str = "model"  # what /v1/models and OpenAI responses call it: the model file's stem
     exit_after_one_query: bool = False
     max_body_bytes: int = MAX_BODY_BYTES  # larger bodies are refused (400)
     stop: asyncio.Event | None = None  # set to shut the server down (serve() waits on it)
@@ -103,6 +104,9 @@ def create_app(state: ServerState, *, stats_path: str = DEFAULT_STATS_PATH) -> w
     app[STATE] = state
     app.router.add_post(state.api_path, inference)
     app.router.add_get(stats_path, stats)
+    from .openai_api import create_openai_app  # here: it imports this module
+
+    app.add_subapp("/v1", create_openai_app(state))
     return app
 
 

@@ -67,8 +67,14 @@ def check_content_type(content_type: str) -> None:
 
 def parse_inference_request(body: bytes) -> InferenceRequest:
     """The request in ``body`` (UTF-8 JSON), validated; RequestError naming what is wrong."""
+    return request_from_dict(parse_json_object(body, required="prompt"))
+
+
+def parse_json_object(body: bytes, *, required: str) -> dict[str, Any]:
+    """``body`` (UTF-8 JSON) as a dict; RequestError naming what is wrong (``required``: the field an empty
+    body is told to carry).  Shared with the OpenAI routes."""
     if not body.strip():
-        raise RequestError('the request body is empty: send a JSON object with at least a "prompt"')
+        raise RequestError(f'the request body is empty: send a JSON object with at least a "{required}"')
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -81,7 +87,7 @@ def parse_inference_request(body: bytes) -> InferenceRequest:
         raise RequestError("invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(f"the request body must be a JSON object, got {_kind(data)}")
-    return request_from_dict(data)
+    return data
 
 
 def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
