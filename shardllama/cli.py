@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Sequence
 from .errors import ShardllamaError, UsageError
 from .server import add_server_args
 
-SUBCOMMANDS = ("generate", "serve", "worker", "shards")
+SUBCOMMANDS = ("generate", "chat", "serve", "worker", "shards")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inference-server", action="store_true",
                    help="serve rllama's HTTP API instead of generating (same as `shardllama serve`)")
     add_server_args(gen)
+    it = gen.add_argument_group("interactive mode (rllama's flags; see shardllama/interactive.py)")
+    it.add_argument("--start-interactive", action="store_true",
+                    help="read a line, answer it, ask again, continuing from the KV cache; Ctrl-D quits")
+    it.add_argument("--interactive-system-prompt", help="text fed before the first line (default: the --prompt, if any)")
+    it.add_argument("--interactive-stop", action="append", metavar="TEXT",
+                    help="generated text that ends the model's turn, not printed (repeatable)")
+    it.add_argument("--interactive-prompt-prefix", default="", metavar="TEXT", help="put before each line you type")
+    it.add_argument("--interactive-prompt-postfix", default="", metavar="TEXT", help="put after each line you type")
+
+    chat = sub.add_parser("chat", help="talk to the model through its own chat template")
+    add_model_args(chat)
+    add_sampling_args(chat)
+    chat.add_argument("--system-prompt", help="the conversation's system message (default: the template's own)")
+    chat.add_argument("--max-new-tokens", type=_non_negative_int, help="longest answer per turn (default: until the end of turn)")
+    chat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     serve = sub.add_parser("serve", help="serve rllama's HTTP inference API (JSONL streaming, batching, prompt cache)")
     add_model_args(serve)
@@ -143,7 +159,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_from_args(args)
 
 
+def _colour() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .interactive import run_chat
+
+    with open_model_from_args(args, progress=not args.quiet and sys.stderr.isatty()) as model:
+        return run_chat(model, args, colour=_colour())
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.start_interactive:
+        from .interactive import run_interactive
+
+        system = args.interactive_system_prompt
+        if system is None and (args.prompt is not None or args.prompt_file is not None):
+            system = _read_prompt(args)
+        with open_model_from_args(args, progress=not args.quiet and sys.stderr.isatty()) as model:
+            return run_interactive(model, args, system, colour=_colour())
     if args.inference_server:  # rllama's spelling of `shardllama serve`
         return cmd_serve(args)
     import torch
@@ -230,7 +265,7 @@ def _print_stats(stats) -> None:
     )
 
 
-COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "worker": cmd_worker, "shards": cmd_shards}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "worker": cmd_worker, "shards": cmd_shards}
 
 
 class _Terminated(BaseException):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import functools
 import json
 import logging
@@ -40,13 +39,13 @@ import secrets
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-import jinja2
-import jinja2.sandbox
 import torch
 from aiohttp import web
 
+from ..chat_template import render_for
 from ..errors import ShardllamaError
 from ..sampling import SamplingParams
+from ..stops import StopScanner
 from ..tokenizer import Tokenizer
 from .app import STATE, ServerState, _message, status_for
 from .jobs import Failed, Finished, Job, Token
@@ -195,58 +194,16 @@ def _messages(data: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-# ---- chat template (to merge with shardllama/chat_template.py) --------------------------------------
-
-
-def _raise_exception(message: str):
-    raise jinja2.TemplateError(message)
-
-
-@functools.lru_cache(maxsize=4)
-def _compile(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(source)
-
-
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
     """``messages`` through the model's chat template, ending with the assistant's turn opened."""
-    if not tokenizer.chat_template:
-        raise ParamError(f"{tokenizer.source}: the model has no chat template (tokenizer.chat_template in "
-                         "the GGUF or chat_template in tokenizer_config.json): use /v1/completions", "messages")
-    special = {name: tokenizer.token_text(i) if i is not None else ""
-               for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))}
     try:
-        return _compile(tokenizer.chat_template).render(messages=messages, add_generation_prompt=True, **special)
-    except jinja2.TemplateError as e:
-        raise ParamError(f"the model's chat template refused the messages: {e}", "messages") from None
+        return render_for(tokenizer, messages)
+    except ShardllamaError as e:  # no template, or the template refused these messages: the request's fault
+        hint = ": use /v1/completions" if not tokenizer.chat_template else ""
+        raise ParamError(f"{e}{hint}", "messages") from None
 
 
 # ---- generation -----------------------------------------------------------------------------------------
-
-
-class StopStrings:
-    """Cuts generated text before the first stop string; holds back a tail that may begin one."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.held = stops, ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """(text that is safe to emit, whether a stop string was met)."""
-        text = self.held + text
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return text[:min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1))
-                    if text.endswith(s[:k])), default=0)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
 
 
 @dataclasses.dataclass
@@ -270,7 +227,7 @@ async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome
               max_len=state.max_seq_len, stop_ids=state.tokenizer.stop_ids,
               generator=torch.Generator().manual_seed(gen.seed if gen.seed is not None else secrets.randbits(63)))
     state.scheduler.submit(job)
-    decoder, stops = state.tokenizer.stream(), StopStrings(gen.stop)
+    decoder, stops = state.tokenizer.stream(), StopScanner(gen.stop)
     try:
         while True:
             event = await queue.get()
@@ -280,14 +237,14 @@ async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome
                 return
             assert isinstance(event, Token), event
             outcome.completion_tokens += 1
-            text, stopped = stops.push(decoder.push(event.id) + (decoder.flush() if event.last else ""))
-            if stopped:
+            text = stops.push(decoder.push(event.id) + (decoder.flush() if event.last else ""))
+            if stops.stop_at is not None:
                 outcome.finish_reason = "stop"
                 yield text
                 return
             if event.last:
                 outcome.finish_reason = "stop" if event.is_end else "length"
-                yield text + stops.flush()
+                yield text + stops.finish()
                 return
             yield text
     finally:

@@ -1,0 +1,288 @@
+"""Interactive mode (``--start-interactive``) and ``shardllama chat``: read a line, answer it, ask again.
+
+One :class:`~shardllama.engine.Sequence` holds the whole session, so each turn feeds only its new tokens
+(the user's line and what surrounds it) and the KV cache keeps the history: nothing is recomputed.
+
+Behaviour (the place it is documented; the README should point here):
+
+- A turn ends at a stop string (``--interactive-stop``, matched on the generated *text*), a stop token,
+  ``--max-new-tokens`` or Ctrl-C.  Text that may be the start of a stop string is held back until it is
+  known not to be one, so a stop string is never printed.  The context keeps exactly what was printed:
+  the tokens that spelled the stop string are dropped from the sequence (re-fed text covers a token that
+  was half before it), so with stop ``"\\nUser:"`` the prefix should bring its own ``"\\nUser: "``.
+- Ctrl-C while the model writes ends the turn after the current token and asks again; Ctrl-C or Ctrl-D
+  (EOF) at the prompt ends the session with exit code 0.
+- When the context (``--max-seq-len``) is full, one line says so on stderr and the session ends, exit 0.
+- On a terminal, each generated token is coloured by its probability (``NO_COLOR`` turns that off);
+  a ``> `` prompt goes to stderr when stdin is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from typing import Callable, Collection, TextIO
+
+import torch
+
+from .backend import Backend
+from .engine import Sequence, generate
+from .errors import UsageError
+from .sampling import SamplingParams
+from .stops import StopScanner
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Probability buckets, most likely first: green, cyan, yellow, red (rllama coloured tokens the same way).
+COLOURS = ((0.75, "\x1b[32m"), (0.5, "\x1b[36m"), (0.25, "\x1b[33m"), (0.0, "\x1b[31m"))
+RESET = "\x1b[0m"
+
+
+def colour_of(prob: float) -> str:
+    return next(code for floor, code in COLOURS if prob >= floor)
+
+
+class ContextFull(Exception):
+    """The next turn does not fit in --max-seq-len; the session ends."""
+
+
+@dataclasses.dataclass
+class Turn:
+    text: str  # what was printed
+    tokens: list[int]  # the generated tokens kept in the sequence
+    reason: str  # "stop-string", "end-token", "max-new-tokens", "context-full" or "interrupted"
+
+
+class Printer:
+    """Writes the model's text, each piece coloured by the probability of the token that completed it."""
+
+    def __init__(self, out: TextIO, colour: bool):
+        self.out, self.colour = out, colour
+
+    def __call__(self, text: str, prob: float) -> None:
+        if text:
+            self.out.write(f"{colour_of(prob)}{text}{RESET}" if self.colour else text)
+            self.out.flush()
+
+
+class Session:
+    """One conversation in one KV-cache slot, fed a turn at a time."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, params: SamplingParams, *,
+                 max_new_tokens: int | None = None, stop_strings: Collection[str] = (),
+                 stop_ids: Collection[int] | None = None, generator: torch.Generator | None = None,
+                 emit: Callable[[str, float], None] = lambda text, prob: None):
+        self.backend, self.tok, self.params = backend, tokenizer, params
+        self.max_new_tokens, self.stop_strings, self.generator, self.emit = max_new_tokens, stop_strings, generator, emit
+        self.stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
+        self.seq = Sequence()
+        self.pending: list[int] = []  # fed with the next turn: text printed before a stop string, unfed
+        self.interrupted = threading.Event()
+
+    @property
+    def room(self) -> int:
+        """Tokens the context can still take."""
+        return self.backend.max_seq_len - len(self.seq.tokens) - len(self.pending)
+
+    def reset(self) -> None:
+        """Start over in the same slot (the cache is overwritten as the new tokens are fed)."""
+        self.seq = Sequence(slot=self.seq.slot)
+        self.pending = []
+
+    def turn(self, new_ids: list[int]) -> Turn:
+        """Feed ``new_ids`` and generate the model's answer, printing it through ``emit``."""
+        new_ids = self.pending + new_ids
+        if len(new_ids) >= self.room + len(self.pending):  # leave room for at least one generated token
+            raise ContextFull()
+        self.pending = []
+        start = len(self.seq.tokens) + len(new_ids)  # where the generated tokens begin
+        scanner, stream = StopScanner(self.stop_strings), self.tok.stream()
+        ends: list[int] = []  # ends[i]: length of the turn's text once token i was decoded
+        reason, prob = "max-new-tokens", 1.0
+        if new_ids:  # the decoder's context: a turn's first piece keeps its leading space (SentencePiece)
+            stream.push(new_ids[-1])
+        self.interrupted.clear()
+        with _sigint_sets(self.interrupted):
+            for event in generate(self.backend, self.seq, new_ids, self.params, max_new_tokens=self.max_new_tokens,
+                                  stop_ids=self.stop_ids, generator=self.generator):
+                if event.is_end:
+                    reason = "end-token"
+                    break
+                prob = event.prob
+                self.emit(scanner.push(stream.push(event.token)), prob)
+                ends.append(len(scanner.text))
+                if scanner.stop_at is not None:
+                    reason = "stop-string"
+                    break
+                if self.interrupted.is_set():
+                    reason = "interrupted"
+                    break
+            else:
+                if len(self.seq.tokens) >= self.backend.max_seq_len:
+                    reason = "context-full"
+        if scanner.stop_at is None:
+            self.emit(scanner.push(stream.flush()) + scanner.finish(), prob)
+        else:
+            self._drop_stop_string(start, ends, scanner)
+        return Turn(scanner.text[:scanner.printed], self.seq.tokens[start:], reason)
+
+    def _drop_stop_string(self, start: int, ends: list[int], scanner: StopScanner) -> None:
+        """Cut the sequence back to the tokens wholly before the stop string; the printed text of a token
+        that straddles it is fed again with the next turn."""
+        keep = bisect.bisect_right(ends, scanner.stop_at)
+        del self.seq.tokens[start + keep:]
+        self.seq.n_cached = min(self.seq.n_cached, len(self.seq.tokens))
+        rest = scanner.text[ends[keep - 1] if keep else 0:scanner.stop_at]
+        self.pending = self.tok.encode(rest, bos=False, special=False) if rest else []
+
+
+@contextlib.contextmanager
+def _sigint_sets(flag: threading.Event):
+    """While generating, Ctrl-C sets ``flag`` (the turn ends after this token) instead of raising, so a
+    forward pass on the workers is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def read_line(stdin: TextIO, stderr: TextIO, marker: str = "> ") -> str | None:
+    """The user's next line without its newline; None at EOF or Ctrl-C."""
+    if stdin.isatty():
+        stderr.write(marker)
+        stderr.flush()
+    try:
+        line = stdin.readline()
+    except KeyboardInterrupt:
+        return None
+    if not line:
+        return None
+    return line[:-1] if line.endswith("\n") else line
+
+
+def _sampling(args: argparse.Namespace) -> tuple[SamplingParams, torch.Generator | None]:
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                            args.repetition_penalty_last_n)
+    return params, torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+
+
+def _context_full(stderr: TextIO, session: Session) -> int:
+    stderr.write(f"shardllama: the context is full (--max-seq-len {session.backend.max_seq_len} tokens); "
+                 "ending the session\n")
+    stderr.flush()
+    return 0
+
+
+def run_interactive(model, args: argparse.Namespace, system_prompt: str | None, *, colour: bool,
+                    stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
+    """rllama's ``--start-interactive``: plain text, prefix + line + postfix per turn."""
+    tok = model.tokenizer
+    params, generator = _sampling(args)
+    session = Session(model.backend, tok, params, max_new_tokens=args.max_new_tokens,
+                      stop_strings=args.interactive_stop or (), stop_ids=() if args.ignore_eos else None,
+                      generator=generator, emit=Printer(stdout, colour))
+    if system_prompt:
+        session.pending = tok.encode(system_prompt, special=True)
+        if not args.no_echo:
+            stdout.write(system_prompt)
+            stdout.flush()
+    elif tok.add_bos:
+        session.pending = tok.encode("")
+    prefix, postfix = args.interactive_prompt_prefix, args.interactive_prompt_postfix
+    while (line := read_line(stdin, stderr)) is not None:
+        ids = (tok.encode(prefix, bos=False) + tok.encode(line, bos=False, special=False)
+               + tok.encode(postfix, bos=False))
+        try:
+            turn = session.turn(ids)
+        except ContextFull:
+            return _context_full(stderr, session)
+        stdout.write("\n")
+        stdout.flush()
+        if turn.reason == "context-full":
+            return _context_full(stderr, session)
+    return 0
+
+
+class ChatSession:
+    """The model's own chat template over a :class:`Session`: each turn renders the whole conversation and
+    feeds only what is new since the text already in the cache."""
+
+    def __init__(self, session: Session, system_prompt: str | None = None):
+        self.session = session
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        self.context_text = ""  # the rendering the sequence holds, as text
+        self.recomputed = 0  # times a rendering did not extend the previous one
+
+    def render(self, add_generation_prompt: bool = True) -> str:
+        from .chat_template import render_for
+
+        return render_for(self.session.tok, self.messages, add_generation_prompt=add_generation_prompt)
+
+    def turn(self, line: str) -> Turn:
+        self.messages.append({"role": "user", "content": line})
+        text = self.render()
+        if not text.startswith(self.context_text):
+            log.debug("chat template: the new rendering does not extend the cached one; recomputing the conversation")
+            self.recomputed += 1
+            self.session.reset()
+            self.context_text = ""
+        ids = self._encode(text[len(self.context_text):], text, line)
+        turn = self.session.turn(ids)
+        content = self.session.tok.decode([t for t in turn.tokens if t not in self.session.stop_ids])
+        self.messages.append({"role": "assistant", "content": content})
+        end = turn.tokens[-1:] if turn.reason == "end-token" else []
+        self.context_text = text + content + "".join(self.session.tok.token_text(t) for t in end)
+        return turn
+
+    def _encode(self, suffix: str, text: str, line: str) -> list[int]:
+        """Ids of the new ``suffix`` of the rendering ``text``; the user's ``line`` in it is encoded as plain
+        text (control tokens typed by the user stay characters), the template's own markup as markup."""
+        tok = self.session.tok
+        mark = "\x00shardllama-user-line\x00"
+        self.messages[-1]["content"] = mark
+        try:
+            marked = self.render()
+        finally:
+            self.messages[-1]["content"] = line
+        cut = len(text) - len(suffix)
+        marked_suffix = marked[cut:] if marked[:cut] == text[:cut] else ""
+        if marked_suffix.count(mark) == 1 and marked_suffix.replace(mark, line) == suffix:
+            before, after = marked_suffix.split(mark)
+            return (tok.encode(before, bos=False) + tok.encode(line, bos=False, special=False)
+                    + tok.encode(after, bos=False))
+        log.debug("chat template: cannot locate the user's line in the rendering; encoding it with the markup")
+        return tok.encode(suffix, bos=False)
+
+
+def run_chat(model, args: argparse.Namespace, *, colour: bool, stdin: TextIO = sys.stdin,
+             stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
+    """``shardllama chat``: the interactive loop with the model's chat template."""
+    tok = model.tokenizer
+    if not tok.chat_template:
+        raise UsageError(f"{model.path}: the model has no chat template; "
+                         "use `shardllama generate --start-interactive` with a prefix and postfix instead")
+    params, generator = _sampling(args)
+    session = Session(model.backend, tok, params, max_new_tokens=args.max_new_tokens, generator=generator,
+                      emit=Printer(stdout, colour))
+    chat = ChatSession(session, args.system_prompt)
+    while (line := read_line(stdin, stderr)) is not None:
+        try:
+            turn = chat.turn(line)
+        except ContextFull:
+            return _context_full(stderr, session)
+        stdout.write("\n")
+        stdout.flush()
+        if turn.reason == "context-full":
+            return _context_full(stderr, session)
+    return 0
