@@ -22,6 +22,7 @@ from typing import Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelArgs
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -32,6 +33,15 @@ def layer_prefix(i: int) -> str:
 
 
 # ---- the pieces ----------------------------------------------------------------------------------------
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` (F.linear).  A decode step (a few rows of x) with f16/bf16 weights goes to a C++ kernel
+    that streams the weights near memory bandwidth (shardllama.kernels); all else, and machines where the
+    kernel cannot be built, to torch."""
+    if kernels.applies(x, w):
+        return kernels.matvec(x, w)
+    return F.linear(x, w)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -136,9 +146,9 @@ def attention(
     query heads start mid-group (9 heads, 3 KV heads, 2 workers) passes its own mapping.
     """
     B, T, _ = x.shape
-    q = F.linear(x, wq).view(B, T, -1, head_dim)
-    k = F.linear(x, wk).view(B, T, -1, head_dim)
-    v = F.linear(x, wv).view(B, T, -1, head_dim)
+    q = linear(x, wq).view(B, T, -1, head_dim)
+    k = linear(x, wk).view(B, T, -1, head_dim)
+    v = linear(x, wv).view(B, T, -1, head_dim)
     q = apply_rope(q, step.cos, step.sin)
     k = apply_rope(k, step.cos, step.sin)
 
@@ -166,17 +176,17 @@ def attention(
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs, values.transpose(1, 2).unsqueeze(2))  # (B, hkv, rep, T, hd)
     out = out.permute(0, 3, 1, 2, 4).reshape(B, T, -1)  # (B, T, hq * hd), heads in order
-    return F.linear(out, wo)
+    return linear(out, wo)
 
 
 def feed_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """SwiGLU over the hidden units these weights hold; returns their (B, T, dim) contribution."""
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 
 def output_head(h: torch.Tensor, norm: torch.Tensor, output: torch.Tensor, eps: float) -> torch.Tensor:
     """Final norm and the vocabulary projection (of the rows ``output`` holds): (..., dim) -> (..., vocab)."""
-    return F.linear(rms_norm(h, norm, eps), output)
+    return linear(rms_norm(h, norm, eps), output)
 
 
 class Layer(NamedTuple):

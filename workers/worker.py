@@ -189,6 +189,10 @@ class Worker:
         dtype = DTYPES[config["dtype"]]
         self.rank = config["rank"]
         torch.set_num_threads(self.threads or config["threads"])
+        if dtype in (torch.float16, torch.bfloat16):
+            from shardllama import kernels
+
+            kernels.library()  # build (or load) the matvec kernel now, under the connect timeout, not mid-step
         self.spin_s = config.get("spin_us", 0.0) * 1e-6
         spec = plan(args, config["n_workers"])[self.rank]
         if config.get("segment"):

@@ -1,0 +1,99 @@
+"""A C++ matrix-vector kernel for 16-bit weights, for decode steps (``matvec.cpp``).
+
+Decoding reads every weight once per token, so its speed is the rate at which weights stream from memory.
+torch's own f16 matrix-vector product stops well short of the memory bandwidth (shared/BENCHMARKS.md);
+this kernel widens f16 (or bf16) to f32 with F16C and sums with AVX-512 (or AVX2) FMAs, several weight
+rows at a time with software prefetch, and returns what ``F.linear(x, w)`` returns up to the order of
+the f32 sums.  :func:`shardllama.model.linear` asks :func:`applies` and calls :func:`matvec`; torch's
+path stays the fallback and the test oracle.
+
+The library is compiled on first use and cached (``build.py``).  Where it cannot be built or imported
+(no compiler or ninja, a compiler error) one warning is logged and :func:`applies` answers False for
+the rest of the process; on a CPU without AVX2/F16C/FMA, or not x86-64, the same without the warning.
+``SHARDLLAMA_KERNELS=0`` in the environment, read on first use, turns the kernel off (worker processes
+inherit it); :func:`enable` does the same from code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from types import ModuleType
+
+import torch
+
+from . import build
+
+log = logging.getLogger("shardllama.kernels")
+
+# Rows of x per call (a decode step of that many sequences) up to which the kernel beats torch; prefill
+# goes to torch.  bf16 stops at 4: torch's bf16 matrix product (oneDNN) wins from 8 rows on.
+MAX_ROWS = {torch.float16: 8, torch.bfloat16: 4}
+
+_enabled: bool | None = None  # None until first use, then SHARDLLAMA_KERNELS decides
+_library: ModuleType | bool | None = None  # None: not tried yet; False: unavailable (said once)
+_lock = threading.Lock()
+
+
+def enable(on: bool | None = True) -> None:
+    """Use the kernel (True) or torch (False) from now on in this process; None: as SHARDLLAMA_KERNELS says."""
+    global _enabled
+    _enabled = on
+
+
+def enabled() -> bool:
+    global _enabled
+    if _enabled is None:
+        _enabled = os.environ.get("SHARDLLAMA_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _enabled
+
+
+def library() -> ModuleType | None:
+    """The compiled extension (built on the first call), or None when it is disabled or unavailable."""
+    global _library
+    if not enabled():
+        return None
+    if _library is None:
+        with _lock:
+            if _library is None:
+                _library = _load()
+    return _library or None
+
+
+def _load() -> ModuleType | bool:
+    try:
+        lib = build.load()
+    except build.Unsupported as e:
+        log.info("f16 matrix-vector kernel not used: %s", e)
+        return False
+    except Exception as e:  # a failed build must never stop the program: torch computes the same
+        log.warning("f16 matrix-vector kernel unavailable, using torch's (slower): %s", e)
+        return False
+    if lib.best_isa() == 0:
+        log.info("f16 matrix-vector kernel not used: the CPU lacks AVX2/F16C/FMA")
+        return False
+    return lib
+
+
+def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`matvec` computes ``F.linear(x, w)``: a 2-D f16/bf16 weight with contiguous rows, x in
+    the same dtype with 1..MAX_ROWS rows, no autograd, on the CPU, and a library that loaded."""
+    return (
+        w.dtype in MAX_ROWS
+        and x.dtype == w.dtype
+        and w.dim() == 2
+        and w.stride(1) == 1
+        and x.shape[-1] == w.shape[1]
+        and 0 < x.numel() <= MAX_ROWS[w.dtype] * w.shape[1]
+        and not (x.requires_grad or w.requires_grad)
+        and x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and library() is not None
+    )
+
+
+def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for (..., K) x of a few rows: (..., N) in w's dtype, f32 sums.  Only where :func:`applies`
+    said so; threads: torch.get_num_threads()."""
+    return _library.matvec(x, w)  # type: ignore[union-attr]

@@ -1,0 +1,159 @@
+"""Compiling ``matvec.cpp`` once per machine and importing the cached library afterwards.
+
+The library lives in ``<cache>/kernels/shardllama_matvec-<key>/``, where ``<cache>`` is shardllama's cache
+directory (``$SHARDLLAMA_CACHE``, else ``~/.cache/shardllama``; see :func:`shardllama.demo.cache_dir`) and
+``<key>`` hashes the source, torch's version, the Python ABI, the machine and the CPU flags the kernel
+dispatches on: a changed source or another torch builds afresh instead of importing a stale library.
+
+A finished build leaves a ``built`` file naming the library; later processes import it directly (a few
+milliseconds) without ``torch.utils.cpp_extension`` (whose import and ninja run cost more).  Processes that
+start at once (the workers of one run) serialise on a ``flock``: one compiles, the others wait and import.
+The lock dies with its process, so a build killed half-way (Ctrl-C) never leaves the next run waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("shardllama.kernels")
+
+SOURCE = Path(__file__).with_name("matvec.cpp")
+NAME = "shardllama_matvec"  # the module name compiled into the library (TORCH_EXTENSION_NAME)
+# No -march: matvec.cpp picks AVX-512 or AVX2 per function at run time.  -fopenmp makes at::parallel_for
+# parallel (without it ATen's header runs it serially); the library then needs libgomp.so.1, which is the
+# runtime torch has already loaded, so there is one OpenMP thread pool, not two.
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma")  # what the dispatch reads
+
+
+class Unsupported(RuntimeError):
+    """This machine cannot run the kernel (not x86-64, no AVX2/F16C/FMA): torch's path is used."""
+
+
+class BuildError(RuntimeError):
+    """The library could not be compiled or imported (no compiler, no ninja, a compiler error)."""
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features the kernel dispatches on, from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return []
+    have = set(line.partition(":")[2].split())
+    return [f for f in _FLAGS if f in have]
+
+
+def check_cpu() -> None:
+    """Raise Unsupported unless this CPU has the AVX2 + F16C + FMA the slower of the two kernels needs."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise Unsupported(f"the kernel is x86-64 only, this is {platform.machine()}")
+    flags = cpu_flags()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512") or not {"f16c", "fma"} <= set(flags):
+        raise Unsupported(f"the CPU lacks AVX2/F16C/FMA (torch capability {capability}, flags {' '.join(flags)})")
+
+
+def cache_key(source: bytes) -> str:
+    h = hashlib.sha256(source)
+    for part in (torch.__version__, sys.implementation.cache_tag, platform.machine(), " ".join(cpu_flags()), *CFLAGS,
+                 *LDFLAGS):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:16]
+
+
+def default_directory(source: Path = SOURCE) -> Path:
+    from ..demo import cache_dir
+
+    return cache_dir() / "kernels" / f"{NAME}-{cache_key(source.read_bytes())}"
+
+
+def load(source: Path = SOURCE, directory: Path | None = None) -> ModuleType:
+    """The compiled library, built into ``directory`` first if it is not there yet.
+
+    Raises Unsupported on a CPU the kernel cannot use, BuildError when compiling or importing fails.
+    """
+    check_cpu()
+    directory = Path(directory) if directory is not None else default_directory(source)
+    marker = directory / "built"
+    if marker.is_file():
+        return _import(directory / marker.read_text().strip())
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"cannot create {directory} ({e.strerror}); set SHARDLLAMA_CACHE to a writable directory")
+    with _locked(directory / "build.lock"):
+        if marker.is_file():  # another process built it while this one waited
+            return _import(directory / marker.read_text().strip())
+        module = _compile(source, directory)
+        tmp = marker.with_suffix(f".{os.getpid()}")
+        tmp.write_text(Path(module.__file__).name + "\n")
+        tmp.replace(marker)
+        return module
+
+
+def _compile(source: Path, directory: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise BuildError("ninja is not installed (pip install ninja); torch.utils.cpp_extension needs it")
+    (directory / "lock").unlink(missing_ok=True)  # torch's own baton, left behind by a killed build
+    log.info("compiling the matrix-vector kernel into %s (once per machine, ~10 s)", directory)
+    t0 = time.perf_counter()
+    try:
+        # copies: cpp_extension appends to the lists it is given (and CFLAGS is part of the cache key)
+        module = cpp_extension.load(NAME, [str(source)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                                    build_directory=str(directory), verbose=False)
+    except Exception as e:  # cpp_extension raises RuntimeError / CalledProcessError / OSError with the compiler's output
+        log.debug("compiling %s failed:\n%s", source, e)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = next((ln for ln in lines if ": error:" in ln or "fatal error" in ln), lines[0])  # gcc's own words
+        raise BuildError(f"compiling {source.name} failed: {first[:300]}") from e
+    log.info("compiled the matrix-vector kernel in %.1f s", time.perf_counter() - t0)
+    return module
+
+
+def _import(path: Path) -> ModuleType:
+    try:
+        # The stem is the module name: torch names a rebuild within one process NAME_v1, NAME_v2, ...
+        spec = importlib.util.spec_from_file_location(path.name.partition(".")[0], path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"not a Python extension: {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as e:
+        raise BuildError(f"cannot import the compiled kernel {path}: {e}") from e
+    return module
+
+
+class _locked:
+    """An exclusive ``flock`` on ``path`` for the duration of a ``with`` (none where fcntl is missing)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_locked":
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock; torch's own baton still guards the build directory
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock

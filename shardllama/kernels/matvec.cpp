@@ -1,0 +1,253 @@
+// Matrix-vector products with 16-bit weights, for decoding: y = x @ W.T (F.linear without bias).
+//
+// W is (N, K) f16 or bf16 with unit stride along K and any row stride (a worker's weights are slices of
+// a shared-memory segment; no alignment is assumed).  x is (..., K) in W's dtype with at most kMaxM rows
+// (one token per sequence of a decode step).  Sums are f32; each output is rounded once to W's dtype, as
+// torch's own kernels do.
+//
+// Decoding reads every weight once per token and does two flops per weight, so this is a memory-bandwidth
+// problem: the aim is one stream of weights flowing at the machine's read bandwidth.  The loop walks W one
+// row at a time, front to back (a single linear stream, which the hardware prefetcher follows best: two or
+// four rows at a time measured 10-25% slower), widens 16 weights per instruction (F16C `vcvtph2ps`, or a
+// shift for bf16), multiplies each widened vector into every row of x, and keeps at least four independent
+// f32 sums in flight so that FMA latency never stalls the stream.  It prefetches the row `prefetch` bytes
+// ahead (rounded up to whole rows: the next row at LLaMA sizes), which covers the restart of the hardware
+// prefetcher at each 4 KiB page.  x stays 16-bit and is widened as it is used: at half the bytes of f32 it
+// stays in L1 next to the weight stream (11008 f32 values would not; f32 x measured 20-50% slower).
+//
+// One source serves two instruction sets, picked at run time through function target attributes (no
+// -march flag, so the cached library also runs on the CPU that did not build it): AVX-512 (F, BW, VL, DQ,
+// with F16C and FMA) and AVX2 (with F16C and FMA).  Threads: at::parallel_for over contiguous ranges of
+// rows, i.e. torch's own OpenMP pool with torch.get_num_threads() threads (a worker process sets 1); the
+// library is built with -fopenmp (without it ATen's parallel_for runs serially) and binds to the libgomp
+// torch has already loaded.  The GIL is released while it runs, as torch's own ops do.
+
+// Not <torch/extension.h>: these three cost half its compile time (10 s instead of 20 s on 2 cores).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace {
+
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,avx2")))
+#define TARGET_AVX2 __attribute__((target("avx2,f16c,fma")))
+#define INLINE inline __attribute__((always_inline))
+
+constexpr int kMaxM = 8;
+constexpr int64_t kDefaultPrefetch = 4096;  // bytes ahead, rounded up to whole rows; tools/bench_kernels.py --sweep
+
+enum Isa : int64_t { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
+    return kAvx2;
+  return kNone;
+}
+
+struct Problem {
+  const uint16_t* w;  // row i of W at w + i * ldw
+  int64_t ldw;
+  const uint16_t* x;  // the M rows of x, row m at x + m * ldx, zero-padded beyond K
+  int64_t ldx;
+  uint16_t* y;  // (M, N) outputs, row m at y + m * N
+  int64_t N, K;
+  int64_t ahead;  // prefetch the rows this far ahead (0: no prefetch)
+};
+
+// Rounding the f32 sums to the 16-bit type, to nearest even as torch does.
+template <bool BF16>
+__attribute__((target("f16c"))) INLINE uint16_t narrow(float s) {
+  if constexpr (BF16) return c10::BFloat16(s).x;
+  else return _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+}
+
+template <bool BF16>
+__attribute__((target("f16c"))) INLINE float widen(uint16_t h) {
+  if constexpr (BF16) return c10::detail::f32_from_bits(h);
+  else return _cvtsh_ss(h);
+}
+
+// ---- AVX-512: 16 lanes, 32 registers ------------------------------------------------------------------
+
+template <bool BF16>
+TARGET_AVX512 INLINE __m512 load16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else return _mm512_cvtph_ps(h);
+}
+
+template <bool BF16>
+TARGET_AVX512 INLINE __m512 load16_masked(const uint16_t* p, __mmask16 m) {  // reads nothing past the mask
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  if constexpr (BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else return _mm512_cvtph_ps(h);
+}
+
+// Independent sums per row of x, so that at least 4 FMA chains are in flight (FMA latency 4, 2 per cycle).
+constexpr int sums(int M) { return M == 1 ? 4 : M == 2 ? 2 : 1; }
+
+template <bool BF16, int M>
+TARGET_AVX512 INLINE void fma16(__m512 (&acc)[M], __m512 wv, const Problem& p, int64_t k) {
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, load16<BF16>(p.x + m * p.ldx + k), acc[m]);
+}
+
+// Rows [begin, end) of W times the M rows of x.
+template <bool BF16, int M>
+TARGET_AVX512 void rows_avx512(const Problem& p, int64_t begin, int64_t end) {
+  constexpr int S = sums(M), U = S < 2 ? 2 : S;  // U chunks of 16 weights per iteration: >= one 64-byte line
+  for (int64_t i = begin; i < end; ++i) {
+    const uint16_t* w = p.w + i * p.ldw;
+    const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead, p.N - 1) * p.ldw);
+    __m512 acc[S][M];
+    for (int s = 0; s < S; ++s)
+      for (int m = 0; m < M; ++m) acc[s][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 * U <= p.K; k += 16 * U) {
+      if (p.ahead)
+#pragma GCC unroll 4
+        for (int line = 0; line < U / 2; ++line) _mm_prefetch(pf + 2 * k + 64 * line, _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int j = 0; j < U; ++j) fma16<BF16, M>(acc[j % S], load16<BF16>(w + k + 16 * j), p, k + 16 * j);
+    }
+    for (; k < p.K; k += 16) {  // x is zero-padded to a multiple of 16; W is not, so mask it
+      __mmask16 mask = p.K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (p.K - k)) - 1);
+      fma16<BF16, M>(acc[0], load16_masked<BF16>(w + k, mask), p, k);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = acc[0][m];
+      for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][m]);
+      p.y[m * p.N + i] = narrow<BF16>(_mm512_reduce_add_ps(sum));
+    }
+  }
+}
+
+// ---- AVX2: 8 lanes, 16 registers -----------------------------------------------------------------------
+
+template <bool BF16>
+TARGET_AVX2 INLINE __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  else return _mm256_cvtph_ps(h);
+}
+
+TARGET_AVX2 INLINE float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <bool BF16, int M>
+TARGET_AVX2 INLINE void fma8(__m256 (&acc)[M], __m256 wv, const Problem& p, int64_t k) {
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, load8<BF16>(p.x + m * p.ldx + k), acc[m]);
+}
+
+template <bool BF16, int M>
+TARGET_AVX2 void rows_avx2(const Problem& p, int64_t begin, int64_t end) {
+  constexpr int S = sums(M), U = 4;  // U chunks of 8 weights per iteration: one 64-byte line
+  for (int64_t i = begin; i < end; ++i) {
+    const uint16_t* w = p.w + i * p.ldw;
+    const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead, p.N - 1) * p.ldw);
+    __m256 acc[S][M];
+    for (int s = 0; s < S; ++s)
+      for (int m = 0; m < M; ++m) acc[s][m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 * U <= p.K; k += 8 * U) {
+      if (p.ahead) _mm_prefetch(pf + 2 * k, _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int j = 0; j < U; ++j) fma8<BF16, M>(acc[j % S], load8<BF16>(w + k + 8 * j), p, k + 8 * j);
+    }
+    for (; k + 8 <= p.K; k += 8) fma8<BF16, M>(acc[0], load8<BF16>(w + k), p, k);
+    for (int m = 0; m < M; ++m) {
+      __m256 sum = acc[0][m];
+      for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, acc[s][m]);
+      float total = hsum8(sum);
+      for (int64_t kk = k; kk < p.K; ++kk) total += widen<BF16>(w[kk]) * widen<BF16>(p.x[m * p.ldx + kk]);
+      p.y[m * p.N + i] = narrow<BF16>(total);
+    }
+  }
+}
+
+// ---- dispatch ------------------------------------------------------------------------------------------
+
+using RowsFn = void (*)(const Problem&, int64_t, int64_t);
+using Table = std::array<RowsFn, kMaxM>;
+
+template <bool BF16, std::size_t... I>
+constexpr Table avx512_table(std::index_sequence<I...>) { return {&rows_avx512<BF16, int(I) + 1>...}; }
+template <bool BF16, std::size_t... I>
+constexpr Table avx2_table(std::index_sequence<I...>) { return {&rows_avx2<BF16, int(I) + 1>...}; }
+
+const Table kTables[2][2] = {  // [isa == AVX-512][bf16]
+    {avx2_table<false>(std::make_index_sequence<kMaxM>()), avx2_table<true>(std::make_index_sequence<kMaxM>())},
+    {avx512_table<false>(std::make_index_sequence<kMaxM>()), avx512_table<true>(std::make_index_sequence<kMaxM>())},
+};
+
+at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, int64_t prefetch, int64_t isa) {
+  TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu(), "matvec: CPU tensors only");
+  TORCH_CHECK(w.dim() == 2, "matvec: the weight must be 2-D, got ", w.dim(), "-D");
+  TORCH_CHECK(w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16,
+              "matvec: the weight must be float16 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "matvec: x is ", x.scalar_type(), ", the weight ", w.scalar_type());
+  TORCH_CHECK(w.size(0) <= 1 || w.stride(1) == 1 || w.size(1) <= 1, "matvec: the weight's rows must be contiguous");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "matvec: x has ", x.size(-1), " columns, the weight ", K);
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  TORCH_CHECK(M <= kMaxM, "matvec: at most ", kMaxM, " rows of x, got ", M);
+  static const Isa have = best_isa();
+  if (isa < 0) isa = have;
+  TORCH_CHECK(isa == kAvx2 || isa == kAvx512, "matvec: unknown instruction set ", isa);
+  TORCH_CHECK(isa <= have, "matvec: this CPU lacks the instruction set asked for (", isa, " > ", int64_t(have), ")");
+
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
+  out_sizes.push_back(N);
+  at::Tensor y = at::empty(out_sizes, x.options());
+  if (M == 0 || N == 0) return y;
+
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  const at::Tensor xc = x.contiguous();
+  // x stays 16-bit (widened as it is used: it stays in L1 beside the weight stream) and is zero-padded to a
+  // multiple of 16, so the kernels never mask it; the extra 32 bytes put its rows in different cache sets.
+  const int64_t ldx = (K + 15) / 16 * 16 + 16;
+  std::vector<uint16_t> xs(M * ldx, 0);
+  const auto* xbits = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  for (int64_t m = 0; m < M; ++m) std::copy(xbits + m * K, xbits + (m + 1) * K, xs.data() + m * ldx);
+
+  if (prefetch < 0) prefetch = kDefaultPrefetch;
+  const int64_t row_bytes = std::max<int64_t>(2 * K, 64);
+  const Problem p{reinterpret_cast<const uint16_t*>(w.data_ptr()), w.stride(0), xs.data(), ldx,
+                  reinterpret_cast<uint16_t*>(y.data_ptr()), N, K, (prefetch + row_bytes - 1) / row_bytes};
+  const RowsFn rows = kTables[isa == kAvx512][bf16][M - 1];
+  // Contiguous ranges of rows per thread, at least 64 KiB of weights each.
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)),
+                   [&](int64_t begin, int64_t end) { rows(p, begin, end); });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "f16/bf16 matrix-vector products for decoding (shardllama.kernels)";
+  m.def("matvec", &matvec,
+        "y = x @ w.T for a few rows of x; f32 sums, output in w's dtype; prefetch: bytes ahead (-1: default)", py::arg("x"),
+        py::arg("w"), py::arg("prefetch") = -1, py::arg("isa") = -1, py::call_guard<py::gil_scoped_release>());
+  m.def("best_isa", []() { return int64_t(best_isa()); }, "2: AVX-512, 1: AVX2, 0: neither");
+  m.attr("max_rows") = kMaxM;
+  m.attr("default_prefetch") = kDefaultPrefetch;
+}
