@@ -200,16 +200,24 @@ def run_interactive(model, args: argparse.Namespace, system_prompt: str | None, 
     elif tok.add_bos:
         session.pending = tok.encode("")
     prefix, postfix = args.interactive_prompt_prefix, args.interactive_prompt_postfix
+
+    def turn(line: str) -> Turn:
+        return session.turn(tok.encode(prefix, bos=False) + tok.encode(line, bos=False, special=False)
+                            + tok.encode(postfix, bos=False))
+
+    return _converse(turn, session, stdin, stdout, stderr)
+
+
+def _converse(turn: Callable[[str], Turn], session: Session, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    """Read a line, answer it, ask again, until EOF (exit 0) or a full context (a message, exit 0)."""
     while (line := read_line(stdin, stderr)) is not None:
-        ids = (tok.encode(prefix, bos=False) + tok.encode(line, bos=False, special=False)
-               + tok.encode(postfix, bos=False))
         try:
-            turn = session.turn(ids)
+            answer = turn(line)
         except ContextFull:
             return _context_full(stderr, session)
         stdout.write("\n")
         stdout.flush()
-        if turn.reason == "context-full":
+        if answer.reason == "context-full":
             return _context_full(stderr, session)
     return 0
 
@@ -275,14 +283,4 @@ def run_chat(model, args: argparse.Namespace, *, colour: bool, stdin: TextIO = s
     params, generator = _sampling(args)
     session = Session(model.backend, tok, params, max_new_tokens=args.max_new_tokens, generator=generator,
                       emit=Printer(stdout, colour))
-    chat = ChatSession(session, args.system_prompt)
-    while (line := read_line(stdin, stderr)) is not None:
-        try:
-            turn = chat.turn(line)
-        except ContextFull:
-            return _context_full(stderr, session)
-        stdout.write("\n")
-        stdout.flush()
-        if turn.reason == "context-full":
-            return _context_full(stderr, session)
-    return 0
+    return _converse(ChatSession(session, args.system_prompt).turn, session, stdin, stdout, stderr)

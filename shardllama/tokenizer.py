@@ -18,6 +18,7 @@ default.  :meth:`Tokenizer.decode` renders control tokens as nothing, like Sente
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import re
@@ -43,7 +44,7 @@ STOP_TEXTS = frozenset({
 
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Text <-> ids.  Subclasses fill the attributes and implement ``_encode``, ``_decode``, ``_piece_bytes``."""
 
     kind: str  # "sentencepiece", "tokenizer.json", "gguf-gpt2" or "gguf-llama"
@@ -97,14 +98,14 @@ class Tokenizer:
         self.stop_ids = frozenset(i for i in stop_ids | {eos_id} if i is not None and 0 <= i < vocab_size)
         self.chat_template = chat_template
 
-    def _encode(self, text: str, special: bool) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _encode(self, text: str, special: bool) -> list[int]: ...
 
-    def _decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _decode(self, ids: list[int]) -> str: ...
 
-    def _piece_bytes(self, id: int) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _piece_bytes(self, id: int) -> bytes: ...
 
 
 class StreamDecoder:

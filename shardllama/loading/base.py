@@ -7,6 +7,7 @@ not halfway through loading) and then only has to implement :meth:`Checkpoint._r
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import functools
@@ -24,7 +25,7 @@ _LAYER = re.compile(r"^layers\.\d+\.")
 
 
 @dataclasses.dataclass(eq=False)
-class Checkpoint:
+class Checkpoint(abc.ABC):
     """An open checkpoint; subclasses hold the format's file handles (all memory-mapped)."""
 
     args: ModelArgs
@@ -55,8 +56,8 @@ class Checkpoint:
         counts = collections.Counter(self._stored_dtype(n) for n in self._shapes if len(self._shapes[n]) == 2)
         return counts.most_common(1)[0][0]
 
-    def _stored_dtype(self, name: str) -> torch.dtype:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _stored_dtype(self, name: str) -> torch.dtype: ...
 
     def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """One full weight in Meta layout, converted to ``dtype``, contiguous.
@@ -72,9 +73,9 @@ class Checkpoint:
             raise ModelFileError(f"{self.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {self._shapes[name]}")
         return t.to(dtype).contiguous()
 
+    @abc.abstractmethod
     def _read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The tensor in Meta layout, in whatever dtype is cheapest (``load`` converts)."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release the file handles.  Tensors already loaded stay valid (they keep their own mapping)."""
