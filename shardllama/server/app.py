@@ -238,28 +238,41 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """Every failure as ``{"error": ...}`` with the status of ERROR_STATUS; the server never answers
-    with a traceback and never dies of a request."""
-    state = request.app[STATE]
-    try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(400, f"the request body is larger than the limit of {state.max_body_bytes} bytes")
-    except web.HTTPMethodNotAllowed as e:
-        allowed = ", ".join(sorted(e.allowed_methods))
-        return error_response(405, f"{request.method} is not allowed on {request.path}; use {allowed}",
-                              headers={"Allow": allowed})
-    except web.HTTPNotFound:
-        return error_response(404, f"no such path: {request.path} (the API is POST {state.api_path})")
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        return error_response(e.status, e.reason)
-    except Exception as e:  # (a cancelled handler's CancelledError is no Exception: it goes through)
-        status = status_for(e)
-        if status >= 500 and not isinstance(e, ShardllamaError):
-            log.exception("request to %s failed", request.path)
-            return error_response(status, f"internal error: {_message(e)}")
-        return error_response(status, _message(e))
+Respond = Callable[[int, str, "BaseException | None", "dict[str, str] | None"], web.Response]
+
+
+def error_middleware(respond: Respond, not_found_hint: Callable[[ServerState], str]):
+    """Every failure answered by ``respond(status, message, error, headers)`` with the status of
+    ERROR_STATUS: the server never answers with a traceback and never dies of a request.  Each API (rllama's,
+    OpenAI's) passes the body shape it answers in."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        state = request.app[STATE]
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            limit = state.max_body_bytes
+            return respond(400, f"the request body is larger than the limit of {limit} bytes", None, None)
+        except web.HTTPMethodNotAllowed as e:
+            allowed = ", ".join(sorted(e.allowed_methods))
+            return respond(405, f"{request.method} is not allowed on {request.path}; use {allowed}", None,
+                           {"Allow": allowed})
+        except web.HTTPNotFound:
+            return respond(404, f"no such path: {request.path} ({not_found_hint(state)})", None, None)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return respond(e.status, e.reason, None, None)
+        except Exception as e:  # (a cancelled handler's CancelledError is no Exception: it goes through)
+            status = status_for(e)
+            if status >= 500 and not isinstance(e, ShardllamaError):
+                log.exception("request to %s failed", request.path)
+                return respond(status, f"internal error: {_message(e)}", e, None)
+            return respond(status, _message(e), e, None)
+
+    return errors
+
+
+_errors = error_middleware(lambda status, message, error, headers: error_response(status, message, headers),
+                           lambda state: f"the API is POST {state.api_path}")

@@ -37,7 +37,7 @@ import logging
 import math
 import secrets
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 import torch
 from aiohttp import web
@@ -47,7 +47,7 @@ from ..errors import ShardllamaError
 from ..sampling import SamplingParams
 from ..stops import StopScanner
 from ..tokenizer import Tokenizer
-from .app import STATE, ServerState, _message, status_for
+from .app import STATE, ServerState, _message, error_middleware, status_for
 from .jobs import Failed, Finished, Job, Token
 from .schemas import RequestError, _kind, check_content_type, parse_json_object
 
@@ -381,40 +381,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 # ---- errors ---------------------------------------------------------------------------------------------
 
 
-def _error_body(error: BaseException, message: str | None = None) -> dict:
-    status = status_for(error)
+def _body(status: int, message: str, param: str | None) -> dict:
     kind = "invalid_request_error" if status < 500 else ("server_busy" if status == 503 else "server_error")
-    return {"error": {"message": message or _message(error), "type": kind,
-                      "param": getattr(error, "param", None), "code": None}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def _error(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None,
-           kind: str = "invalid_request_error") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                             status=status, headers=headers)
+def _error_body(error: BaseException) -> dict:
+    """OpenAI's error shape for ``error`` (also sent as the last event of a stream that failed)."""
+    return _body(status_for(error), _message(error), getattr(error, "param", None))
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """The app's error table, answered in OpenAI's shape."""
-    try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[STATE].max_body_bytes
-        return _error(400, f"the request body is larger than the limit of {limit} bytes")
-    except web.HTTPMethodNotAllowed as e:
-        allowed = ", ".join(sorted(e.allowed_methods))
-        return _error(405, f"{request.method} is not allowed on {request.path}; use {allowed}",
-                      headers={"Allow": allowed})
-    except web.HTTPNotFound:
-        return _error(404, f"no such path: {request.path} (the OpenAI API has {ROUTES})")
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        return _error(e.status, e.reason)
-    except Exception as e:
-        status = status_for(e)
-        if status >= 500 and not isinstance(e, ShardllamaError):
-            log.exception("request to %s failed", request.path)
-            return web.json_response(_error_body(e, f"internal error: {_message(e)}"), status=status)
-        return web.json_response(_error_body(e), status=status)
+def _error(status: int, message: str, error: BaseException | None, headers: dict[str, str] | None) -> web.Response:
+    return web.json_response(_body(status, message, getattr(error, "param", None)), status=status, headers=headers)
+
+
+_errors = error_middleware(_error, lambda state: f"the OpenAI API has {ROUTES}")
