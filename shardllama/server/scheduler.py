@@ -16,7 +16,9 @@ loop:
    long prompt does not stall the others' decoding); the last chunk samples the first token.
 
 A job's slot is handed to the prompt cache when it ends (finished, stopped, or its client went away):
-its cached positions stay valid for whoever continues them.  When the backend's ``cache_epoch`` changes
+its cached positions stay valid for whoever continues them.  With a :class:`~.prompt_store.PromptStore`
+(``--prompt-cache-dir``) each new entry is also written to disk (read from its slot here, written by the
+store's thread), and before serving anything the loop fills free slots with the entries saved there.  When the backend's ``cache_epoch`` changes
 (a worker was replaced, every slot's contents are gone) the cache is emptied and the running jobs are fed
 again from position 0 — their tokens are known, so their streams go on.
 """
@@ -36,6 +38,7 @@ from ..errors import ShardllamaError
 from ..sampling import choose
 from .jobs import Event, Failed, Finished, Job, Token
 from .prompt_cache import PromptCache
+from .prompt_store import PromptStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +70,15 @@ class Counters:
     decode_rows: int = 0
     max_decode_batch: int = 0
     prefill_passes: int = 0
+    cache_loaded: int = 0  # entries read from --prompt-cache-dir at start-up
+    cache_saved: int = 0  # entries handed to it to write
 
 
 class Scheduler:
     """Runs jobs on ``backend`` in a thread of its own; see the module docstring."""
 
     def __init__(self, backend: Backend, *, max_concurrent: int, max_queue: int, cache_size: int,
-                 bytes_per_slot: int = 0, prefill_chunk: int = PREFILL_CHUNK):
+                 bytes_per_slot: int = 0, prefill_chunk: int = PREFILL_CHUNK, store: PromptStore | None = None):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         if backend.n_slots < max_concurrent:
@@ -85,6 +90,9 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.bytes_per_slot = bytes_per_slot
         self.cache = PromptCache(min(max(0, cache_size), backend.n_slots - max_concurrent))
+        self.store = store if self.cache.capacity > 0 else None
+        if store is not None and self.store is None:
+            log.warning("--prompt-cache-dir %s: no prompt-cache entry fits (size or memory 0); not used", store.dir)
         self.n_slots = max_concurrent + self.cache.capacity
         self._free = list(range(self.n_slots - 1, -1, -1))  # popped from the end: low slots first
         self._epoch = getattr(backend, "cache_epoch", 0)
@@ -146,6 +154,8 @@ class Scheduler:
             self._cond.notify()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
+        if self.store is not None:
+            self.store.close()  # what is queued gets written
         with self._cond:
             jobs = list(self._waiting) + list(self._active)
             self._waiting.clear()
@@ -157,6 +167,11 @@ class Scheduler:
     # ---- the scheduler thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.store is not None:
+            try:
+                self._restore()
+            except Exception:
+                log.exception("prompt cache: loading %s failed", self.store.dir)
         while True:
             with self._cond:
                 while not self._closing and not self._waiting and not self._active:
@@ -179,6 +194,56 @@ class Scheduler:
                     self._fail(job, e)
             with self._cond:  # what stats() reports; the cache itself is this thread's alone
                 self._cache_info = (len(self.cache), self.cache.n_tokens())
+
+    def _restore(self) -> None:
+        """Fill free slots with the entries saved in the prompt-cache directory (least recently used first,
+        so the in-memory LRU order is the directory's)."""
+        loaded = 0
+        for entry in reversed(self.store.open(keep=self.cache.capacity)):
+            try:
+                k, v = self.store.load(entry)
+            except StoreError as e:
+                log.warning("prompt cache: skipping %s", e)
+                continue
+            slot = self._free.pop()
+            try:
+                self.backend.write_slot(slot, k, v)
+            except Exception as e:
+                self._free.append(slot)
+                log.warning("prompt cache: cannot load %s into the KV cache: %s", entry.path, e)
+                if self._check_epoch():
+                    return
+                continue
+            self._add_entry(slot, entry.tokens, save=False)
+            loaded += 1
+        self.counters.cache_loaded = loaded
+        if loaded:
+            log.info("prompt cache: %d entries loaded from %s", loaded, self.store.dir)
+
+    def _add_entry(self, slot: int, tokens: list[int] | tuple[int, ...], save: bool = True) -> None:
+        """Hand ``slot`` (holding ``tokens``) to the prompt cache and mirror the change on disk: a new entry is
+        written (``save``), entries it extends are deleted, an entry that covers it is marked used."""
+        before = {s: self.cache.tokens(s) for s in self.cache.slots} if self.store is not None else {}
+        freed = self.cache.insert(slot, tokens)
+        self._free.extend(freed)
+        if self.store is None or not tokens:
+            return
+        if slot not in self.cache:  # an entry covers it (insert made that one the most recent)
+            if self.cache.capacity:
+                self.store.touch(self.cache.tokens(self.cache.slots[-1]))
+            return
+        tokens = self.cache.tokens(slot)
+        extended = [before[s] for s in freed if tokens[: len(before[s])] == before[s]]
+        if not save:
+            self.store.forget(extended)
+            return
+        try:
+            k, v = self.backend.read_slot(slot, len(tokens))
+        except Exception as e:
+            log.warning("prompt cache: cannot read slot %d to save it: %s", slot, e)
+            return
+        self.store.save(tokens, k, v, replaces=extended)
+        self.counters.cache_saved += 1
 
     def _start(self, job: Job) -> None:
         self._check_epoch()
@@ -218,6 +283,8 @@ class Scheduler:
             self._free.append(dst)
             raise
         self.cache.touch(src)
+        if self.store is not None:
+            self.store.touch(self.cache.tokens(src))
         return dst, n
 
     def _take_slot(self, keep: int | None = None) -> int:
@@ -339,7 +406,7 @@ class Scheduler:
         if slot is True and job.seq is not None and job.seq.slot >= 0:
             s = job.seq.slot
             if keep:
-                self._free.extend(self.cache.insert(s, job.seq.tokens[: job.seq.n_cached]))
+                self._add_entry(s, job.seq.tokens[: job.seq.n_cached])
             else:
                 self._free.append(s)
             job.seq.slot = -1
