@@ -12,8 +12,12 @@ loop:
    prefix (``copy_slot``), so only the rest of the prompt is fed;
 2. one decode pass for every job with exactly one token to feed: a single ``backend.forward`` with B rows,
    each row its own slot and position; then each row samples its next token;
-3. one prefill pass per job with more to feed (a new prompt, at most ``prefill_chunk`` tokens a round so a
-   long prompt does not stall the others' decoding); the last chunk samples the first token.
+3. one prefill pass for every job with more to feed (new prompts, admitted together or still being fed):
+   right-padded rows with their ``lengths``, each at most ``prefill_chunk`` tokens a round so a long prompt
+   does not stall the others' decoding; a row's last chunk samples its first token.  Every pass streams
+   all the weights once, so B prompts in one pass cost about one pass while they are short (memory-bound);
+   for long ones the padding is real compute, so the pass is cut to the width that wastes at most
+   ``PAD_SLACK`` positions or an eighth of the pass (:func:`prefill_width`) and longer rows go on next round.
 
 A job's slot is handed to the prompt cache when it ends (finished, stopped, or its client went away):
 its cached positions stay valid for whoever continues them.  With a :class:`~.prompt_store.PromptStore`
@@ -43,7 +47,20 @@ from .prompt_store import PromptStore, StoreError
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # prompt tokens fed per job per round
+PAD_SLACK = 16  # padded positions a batched prefill may always carry (a guess for CPUs, not a measurement)
 MAX_RETRIES = 2  # times a job is fed again from position 0 after its cache was lost, before it fails
+
+
+def prefill_width(wants: list[int], room: int) -> int:
+    """Tokens per row of a batched prefill whose rows want ``wants`` tokens each (>= 1), none of them more
+    than ``room`` (the padding also lands in the KV cache, which must have the positions): the widest that
+    pads at most ``PAD_SLACK`` positions or an eighth of the pass.  Rows that want more continue next round."""
+    capped = [min(w, room) for w in wants]
+    for width in sorted(set(capped), reverse=True):
+        real = sum(min(w, width) for w in capped)
+        if len(capped) * width - real <= max(PAD_SLACK, real // 8):
+            return width
+    raise AssertionError(wants)  # unreachable: the narrowest width pads nothing
 
 
 class QueueFull(ShardllamaError):
@@ -70,6 +87,8 @@ class Counters:
     decode_rows: int = 0
     max_decode_batch: int = 0
     prefill_passes: int = 0
+    prefill_rows: int = 0  # prompts (chunks) fed by those passes: more rows than passes = batched prefills
+    max_prefill_batch: int = 0
     cache_loaded: int = 0  # entries read from --prompt-cache-dir at start-up
     cache_saved: int = 0  # entries handed to it to write
 
@@ -303,8 +322,9 @@ class Scheduler:
         decoding = [j for j in self._active if j.pending == 1]
         if decoding:
             self._decode(decoding)
-        for job in [j for j in self._active if j.pending > 1 and not j.done]:
-            self._prefill(job)
+        prefilling = [j for j in self._active if j.pending > 1 and not j.done]
+        if prefilling:
+            self._prefill(prefilling)
 
     def _decode(self, jobs: list[Job]) -> None:
         tokens = torch.tensor([[j.seq.tokens[-1]] for j in jobs])  # (B, 1)
@@ -324,26 +344,37 @@ class Scheduler:
             job.seq.n_cached += 1
             self._sample(job, row)
 
-    def _prefill(self, job: Job) -> None:
-        seq = job.seq
-        n = min(job.pending, self.prefill_chunk)
-        chunk = seq.tokens[seq.n_cached: seq.n_cached + n]
-        logits = self._forward([job], torch.tensor([chunk]), torch.tensor([seq.n_cached]), torch.tensor([seq.slot]))
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward pass feeding the next chunk of every job's prompt, rows right-padded to one width."""
+        T = prefill_width([min(j.pending, self.prefill_chunk) for j in jobs],
+                          min(self.backend.max_seq_len - j.seq.n_cached for j in jobs))
+        counts = [min(j.pending, T) for j in jobs]
+        tokens = torch.zeros((len(jobs), T), dtype=torch.long)  # (B, T); padding: token 0, never read back
+        for row, (job, n) in enumerate(zip(jobs, counts)):
+            tokens[row, :n] = torch.tensor(job.seq.tokens[job.seq.n_cached: job.seq.n_cached + n])
+        start = torch.tensor([j.seq.n_cached for j in jobs])  # (B,)
+        slots = torch.tensor([j.seq.slot for j in jobs])  # (B,)
+        lengths = torch.tensor(counts) if min(counts) < T else None  # (B,)
+        logits = self._forward(jobs, tokens, start, slots, lengths)  # (B, vocab)
         if logits is None:
             return
-        self.counters.prefill_passes += 1
-        self.counters.computed_tokens += n
-        job.computed_tokens += n
-        seq.n_cached += n
-        if job.pending == 0:
-            self._sample(job, logits[0])
+        c = self.counters
+        c.prefill_passes += 1
+        c.prefill_rows += len(jobs)
+        c.max_prefill_batch = max(c.max_prefill_batch, len(jobs))
+        for job, n, row in zip(jobs, counts, logits):
+            c.computed_tokens += n
+            job.computed_tokens += n
+            job.seq.n_cached += n
+            if job.pending == 0:
+                self._sample(job, row)
 
-    def _forward(self, jobs: list[Job], tokens, start, slots) -> torch.Tensor | None:
+    def _forward(self, jobs: list[Job], tokens, start, slots, lengths=None) -> torch.Tensor | None:
         """backend.forward for these jobs' rows; None if it failed (the jobs are then failed or, if their
         cache was lost to a worker replacement, set to be fed again from position 0)."""
         t0 = time.perf_counter()
         try:
-            logits = self.backend.forward(tokens, start, slots)
+            logits = self.backend.forward(tokens, start, slots, lengths)
         except Exception as e:
             if self._check_epoch():  # a worker was replaced: every slot must be fed again
                 for job in jobs:
