@@ -218,7 +218,8 @@ class PromptStore:
 
     # ---- while serving (each queues work for the writer thread) -----------------------------------------
 
-    def save(self, tokens: Sequence[int], k: torch.Tensor, v: torch.Tensor, replaces: Iterable[Sequence[int]] = ()) -> None:
+    def save(self, tokens: Sequence[int], k: torch.Tensor, v: torch.Tensor,
+             replaces: Iterable[Sequence[int]] = ()) -> None:
         """Write an entry (k and v from ``Backend.read_slot``) and delete the files of ``replaces``, entries
         that it extends."""
         self._pending.acquire()
@@ -237,10 +238,6 @@ class PromptStore:
         if entries:
             self._submit(self._forget, entries)
 
-    def flush(self) -> None:
-        """Wait until everything queued so far is on disk."""
-        self._writer.submit(lambda: None).result()
-
     def close(self) -> None:
         self._writer.shutdown(wait=True)
 
@@ -257,7 +254,8 @@ class PromptStore:
         digest.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
         return digest.hexdigest()[:32] + SUFFIX
 
-    def _write(self, tokens: tuple[int, ...], k: torch.Tensor, v: torch.Tensor, replaces: list[tuple[int, ...]]) -> None:
+    def _write(self, tokens: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
+               replaces: list[tuple[int, ...]]) -> None:
         from safetensors.torch import save_file
 
         try:

@@ -22,9 +22,11 @@ loop:
 A job's slot is handed to the prompt cache when it ends (finished, stopped, or its client went away):
 its cached positions stay valid for whoever continues them.  With a :class:`~.prompt_store.PromptStore`
 (``--prompt-cache-dir``) each new entry is also written to disk (read from its slot here, written by the
-store's thread), and before serving anything the loop fills free slots with the entries saved there.  When the backend's ``cache_epoch`` changes
-(a worker was replaced, every slot's contents are gone) the cache is emptied and the running jobs are fed
-again from position 0 — their tokens are known, so their streams go on.
+store's thread), and before serving anything the loop fills free slots with the entries saved there.
+
+When the backend's ``cache_epoch`` changes (a worker was replaced, every slot's contents are gone) the cache
+is emptied and the running jobs are fed again from position 0 — their tokens are known, so their streams
+go on.  (The entries on disk stay; they come back at the next start.)
 """
 
 from __future__ import annotations
