@@ -127,6 +127,24 @@ class KVCache:
         self.k[:, dst, :length] = self.k[:, src, :length]
         self.v[:, dst, :length] = self.v[:, src, :length]
 
+    def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first ``length`` positions of ``slot``: k and v, each (n_layers, length, n_kv_heads, hd)."""
+        if not 0 <= length <= self.max_seq_len:
+            raise ValueError(f"cannot read {length} positions of a cache of {self.max_seq_len}")
+        return self.k[:, slot, :length], self.v[:, slot, :length]
+
+    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill the first ``k.shape[1]`` positions of ``slot`` from k and v (n_layers, length, n_kv_heads, hd)."""
+        want = (self.k.shape[0], k.shape[1] if k.dim() == 4 else -1, *self.k.shape[3:])
+        if k.dim() != 4 or tuple(k.shape) != want or tuple(v.shape) != want or k.shape[1] > self.max_seq_len:
+            raise ValueError(f"KV of shapes {tuple(k.shape)} and {tuple(v.shape)} do not fit a cache slot of "
+                             f"(layers, positions <= {self.max_seq_len}, kv heads, head dim) = "
+                             f"({self.k.shape[0]}, {self.max_seq_len}, {self.k.shape[3]}, {self.k.shape[4]})")
+        if k.dtype != self.k.dtype or v.dtype != self.k.dtype:
+            raise ValueError(f"KV of dtype {k.dtype} / {v.dtype} written to a {self.k.dtype} cache")
+        self.k[:, slot, : k.shape[1]] = k
+        self.v[:, slot, : v.shape[1]] = v
+
 
 def attention(
     x: torch.Tensor,  # (B, T, dim), already normalised
