@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels import gemm
 from .config import ModelArgs
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -37,10 +38,12 @@ def layer_prefix(i: int) -> str:
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` (F.linear).  A decode step (a few rows of x) with f16/bf16 weights goes to a C++ kernel
-    that streams the weights near memory bandwidth (shardllama.kernels); all else, and machines where the
-    kernel cannot be built, to torch."""
+    that streams the weights near memory bandwidth (shardllama.kernels); more rows with f16/f32 weights to
+    oneDNN's f32 GEMM (kernels.gemm); the rest, and machines without either, to torch."""
     if kernels.applies(x, w):
         return kernels.matvec(x, w)
+    if gemm.applies(x, w):  # prefill: oneDNN's f32 GEMM on the exact (widened) weights
+        return gemm.linear(x, w)
     return F.linear(x, w)
 
 
