@@ -56,7 +56,8 @@ def _widened(w: torch.Tensor) -> torch.Tensor:
     """``w`` as f32 in this thread's scratch buffer (grown to the largest weight seen, never shrunk)."""
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < w.numel():
-        _scratch.buf = buf = torch.empty(w.numel(), dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor can be written in and out of inference mode
+            _scratch.buf = buf = torch.empty(w.numel(), dtype=torch.float32)
     return buf[: w.numel()].view(w.shape).copy_(w)
 
 
