@@ -17,7 +17,7 @@ LLaMA-7B (dim 4096, 32 layers, FFN 11008, vocab 32000; 13.5 GB).  tools/make_ggu
 
 How it measures.  Every engine configuration -- llama.cpp with ``--llama-threads`` threads, shardllama with
 ``--workers`` N worker processes (one torch thread each, the default) -- runs in a fresh subprocess that
-loads the model, warms up (one prefill, a few decode steps, which also pages in every weight) and then
+loads the model, warms up (a short prompt and four decode steps, which page in every weight) and then
 ``--repeat`` times: prefill of each ``--prompt-lens`` prompt in one call on an empty cache, and decode of
 ``--decode-tokens`` tokens one at a time after a ``--decode-after``-token prompt.  The configurations take
 turns, ``--rounds`` times, so that a busy moment of the machine hits them alike and only one model copy is
@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -129,9 +128,9 @@ def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory) -> dict:
     steps = token_ids(vocab, cfg["decode_tokens"], seed=2)
     memory = [sample_memory()]
     reset()
-    forward(prompt[: cfg["prompt_lens"][0]], 0)  # warm-up: pages every weight in, builds kernels
+    forward(prompt[: cfg["decode_after"]], 0)  # warm-up: pages every weight in, builds kernels
     for i, t in enumerate(steps[:4]):
-        forward([t], cfg["prompt_lens"][0] + i)
+        forward([t], cfg["decode_after"] + i)
     memory.append(sample_memory())
     prefill = {str(n): [] for n in cfg["prompt_lens"]}
     decode, tops = [], []
@@ -172,7 +171,10 @@ def run_llamacpp(cfg: dict) -> dict:
         return [int(i) for i in np.argsort(-logits, kind="stable")[:5]]
 
     def peak_rss_mb() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        # VmHWM, not getrusage's ru_maxrss: that one keeps the high-water mark of the process before exec,
+        # i.e. of the parent that forked it.
+        status = Path("/proc/self/status").read_text()
+        return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
 
     out = measure(forward, llm.reset, top, llm.n_vocab(), cfg, peak_rss_mb)
     llm.close()
@@ -238,8 +240,10 @@ def run_config(cfg: dict, timeout: float) -> dict:
 
 
 def configs(a: argparse.Namespace) -> list[dict]:
-    return ([dict(engine="llama.cpp", threads=t, label=f"llama.cpp, {t} thread{'s' * (t > 1)}") for t in a.llama_threads]
-            + [dict(engine="shardllama", workers=n, label=f"shardllama, {n} worker{'s' * (n > 1)}") for n in a.workers])
+    return ([dict(engine="llama.cpp", threads=t, label=f"llama.cpp, {t} thread{'s' * (t > 1)}")
+             for t in a.llama_threads]
+            + [dict(engine="shardllama", workers=n, label=f"shardllama, {n} worker{'s' * (n > 1)}")
+               for n in a.workers])
 
 
 def bench_model(name: str, a: argparse.Namespace) -> dict:
@@ -268,14 +272,14 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
             decode = [x for r in ok for x in r["decode_ms"]]
             row.update(decode_ms=statistics.median(decode), decode_ms_min=min(decode), decode_ms_max=max(decode),
                        gb_s=step_bytes / 1e9 / (statistics.median(decode) / 1000),
-                       prefill_tok_s={n: statistics.median([x for r in ok for x in r["prefill_tok_s"][str(n)]])
-                                      for n in a.prompt_lens},
+                       prefill_tok_s={str(n): statistics.median([x for r in ok for x in r["prefill_tok_s"][str(n)]])
+                                      for n in a.prompt_lens},  # str keys, as they come back from JSON
                        peak_memory_mb=max(r["memory_mb"] for r in ok),
                        load_s=statistics.median(r["load_s"] for r in ok), top5=ok[-1]["top5"])
         rows.append(row)
-    return dict(model=name if name in MODELS else path.name, date=time.strftime("%Y-%m-%d"), path=str(path), file_gb=path.stat().st_size / 1e9, weight_bytes=total_bytes,
-                decode_bytes_per_token=step_bytes, settings=settings, rows=rows,
-                wall_s=time.perf_counter() - t0)
+    return dict(model=name if name in MODELS else path.name, date=time.strftime("%Y-%m-%d"), path=str(path),
+                file_gb=path.stat().st_size / 1e9, weight_bytes=total_bytes, decode_bytes_per_token=step_bytes,
+                settings=settings, rows=rows, wall_s=time.perf_counter() - t0)
 
 
 def machine() -> dict:
@@ -331,6 +335,7 @@ def markdown(result: dict) -> str:
         ref = max((r for r in ok if r["engine"] == "llama.cpp"), key=lambda r: r["threads"], default=None)
         one = next((r for r in ok if r["engine"] == "shardllama" and r["workers"] == 1), None)
         s = mod["settings"]
+        last = str(s["prompt_lens"][-1])
         label = f"{mod['model']} ({mod['file_gb']:.2f} GB)"
         for r in mod["rows"]:
             if "decode_ms" not in r:
@@ -338,16 +343,15 @@ def markdown(result: dict) -> str:
                 continue
             cells = [label, r["label"], f"{r['decode_ms']:.1f}", f"{r['gb_s']:.1f}"]
             cells.append(f"{ref['decode_ms'] / r['decode_ms']:.2f}×" if ref else "")
-            cells += [f"{r['prefill_tok_s'][n]:.1f}" if n in r["prefill_tok_s"] else "" for n in lens]
-            last = s["prompt_lens"][-1]
+            cells += [f"{r['prefill_tok_s'][str(n)]:.1f}" if str(n) in r["prefill_tok_s"] else "" for n in lens]
             cells.append(f"{r['prefill_tok_s'][last] / ref['prefill_tok_s'][last]:.2f}×" if ref else "")
             cells += [f"{r['peak_memory_mb'] / 1024:.2f}", f"{r['load_s']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         for r in ok:
             if one is not None and r["engine"] == "shardllama" and r["workers"] > 1:
                 notes.append(f"{mod['model']}: {r['workers']} workers over 1: decode "
-                             f"{one['decode_ms'] / r['decode_ms']:.2f}×, prefill {s['prompt_lens'][-1]} "
-                             f"{r['prefill_tok_s'][s['prompt_lens'][-1]] / one['prefill_tok_s'][s['prompt_lens'][-1]]:.2f}×")
+                             f"{one['decode_ms'] / r['decode_ms']:.2f}×, prefill {last} "
+                             f"{r['prefill_tok_s'][last] / one['prefill_tok_s'][last]:.2f}×")
         if ref is not None:
             same = [f"{r['label']} {len(set(r['top5']) & set(ref['top5']))}/5"
                     + (", same top-1" if r["top5"][0] == ref["top5"][0] else f", top-1 {r['top5'][0]}")

@@ -62,7 +62,8 @@ SHAPES = {
 OUT_TYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
 
 # llama.cpp's token types (llama_token_type), as gguf.TokenType spells them.
-NORMAL, UNKNOWN, CONTROL, BYTE = gguf.TokenType.NORMAL, gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.BYTE
+T = gguf.TokenType
+NORMAL, UNKNOWN, CONTROL, BYTE = T.NORMAL, T.UNKNOWN, T.CONTROL, T.BYTE
 
 
 # ---- the vocabulary ---------------------------------------------------------------------------------------
