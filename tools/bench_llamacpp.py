@@ -120,10 +120,47 @@ def token_ids(vocab: int, n: int, seed: int) -> list[int]:
     return [rng.randrange(16, vocab) for _ in range(n)]
 
 
-def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory) -> dict:
+class Stopwatch:
+    """Wall time of a section, and how much CPU other processes took meanwhile (in cores: 0.5 = half a core
+    on average).  The machine may be shared: a sample that other work disturbed is flagged and left out."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pids):
+        self.pids = pids  # () -> the processes of the engine under test
+
+    def _busy(self) -> tuple[int, int, int]:
+        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6]  # user nice system irq softirq (guest is in user)
+        ours, pids = 0, self.pids()
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ours += int(fields[11]) + int(fields[12])  # utime stime, all threads
+        return busy, ours, len(pids)
+
+    def __enter__(self) -> "Stopwatch":
+        self._b0, self._o0, _ = self._busy()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        b1, o1, n = self._busy()
+        # The system counts in sampled ticks, a process's times are rounded down to ticks: allow for a tick or
+        # two of disagreement per process, which makes samples of a few ticks impossible to judge.
+        slack = 1 + 2 * n
+        self.foreign = max(0, (b1 - self._b0) - (o1 - self._o0) - slack) / self.TICK / self.seconds
+
+
+# A sample during which other processes took more than this (in cores) is disturbed.
+DISTURBED = 0.1
+
+
+def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory, pids) -> dict:
     """Warm up, then ``repeat`` times: prefill of each prompt length, and a decode run.  ``top()`` gives the
     five likeliest next ids after the last forward pass: read once per decode run, outside the timing, to
-    check that both engines compute the same model."""
+    check that both engines compute the same model.  Every sample comes with the CPU other processes took
+    while it ran (``*_foreign``, in cores)."""
     prompt = token_ids(vocab, max(cfg["prompt_lens"] + [cfg["decode_after"]]), seed=1)
     steps = token_ids(vocab, cfg["decode_tokens"], seed=2)
     memory = [sample_memory()]
@@ -133,22 +170,26 @@ def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory) -> dict:
         forward([t], cfg["decode_after"] + i)
     memory.append(sample_memory())
     prefill = {str(n): [] for n in cfg["prompt_lens"]}
-    decode, tops = [], []
+    prefill_foreign = {str(n): [] for n in cfg["prompt_lens"]}
+    decode, decode_foreign, tops = [], [], []
     for _ in range(cfg["repeat"]):
         for n in cfg["prompt_lens"]:
             reset()
-            t0 = time.perf_counter()
-            forward(prompt[:n], 0)
-            prefill[str(n)].append(n / (time.perf_counter() - t0))
+            with Stopwatch(pids) as w:
+                forward(prompt[:n], 0)
+            prefill[str(n)].append(n / w.seconds)
+            prefill_foreign[str(n)].append(w.foreign)
         reset()
         forward(prompt[: cfg["decode_after"]], 0)
-        t0 = time.perf_counter()
-        for i, t in enumerate(steps):
-            forward([t], cfg["decode_after"] + i)
-        decode.append(1000 * (time.perf_counter() - t0) / len(steps))
+        with Stopwatch(pids) as w:
+            for i, t in enumerate(steps):
+                forward([t], cfg["decode_after"] + i)
+        decode.append(1000 * w.seconds / len(steps))
+        decode_foreign.append(w.foreign)
         tops.append(top())
         memory.append(sample_memory())
-    return dict(prefill_tok_s=prefill, decode_ms=decode, memory_mb=max(memory), top5=tops[-1])
+    return dict(prefill_tok_s=prefill, prefill_foreign=prefill_foreign, decode_ms=decode,
+                decode_foreign=decode_foreign, memory_mb=max(memory), top5=tops[-1])
 
 
 def run_llamacpp(cfg: dict) -> dict:
@@ -176,7 +217,7 @@ def run_llamacpp(cfg: dict) -> dict:
         status = Path("/proc/self/status").read_text()
         return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
 
-    out = measure(forward, llm.reset, top, llm.n_vocab(), cfg, peak_rss_mb)
+    out = measure(forward, llm.reset, top, llm.n_vocab(), cfg, peak_rss_mb, lambda: [os.getpid()])
     llm.close()
     return dict(out, load_s=load_s)
 
@@ -206,7 +247,7 @@ def run_shardllama(cfg: dict) -> dict:
         def pss_mb() -> float:
             return sum(psutil.Process(p).memory_full_info().pss for p in pids) / 2**20
 
-        out = measure(forward, lambda: None, top, model.args.vocab_size, cfg, pss_mb)
+        out = measure(forward, lambda: None, top, model.args.vocab_size, cfg, pss_mb, lambda: pids)
         store = getattr(backend, "store", None)
         shm_mb = store.nbytes() / 2**20 if store is not None else None
         dtype = str(model.dtype).removeprefix("torch.")
@@ -239,6 +280,13 @@ def run_config(cfg: dict, timeout: float) -> dict:
 # ---- the run --------------------------------------------------------------------------------------------
 
 
+def clean(samples: list[tuple[float, float]]) -> tuple[list[float], int]:
+    """The values of the (value, foreign CPU) samples that no other process disturbed (all of them if every
+    one was), and how many were disturbed."""
+    calm = [x for x, f in samples if f <= DISTURBED]
+    return calm or [x for x, _ in samples], len(samples) - len(calm)
+
+
 def configs(a: argparse.Namespace) -> list[dict]:
     return ([dict(engine="llama.cpp", threads=t, label=f"llama.cpp, {t} thread{'s' * (t > 1)}")
              for t in a.llama_threads]
@@ -261,7 +309,9 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
             runs[c["label"]].append(res)
             shown = (f"decode {statistics.median(res['decode_ms']):.1f} ms/token, prefill "
                      + ", ".join(f"{n}: {statistics.median(v):.0f}" for n, v in res["prefill_tok_s"].items())
-                     + f" tok/s, {res['memory_mb']:.0f} MB" if "error" not in res else f"FAILED: {res['error']}")
+                     + f" tok/s, {res['memory_mb']:.0f} MB; other processes took up to "
+                     + f"{max([*res['decode_foreign'], *sum(res['prefill_foreign'].values(), [])]):.2f} cores"
+                     if "error" not in res else f"FAILED: {res['error']}")
             print(f"{name} round {r + 1}/{a.rounds}, {c['label']}: {shown} ({res['wall_s']:.0f} s)", file=sys.stderr)
     rows = []
     for c in configs(a):
@@ -269,11 +319,16 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
         row = dict(engine=c["engine"], label=c["label"], threads=c.get("threads"), workers=c.get("workers"),
                    errors=[r["error"] for r in runs[c["label"]] if "error" in r], samples=ok)
         if ok:
-            decode = [x for r in ok for x in r["decode_ms"]]
+            decode, dropped = clean([pair for r in ok for pair in zip(r["decode_ms"], r["decode_foreign"])])
+            prefill = {}
+            for n in map(str, a.prompt_lens):  # str keys, as they come back from JSON
+                prefill[n], more = clean([pair for r in ok
+                                          for pair in zip(r["prefill_tok_s"][n], r["prefill_foreign"][n])])
+                dropped += more
             row.update(decode_ms=statistics.median(decode), decode_ms_min=min(decode), decode_ms_max=max(decode),
                        gb_s=step_bytes / 1e9 / (statistics.median(decode) / 1000),
-                       prefill_tok_s={str(n): statistics.median([x for r in ok for x in r["prefill_tok_s"][str(n)]])
-                                      for n in a.prompt_lens},  # str keys, as they come back from JSON
+                       prefill_tok_s={n: statistics.median(v) for n, v in prefill.items()},
+                       disturbed=dropped, samples_total=sum(len(r["decode_ms"]) * (1 + len(a.prompt_lens)) for r in ok),
                        peak_memory_mb=max(r["memory_mb"] for r in ok),
                        load_s=statistics.median(r["load_s"] for r in ok), top5=ok[-1]["top5"])
         rows.append(row)
@@ -326,7 +381,7 @@ def markdown(result: dict) -> str:
         "",
     ]
     lens = sorted({n for mod in result["models"] for n in mod["settings"]["prompt_lens"]})
-    head = (["model", "engine", "decode ms/token", "GB/s", "decode vs llama.cpp"]
+    head = (["model", "engine", "decode ms/token (min–max)", "GB/s", "decode vs llama.cpp"]
             + [f"prefill {n} tok/s" for n in lens] + [f"prefill {lens[-1]} vs llama.cpp", "peak memory GB", "load s"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
@@ -341,7 +396,8 @@ def markdown(result: dict) -> str:
             if "decode_ms" not in r:
                 lines.append(f"| {label} | {r['label']} | failed: {'; '.join(r['errors'])} |")
                 continue
-            cells = [label, r["label"], f"{r['decode_ms']:.1f}", f"{r['gb_s']:.1f}"]
+            cells = [label, r["label"], f"{r['decode_ms']:.1f} ({r['decode_ms_min']:.1f}–{r['decode_ms_max']:.1f})",
+                     f"{r['gb_s']:.1f}"]
             cells.append(f"{ref['decode_ms'] / r['decode_ms']:.2f}×" if ref else "")
             cells += [f"{r['prefill_tok_s'][str(n)]:.1f}" if str(n) in r["prefill_tok_s"] else "" for n in lens]
             cells.append(f"{r['prefill_tok_s'][last] / ref['prefill_tok_s'][last]:.2f}×" if ref else "")
@@ -359,8 +415,11 @@ def markdown(result: dict) -> str:
             notes.append(f"{mod['model']}: five likeliest next tokens after the decode run, shared with "
                          f"{ref['label']} (top-1 {ref['top5'][0]}): {'; '.join(same)}")
         n_samples = s["rounds"] * s["repeat"]
+        disturbed = ", ".join(f"{r['label']} {r['disturbed']}/{r['samples_total']}" for r in ok if r["disturbed"])
         notes.append(f"{mod['model']}: median of {n_samples} ({s['rounds']} rounds × {s['repeat']}), decode "
-                     f"{s['decode_tokens']} tokens after {s['decode_after']}; {mod['wall_s'] / 60:.1f} min")
+                     f"{s['decode_tokens']} tokens after {s['decode_after']}; {mod['wall_s'] / 60:.1f} min"
+                     + (f"; samples during which other processes took > {DISTURBED} core, left out: {disturbed}"
+                        if disturbed else ""))
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
