@@ -22,10 +22,16 @@ loads the model, warms up (a short prompt and four decode steps, which page in e
 ``--decode-tokens`` tokens one at a time after a ``--decode-after``-token prompt.  The configurations take
 turns, ``--rounds`` times, so that a busy moment of the machine hits them alike and only one model copy is
 ever in memory (the 7B f16 file is 13.5 GB; this machine kind has 24 GB).  Figures are medians over all
-rounds x repeats.  Both engines get the same token ids (seeded random ids, no text, no sampling), so the
-engines are timed, not tokenizers: llama.cpp through ``Llama.eval`` / ``reset`` (``n_batch`` 512, logits of
-the last token only), shardllama through ``open_model`` and its Backend's ``forward`` (logits of the last
-token, as the generation loop asks).
+rounds x repeats.  The machine may be shared: before each measurement the tool waits (``--max-wait``) until
+other processes leave the CPUs alone, counts the CPU they take while it runs (/proc/stat against the engine's
+own processes) and measures again (``--retries``) when that exceeded 0.1 core; samples still disturbed are
+left out of the medians unless all were, and the table says how many.
+
+Both engines get the same token ids (seeded random ids, no text, no sampling), so the engines are timed,
+not tokenizers: llama.cpp through ``Llama.eval`` / ``reset`` (``n_batch`` 512, logits of the last token
+only), shardllama through ``open_model`` and its Backend's ``forward`` (logits of the last token, as the
+generation loop asks).  The five likeliest next tokens after the last decode run are compared between the
+engines, a check that both compute the same model.
 
 - decode ms/token: the time of a decode run divided by its tokens.
 - GB/s: weight bytes one decode step reads (every tensor but the embedding table, which is read one row at
@@ -156,6 +162,37 @@ class Stopwatch:
 DISTURBED = 0.1
 
 
+class Sampler:
+    """Times one measurement at a time on a machine that others may be using: waits (up to ``max_wait`` s)
+    until other processes leave the CPUs alone for a second, runs it, and runs it again (up to ``retries``
+    times) if they took more than ``DISTURBED`` cores meanwhile.  Keeps the last try either way."""
+
+    def __init__(self, pids, retries: int, max_wait: float):
+        self.pids, self.retries, self.max_wait = pids, retries, max_wait
+        self.waited_s = 0.0
+        self.tries = 0
+
+    def _wait_quiet(self) -> None:
+        deadline = time.perf_counter() + self.max_wait
+        while time.perf_counter() < deadline:
+            with Stopwatch(self.pids) as w:
+                time.sleep(1.0)
+            self.waited_s += w.seconds
+            if w.foreign <= DISTURBED:
+                return
+
+    def __call__(self, prepare, run) -> Stopwatch:
+        for _ in range(self.retries + 1):
+            prepare()
+            self._wait_quiet()
+            self.tries += 1
+            with Stopwatch(self.pids) as w:
+                run()
+            if w.foreign <= DISTURBED:
+                break
+        return w
+
+
 def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory, pids) -> dict:
     """Warm up, then ``repeat`` times: prefill of each prompt length, and a decode run.  ``top()`` gives the
     five likeliest next ids after the last forward pass: read once per decode run, outside the timing, to
@@ -172,24 +209,29 @@ def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory, pids) -> 
     prefill = {str(n): [] for n in cfg["prompt_lens"]}
     prefill_foreign = {str(n): [] for n in cfg["prompt_lens"]}
     decode, decode_foreign, tops = [], [], []
-    for _ in range(cfg["repeat"]):
-        for n in cfg["prompt_lens"]:
-            reset()
-            with Stopwatch(pids) as w:
-                forward(prompt[:n], 0)
-            prefill[str(n)].append(n / w.seconds)
-            prefill_foreign[str(n)].append(w.foreign)
+    sample = Sampler(pids, cfg["retries"], cfg["max_wait"])
+
+    def decode_prompt() -> None:
         reset()
         forward(prompt[: cfg["decode_after"]], 0)
-        with Stopwatch(pids) as w:
-            for i, t in enumerate(steps):
-                forward([t], cfg["decode_after"] + i)
+
+    def decode_run() -> None:
+        for i, t in enumerate(steps):
+            forward([t], cfg["decode_after"] + i)
+
+    for _ in range(cfg["repeat"]):
+        for n in cfg["prompt_lens"]:
+            w = sample(reset, lambda: forward(prompt[:n], 0))
+            prefill[str(n)].append(n / w.seconds)
+            prefill_foreign[str(n)].append(w.foreign)
+        w = sample(decode_prompt, decode_run)
         decode.append(1000 * w.seconds / len(steps))
         decode_foreign.append(w.foreign)
         tops.append(top())
         memory.append(sample_memory())
     return dict(prefill_tok_s=prefill, prefill_foreign=prefill_foreign, decode_ms=decode,
-                decode_foreign=decode_foreign, memory_mb=max(memory), top5=tops[-1])
+                decode_foreign=decode_foreign, memory_mb=max(memory), top5=tops[-1], tries=sample.tries,
+                waited_s=sample.waited_s)
 
 
 def run_llamacpp(cfg: dict) -> dict:
@@ -298,7 +340,7 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
     path = model_path(name)
     step_bytes, total_bytes = decode_bytes(path)
     settings = dict(rounds=a.rounds, repeat=a.repeat, prompt_lens=a.prompt_lens, decode_tokens=a.decode_tokens,
-                    decode_after=a.decode_after, n_ctx=a.n_ctx)
+                    decode_after=a.decode_after, n_ctx=a.n_ctx, retries=a.retries, max_wait=a.max_wait)
     runs: dict[str, list[dict]] = {c["label"]: [] for c in configs(a)}
     t0 = time.perf_counter()
     for r in range(a.rounds):
@@ -310,7 +352,9 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
             shown = (f"decode {statistics.median(res['decode_ms']):.1f} ms/token, prefill "
                      + ", ".join(f"{n}: {statistics.median(v):.0f}" for n, v in res["prefill_tok_s"].items())
                      + f" tok/s, {res['memory_mb']:.0f} MB; other processes took up to "
-                     + f"{max([*res['decode_foreign'], *sum(res['prefill_foreign'].values(), [])]):.2f} cores"
+                     + f"{max([*res['decode_foreign'], *sum(res['prefill_foreign'].values(), [])]):.2f} cores; "
+                     + f"{res['tries']} tries for {len(res['decode_ms']) * (1 + len(a.prompt_lens))} samples, "
+                     + f"{res['waited_s']:.0f} s waiting for quiet"
                      if "error" not in res else f"FAILED: {res['error']}")
             print(f"{name} round {r + 1}/{a.rounds}, {c['label']}: {shown} ({res['wall_s']:.0f} s)", file=sys.stderr)
     rows = []
@@ -360,6 +404,9 @@ def versions() -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += "+changes" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = None
     from importlib.metadata import version
@@ -438,7 +485,11 @@ def main() -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--decode-after", type=int, default=8, help="prompt length before decoding")
     p.add_argument("--n-ctx", type=int, default=512, help="context both engines allocate")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds one subprocess may take")
+    p.add_argument("--retries", type=int, default=3,
+                   help="times a measurement is taken again when other processes took > 0.1 core meanwhile")
+    p.add_argument("--max-wait", type=float, default=30,
+                   help="seconds to wait, before each measurement, for other processes to leave the CPUs alone")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds one subprocess may take")
     p.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "bench-llamacpp")
     p.add_argument("--append", action="store_true", help="add these models to the results already at --out")
     a = p.parse_args()
