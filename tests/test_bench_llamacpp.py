@@ -47,10 +47,10 @@ def test_table_has_ratios_speed_up_and_the_check():
         return dict(engine=engine, label=f"{engine} {n}", threads=n if engine == "llama.cpp" else None,
                     workers=n if engine == "shardllama" else None, decode_ms=decode, decode_ms_min=decode,
                     decode_ms_max=decode, gb_s=1.0, prefill_tok_s={"64": prefill, "128": prefill},
-                    peak_memory_mb=1024, load_s=1.0, top5=[top1, 1, 2, 3, 4], disturbed=0, samples_total=3)
+                    peak_memory_gb=1.0, load_s=1.0, top5=[top1, 1, 2, 3, 4], disturbed=0, samples_total=3)
 
     result = dict(date="2026-01-01", machine=dict(cpu="CPU", cpu_family="1", cpu_model="2", flags="avx2", cpus=2,
-                                                   mem_gb=24),
+                                                   mem_gib=24),
                   versions=dict(torch="t", llama_cpp_python="l", shardllama="s", shardllama_commit="c"),
                   models=[dict(model="m", file_gb=1.0, wall_s=60, settings=dict(
                       rounds=1, repeat=3, prompt_lens=[64, 128], decode_tokens=32, decode_after=8),

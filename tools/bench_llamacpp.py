@@ -40,7 +40,8 @@ engines, a check that both compute the same model.
   faster than llama.cpp.
 - peak memory: llama.cpp's peak RSS (the mapped model file counts in it); shardllama's largest sum of PSS
   over the coordinator and its workers, read between phases (shared-memory shards count once, split
-  among the processes that map them).  ``shm`` in the JSON is the size of the shards themselves.
+  among the processes that map them).  ``shm_gb`` in the JSON is the size of the shards themselves.  GB
+  are 10^9 bytes throughout.
 
 Writes ``<out>.json`` (every sample, the settings, machine and versions) and ``<out>.md`` (the table) with
 ``--out`` (default ``tools/results/bench-llamacpp``); ``--append`` adds to the models already there.
@@ -230,7 +231,7 @@ def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory, pids) -> 
         tops.append(top())
         memory.append(sample_memory())
     return dict(prefill_tok_s=prefill, prefill_foreign=prefill_foreign, decode_ms=decode,
-                decode_foreign=decode_foreign, memory_mb=max(memory), top5=tops[-1], tries=sample.tries,
+                decode_foreign=decode_foreign, memory_gb=max(memory), top5=tops[-1], tries=sample.tries,
                 waited_s=sample.waited_s)
 
 
@@ -253,13 +254,13 @@ def run_llamacpp(cfg: dict) -> dict:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
         return [int(i) for i in np.argsort(-logits, kind="stable")[:5]]
 
-    def peak_rss_mb() -> float:
+    def peak_rss_gb() -> float:
         # VmHWM, not getrusage's ru_maxrss: that one keeps the high-water mark of the process before exec,
         # i.e. of the parent that forked it.
         status = Path("/proc/self/status").read_text()
-        return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
+        return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) * 1024 / 1e9
 
-    out = measure(forward, llm.reset, top, llm.n_vocab(), cfg, peak_rss_mb, lambda: [os.getpid()])
+    out = measure(forward, llm.reset, top, llm.n_vocab(), cfg, peak_rss_gb, lambda: [os.getpid()])
     llm.close()
     return dict(out, load_s=load_s)
 
@@ -286,14 +287,14 @@ def run_shardllama(cfg: dict) -> dict:
         def top() -> list[int]:
             return torch.argsort(last[0][0], descending=True, stable=True)[:5].tolist()
 
-        def pss_mb() -> float:
-            return sum(psutil.Process(p).memory_full_info().pss for p in pids) / 2**20
+        def pss_gb() -> float:
+            return sum(psutil.Process(p).memory_full_info().pss for p in pids) / 1e9
 
-        out = measure(forward, lambda: None, top, model.args.vocab_size, cfg, pss_mb, lambda: pids)
+        out = measure(forward, lambda: None, top, model.args.vocab_size, cfg, pss_gb, lambda: pids)
         store = getattr(backend, "store", None)
-        shm_mb = store.nbytes() / 2**20 if store is not None else None
+        shm_gb = store.nbytes() / 1e9 if store is not None else None
         dtype = str(model.dtype).removeprefix("torch.")
-    return dict(out, load_s=load_s, shm_mb=shm_mb, dtype=dtype)
+    return dict(out, load_s=load_s, shm_gb=shm_gb, dtype=dtype)
 
 
 def child(cfg_file: str, out_file: str) -> int:
@@ -351,7 +352,7 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
             runs[c["label"]].append(res)
             shown = (f"decode {statistics.median(res['decode_ms']):.1f} ms/token, prefill "
                      + ", ".join(f"{n}: {statistics.median(v):.0f}" for n, v in res["prefill_tok_s"].items())
-                     + f" tok/s, {res['memory_mb']:.0f} MB; other processes took up to "
+                     + f" tok/s, {res['memory_gb']:.2f} GB; other processes took up to "
                      + f"{max([*res['decode_foreign'], *sum(res['prefill_foreign'].values(), [])]):.2f} cores; "
                      + f"{res['tries']} tries for {len(res['decode_ms']) * (1 + len(a.prompt_lens))} samples, "
                      + f"{res['waited_s']:.0f} s waiting for quiet"
@@ -373,7 +374,7 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
                        gb_s=step_bytes / 1e9 / (statistics.median(decode) / 1000),
                        prefill_tok_s={n: statistics.median(v) for n, v in prefill.items()},
                        disturbed=dropped, samples_total=sum(len(r["decode_ms"]) * (1 + len(a.prompt_lens)) for r in ok),
-                       peak_memory_mb=max(r["memory_mb"] for r in ok),
+                       peak_memory_gb=max(r["memory_gb"] for r in ok),
                        load_s=statistics.median(r["load_s"] for r in ok), top5=ok[-1]["top5"])
         rows.append(row)
     return dict(model=name if name in MODELS else path.name, date=time.strftime("%Y-%m-%d"), path=str(path),
@@ -394,7 +395,7 @@ def machine() -> dict:
     mem = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
     return dict(cpu=info.get("model name", platform.processor()), cpu_family=info.get("cpu family"),
                 cpu_model=info.get("model"), flags=info.get("flags", ""), cpus=len(os.sched_getaffinity(0)),
-                mem_gb=round(int(mem.split()[1]) / 2**20, 1), kernel=platform.release())
+                mem_gib=round(int(mem.split()[1]) / 2**20, 1), kernel=platform.release())
 
 
 def versions() -> dict:
@@ -423,7 +424,7 @@ def markdown(result: dict) -> str:
     m, v = result["machine"], result["versions"]
     lines = [
         f"shardllama vs llama.cpp, {result['date']}: {m['cpu']} (family {m['cpu_family']} model {m['cpu_model']}; "
-        f"{m['flags']}), {m['cpus']} CPUs, {m['mem_gb']} GB; torch {v['torch']}, llama-cpp-python "
+        f"{m['flags']}), {m['cpus']} CPUs, {m['mem_gib']} GiB; torch {v['torch']}, llama-cpp-python "
         f"{v['llama_cpp_python']}, shardllama {v['shardllama']} ({v['shardllama_commit']}).",
         "",
     ]
@@ -448,7 +449,7 @@ def markdown(result: dict) -> str:
             cells.append(f"{ref['decode_ms'] / r['decode_ms']:.2f}×" if ref else "")
             cells += [f"{r['prefill_tok_s'][str(n)]:.1f}" if str(n) in r["prefill_tok_s"] else "" for n in lens]
             cells.append(f"{r['prefill_tok_s'][last] / ref['prefill_tok_s'][last]:.2f}×" if ref else "")
-            cells += [f"{r['peak_memory_mb'] / 1024:.2f}", f"{r['load_s']:.1f}"]
+            cells += [f"{r['peak_memory_gb']:.2f}", f"{r['load_s']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         for r in ok:
             if one is not None and r["engine"] == "shardllama" and r["workers"] > 1:
