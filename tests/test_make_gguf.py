@@ -128,3 +128,4 @@ def test_dequantized_demo_model_keeps_vocabulary_and_chat_template(tmp_path, dem
     text = "<|im_start|>user\nThe meaning of life is<|im_end|>\n"
     assert a.encode(text) == b.encode(text)
     assert (a.vocab_size, a.bos_id, a.eos_id, a.stop_ids) == (b.vocab_size, b.bos_id, b.eos_id, b.stop_ids)
+    dst.unlink()  # 270 MB: pytest keeps the last runs' temporary directories

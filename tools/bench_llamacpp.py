@@ -379,7 +379,7 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
         rows.append(row)
     return dict(model=name if name in MODELS else path.name, date=time.strftime("%Y-%m-%d"), path=str(path),
                 file_gb=path.stat().st_size / 1e9, weight_bytes=total_bytes, decode_bytes_per_token=step_bytes,
-                settings=settings, rows=rows, wall_s=time.perf_counter() - t0)
+                settings=settings, rows=rows, wall_s=time.perf_counter() - t0, shardllama_commit=a.commit)
 
 
 def machine() -> dict:
@@ -405,7 +405,9 @@ def versions() -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        # What is timed: the engine's code, not the tests or results beside it.
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
+                                "shardllama", "workers", "tools"],
                                capture_output=True, text=True, check=True).stdout.strip()
         commit += "+changes" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
@@ -500,6 +502,7 @@ def main() -> int:
 
     json_path, md_path = a.out.with_suffix(".json"), a.out.with_suffix(".md")
     result = dict(date=time.strftime("%Y-%m-%d"), machine=machine(), versions=versions(), models=[])
+    a.commit = result["versions"]["shardllama_commit"]
     if a.append and json_path.exists():
         old = json.loads(json_path.read_text())
         names = {n if n in MODELS else Path(n).name for n in a.models}
