@@ -30,6 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
 from shardllama.model import DTYPES, KVCache, Layer, Step, attention, feed_forward, output_head, rms_norm, rope_tables
+from shardllama.quant import activation_dtype, linear_weight, source_dtype, stored
 from shardllama.sharding import ShardSpec, plan, shard, worker_weights
 from shardllama.shm import Segment
 
@@ -47,7 +48,7 @@ class ShardModel:
         self.spec = spec
         self.layers = [Layer.from_weights(weights, i) for i in range(args.n_layers)]
         self.norm = weights["norm.weight"]  # (dim,)
-        self.output = weights["output.weight"]  # (vocab slice, dim)
+        self.output = linear_weight(weights, "output.weight")  # (vocab slice, dim)
         self.kv_of_q = spec.kv_map()
         self.cache = KVCache(args.n_layers, n_slots, max_seq_len, len(spec.kv_heads), args.head_dim, dtype)
         self.rope = rope_tables(args.head_dim, max_seq_len, args.rope_theta)
@@ -66,8 +67,10 @@ class ShardModel:
         return output_head(h, self.norm, self.output, eps)
 
 
-def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This worker's slices, cut from full tensors loaded one at a time (copies: the full ones are freed)."""
+def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor],
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """This worker's slices in ``dtype``, cut from full float tensors loaded one at a time (copies: the full
+    ones are freed); int8 quantizes each whole weight first, exactly as the shared-memory writer does."""
     users: dict[str, list[str]] = {}
     for name, src in worker_weights(args).items():
         users.setdefault(src, []).append(name)
@@ -75,7 +78,8 @@ def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Te
     for src, names in users.items():
         full = load(src)
         for name in names:
-            weights[name] = shard(name, full, spec).clone()
+            for n, t in stored(name, full, dtype).items():
+                weights[n] = shard(n, t, spec).clone()
         del full
     return weights
 
@@ -189,7 +193,7 @@ class Worker:
         dtype = DTYPES[config["dtype"]]
         self.rank = config["rank"]
         torch.set_num_threads(self.threads or config["threads"])
-        if dtype in (torch.float16, torch.bfloat16):
+        if dtype in (torch.float16, torch.bfloat16, torch.int8):
             from shardllama import kernels
 
             kernels.library()  # build (or load) the matvec kernel now, under the connect timeout, not mid-step
@@ -200,7 +204,7 @@ class Worker:
             weights = self.segment.tensors()
         else:
             weights = self._load_own(args, spec, dtype)
-        self.model = ShardModel(args, spec, weights, dtype, config["max_seq_len"], config["n_slots"])
+        self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config["max_seq_len"], config["n_slots"])
         log.info("worker %d (pid %d): heads %s, kv heads %s, ffn %s, vocab %s", self.rank, os.getpid(),
                  spec.q_heads, spec.kv_heads, spec.ffn, spec.vocab)
         return sum(t.numel() * t.element_size() for t in weights.values()) + self.model.cache.nbytes()
@@ -215,7 +219,7 @@ class Worker:
         theirs = {k: v for k, v in vars(args).items() if k != "max_seq_len"}
         if mine != theirs:
             raise ValueError(f"{self.model_path} is not the coordinator's model: {mine} != {theirs}")
-        return cut_weights(args, spec, lambda name: ckpt.load(name, dtype))
+        return cut_weights(args, spec, lambda name: ckpt.load(name, source_dtype(dtype)), dtype)
 
     # ---- serving ---------------------------------------------------------------------------------
 
