@@ -11,6 +11,12 @@ exactly two reductions, both through the coordinator (a star; ``protocol`` has t
 
 Every worker is sent the same ``h``, so their residual streams cannot drift apart.
 
+That star costs two round trips per layer.  Where the workers can meet in shared memory (local workers on
+x86, or a single worker anywhere), a pass is a *whole pass* instead: the coordinator sends the embedded
+tokens once, the workers run every layer and sum their partials among themselves (``allreduce``, in the
+same order and precision as the star), and each returns its logits slice: one round trip per token.
+Prefills of more rows than the reduction buffers hold take the star (their round trips are noise there).
+
 Local workers (``endpoint="ipc"``) are started here with ``python -m workers`` and map their shards from
 shared memory (``shm``); remote workers (``endpoint="tcp://HOST:PORT"``) connect by themselves and load
 their own slices.  Every receive has a deadline and checks, in short slices, that local workers are still
@@ -43,13 +49,14 @@ import psutil
 import torch
 import zmq
 
+from . import allreduce
 from . import protocol as P
 from .config import ModelArgs
 from .errors import UsageError, WorkerError
 from .model import DTYPES, last_positions
 from .quant import activation_dtype
 from .sharding import plan
-from .shm import ShardStore, shard_key
+from .shm import Segment, ShardStore, shard_key
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,7 @@ POLL_SLICE_MS = 50  # while waiting on workers, check that they are alive this o
 PING_S = 1.0  # while waiting on a remote worker, check this often that its connection is still up
 SPIN_US = 1000  # busy-wait this long for an answer before sleeping, when every process has a core of its own
 STOP_GRACE_S = 3.0  # how long close() lets workers exit before killing them
+WHOLE_PASS_ROWS = 512  # tokens (B * T) up to which a pass is a whole pass (reduction buffers' size)
 
 Weights = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
 
@@ -112,6 +120,7 @@ class Coordinator:
         threads_per_worker: int = 1,
         endpoint: str = "ipc",  # or "tcp://HOST:PORT": wait for N remote workers there
         spin_us: float | None = None,  # busy-wait before sleeping on a receive; None: SPIN_US if cores allow
+        whole_pass: bool | None = None,  # workers reduce among themselves; None: wherever they can
     ):
         self.args = args
         self.weight_dtype, self.dtype_name = _dtype(dtype)
@@ -142,6 +151,8 @@ class Coordinator:
         self._rank_of: dict[bytes, int] = {}
         self._broken: set[int] = set()
         self._step = 0
+        self._pass = 0  # whole passes so far: numbers the reductions' tickets (never wraps)
+        self._reduce_seg: Segment | None = None  # the workers' reduction segment (local workers)
         self._procs: list[subprocess.Popen] = []  # every process started, for the finalizer
         self._ipc_dir: str | None = None
         self._owned: list = []  # what the finalizer releases: ipc directory, shard store
@@ -163,8 +174,17 @@ class Coordinator:
                                              info={"model": str(model_path) if model_path else None})
                 self._owned.append(self.store)
                 self.embeddings = self.store.embeddings()
+                if whole_pass is not False and allreduce.supported():
+                    rows = WHOLE_PASS_ROWS if self.n_workers > 1 else 0  # one worker has nothing to add up
+                    self._reduce_seg = allreduce.create(key, self.n_workers, rows, args.dim, self.dtype)
+                    self._owned.append(self._reduce_seg)
             else:
                 self.embeddings = load("tok_embeddings.weight").to(self.dtype)
+            if whole_pass is None:
+                whole_pass = self.n_workers == 1 or self._reduce_seg is not None
+            elif whole_pass and not (self.n_workers == 1 or self._reduce_seg is not None):
+                raise UsageError("whole passes need local workers on x86 (or a single worker)")
+            self.whole_pass = whole_pass
             self._admit(range(self.n_workers))
         except BaseException:
             self.close()
@@ -196,6 +216,8 @@ class Coordinator:
         self._check_slots(start, slots)
         self._step = step = (self._step + 1) & 0xFFFFFFFF
         code, dim, n_layers = P.DTYPE_CODES[self.dtype], self.args.dim, self.args.n_layers
+        if self.whole_pass and (self.n_workers == 1 or B * T <= WHOLE_PASS_ROWS):
+            return self._whole_pass(tokens, start, slots, lengths, all_logits)
 
         def header(phase: int, layer: int, flags: int = 0, rows: int = T) -> P.Header:
             return P.Header(P.COMPUTE, phase, flags, code, step, layer, B, rows)
@@ -211,6 +233,24 @@ class Coordinator:
             msg, h = P.tensor_message(header(P.HEAD, n_layers, rows=1), (B, 1, dim), self.dtype)
             h.copy_(last.unsqueeze(1))
         logits = torch.cat(self._round(msg, n_layers, P.HEAD), dim=-1).float()  # (B, T or 1, vocab)
+        return logits if all_logits else logits.squeeze(1)
+
+    def _whole_pass(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor,
+                    lengths: torch.Tensor | None, all_logits: bool) -> torch.Tensor:
+        B, T = tokens.shape
+        self._pass += 1
+        lengths = torch.full((B,), T, dtype=torch.long) if lengths is None else torch.as_tensor(lengths).long()
+        flags = P.NEW_STEP | (P.ALL_LOGITS if all_logits else 0)
+        header = P.Header(P.COMPUTE, P.WHOLE, flags, P.DTYPE_CODES[self.dtype], self._step, self.args.n_layers, B, T)
+        msg, h = P.tensor_message(header, (B, T, self.args.dim), self.dtype, start, slots, lengths, self._pass)
+        torch.index_select(self.embeddings, 0, tokens.reshape(-1), out=h.view(B * T, -1))
+        try:
+            parts = self._round(msg, self.args.n_layers, P.WHOLE)
+        except BaseException:
+            if self._reduce_seg is not None:  # workers waiting on a failed peer must not wait for the timeout
+                allreduce.abort(self._reduce_seg, self._pass)
+            raise
+        logits = torch.cat(parts, dim=-1).float()  # (B, T or 1, vocab)
         return logits if all_logits else logits.squeeze(1)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
@@ -333,6 +373,8 @@ class Coordinator:
             "threads": self.threads_per_worker,
             "spin_us": self.spin_s * 1e6,
             "segment": self.store.worker_segment(rank) if self.store is not None else None,
+            "reduce": self._reduce_seg.name if self._reduce_seg is not None and self.whole_pass else None,
+            "timeout": self.timeout,
         }
 
     def _admit(self, ranks: Iterable[int]) -> None:
@@ -345,7 +387,7 @@ class Coordinator:
                 w.pid = w.proc.pid
         unassigned = list(ranks)
         ready: set[int] = set()
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = _Deadline(self.connect_timeout)
         while len(ready) < len(ranks):
             ident, header, buf = self._recv(deadline, ranks, starting=True)
             if header.kind == P.HELLO:
@@ -379,8 +421,8 @@ class Coordinator:
         for w in self._workers:
             self._send(w, buf)
         out: list[torch.Tensor] = [None] * self.n_workers  # type: ignore[list-item]
-        for rank, h, frame in self._gather(P.RESULT, layer, phase):
-            width = self.args.dim if phase != P.HEAD else len(self.specs[rank].vocab)
+        for rank, h, frame in self._gather(P.RESULT, layer, phase, whole=phase == P.WHOLE):
+            width = self.args.dim if phase in (P.ATTN, P.FFN) else len(self.specs[rank].vocab)
             out[rank] = P.read_tensor(frame, h, width)
         return out
 
@@ -406,12 +448,22 @@ class Coordinator:
         except zmq.ZMQError as e:
             raise self._fail(w.rank, f"cannot be reached ({e})") from None
 
-    def _gather(self, kind: int, layer: int = 0, phase: int = 0) -> list[tuple[int, P.Header, memoryview]]:
+    def _gather(self, kind: int, layer: int = 0, phase: int = 0,
+                whole: bool = False) -> list[tuple[int, P.Header, memoryview]]:
         """One answer of ``kind`` to the current step from every worker, as (rank, header, frame buffer).
-        Answers to an abandoned step are dropped; a worker's ERROR raises."""
+        Answers to an abandoned step are dropped; a worker's ERROR raises.
+
+        The timeout is per layer: in a whole pass the deadline moves on while the workers publish
+        reductions (without a reduction segment, a remote single worker gets a pass's worth of layers)."""
         pending = set(range(self.n_workers))
         answers = []
-        deadline = time.monotonic() + self.timeout
+        if not whole:
+            deadline = _Deadline(self.timeout)
+        elif self._reduce_seg is not None:
+            flags = self._reduce_seg.tensor("flags")[:, 0]
+            deadline = _Deadline(self.timeout, progress=lambda: flags.tolist())
+        else:
+            deadline = _Deadline(self.timeout * (2 * self.args.n_layers + 1))
         while pending:
             ident, h, buf = self._recv(deadline, pending)
             rank = self._rank_of.get(ident)
@@ -426,7 +478,7 @@ class Coordinator:
         return answers
 
     def _recv(
-        self, deadline: float, waiting: Iterable[int], starting: bool = False
+        self, deadline: "_Deadline", waiting: Iterable[int], starting: bool = False
     ) -> tuple[bytes, P.Header, memoryview]:
         """The next message (routing id, header, frame buffer), polling in slices; WorkerError when a worker
         we wait on dies or the deadline passes."""
@@ -453,8 +505,8 @@ class Coordinator:
                         raise self._fail(rank, "lost its connection") from None
             if now > next_ping:
                 next_ping = now + PING_S
-            if now > deadline:
-                ranks = sorted(waiting)
+            if deadline.passed(now):
+                ranks = sorted(waiting, key=deadline.laggard_key)
                 if starting:
                     raise WorkerError(f"workers {ranks} did not start within {self.connect_timeout:.0f} s"
                                       + ("" if self.local else f" (nothing connected to {self.endpoint})"))
@@ -467,6 +519,28 @@ class Coordinator:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the coordinator is closed")
+
+
+class _Deadline:
+    """``seconds`` from now, moved on whenever ``progress()`` (e.g. the workers' published tickets) changes."""
+
+    def __init__(self, seconds: float, progress: Callable[[], list] | None = None):
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.progress = progress
+        self.seen = progress() if progress is not None else None
+
+    def passed(self, now: float) -> bool:
+        if now <= self.at:
+            return False
+        if self.progress is not None and (seen := self.progress()) != self.seen:
+            self.seen, self.at = seen, now + self.seconds
+            return False
+        return True
+
+    def laggard_key(self, rank: int) -> tuple:
+        """Sorts the worker that fell behind first: the one with the oldest published ticket."""
+        return (self.seen[rank] if self.seen is not None else 0, rank)
 
 
 def _spin(sock: zmq.Socket, seconds: float) -> bool:
@@ -511,5 +585,8 @@ def _release(procs: list[subprocess.Popen], ctx: zmq.Context, sock: zmq.Socket, 
     for thing in owned:
         if isinstance(thing, ShardStore):
             thing.close()
+        elif isinstance(thing, Segment):
+            thing.close()
+            thing.unlink()
         else:
             shutil.rmtree(thing, ignore_errors=True)

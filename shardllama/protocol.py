@@ -3,7 +3,8 @@
 Every message is one frame (the ROUTER adds the worker's routing id in front), no pickle:
 
     offset 0    header   <BBBBIIII: kind, phase, flags, dtype code, step id, layer, B, T   (20 bytes)
-    offset 32   step     only with flag NEW_STEP: start[B], slots[B] as int64, padded to 32 bytes
+    offset 32   step     only with flag NEW_STEP: start[B], slots[B] as int64, and in a WHOLE pass also
+                         lengths[B] and the pass number; padded to 32 bytes
     then        payload  the raw bytes of one C-contiguous tensor: (B, T, dim) activations or partial
                          sums, (B, T, vocab slice) logits; or, for control messages, UTF-8 JSON
 
@@ -14,6 +15,10 @@ receiver computes on a ``torch.frombuffer`` view of the frame without copying.
 One forward pass is, per layer, ``COMPUTE(ATTN, h)`` -> ``RESULT(partial)`` from every worker, the
 coordinator sums, ``COMPUTE(FFN, h)`` -> ``RESULT``, sums; then ``COMPUTE(HEAD, h)`` -> logits slices.
 Step ids let the coordinator drop late answers to a pass it has given up on.
+
+A *whole pass* (phase WHOLE, local workers summing through shared memory: ``allreduce``) is one
+``COMPUTE(WHOLE, embedded tokens)`` -> ``RESULT(logits slice)`` per worker: the workers run every layer
+and reduce among themselves.
 """
 
 from __future__ import annotations
@@ -41,11 +46,12 @@ STOP = 9  # coordinator -> worker: exit now
 PING = 10  # coordinator -> remote worker while waiting on it: fails at once if its connection is gone
 
 # phases of COMPUTE / RESULT
-ATTN, FFN, HEAD = 0, 1, 2
-PHASE_NAMES = {ATTN: "attention", FFN: "feed-forward", HEAD: "output head"}
+ATTN, FFN, HEAD, WHOLE = 0, 1, 2, 3
+PHASE_NAMES = {ATTN: "attention", FFN: "feed-forward", HEAD: "output head", WHOLE: "whole pass"}
 
 # flags
 NEW_STEP = 1  # the step block (start, slots) follows the header; the worker builds a new model.Step
+ALL_LOGITS = 2  # a whole pass returns the logits of every position, not only each row's last real one
 
 DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -66,8 +72,15 @@ class Header(NamedTuple):
         return cls._make(HEADER.unpack_from(buf, 0))
 
 
+def _step_words(header: Header) -> int:
+    """int64s in the step block: start and slots, and for a whole pass also lengths and the pass number."""
+    if not header.flags & NEW_STEP:
+        return 0
+    return 3 * header.B + 1 if header.phase == WHOLE else 2 * header.B
+
+
 def _step_bytes(header: Header) -> int:
-    return -(-16 * header.B // ALIGN) * ALIGN if header.flags & NEW_STEP else 0
+    return -(-8 * _step_words(header) // ALIGN) * ALIGN
 
 
 def tensor_message(
@@ -76,6 +89,8 @@ def tensor_message(
     dtype: torch.dtype,
     start: torch.Tensor | None = None,  # (B,) with NEW_STEP
     slots: torch.Tensor | None = None,  # (B,) with NEW_STEP
+    lengths: torch.Tensor | None = None,  # (B,) with NEW_STEP in a whole pass
+    pass_no: int = 0,  # with NEW_STEP in a whole pass
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A new message buffer (uint8, sent as is) and a view of its payload to write the tensor into."""
     n = 1
@@ -86,9 +101,14 @@ def tensor_message(
     HEADER.pack_into(buf.numpy(), 0, *header)
     if header.flags & NEW_STEP:
         assert start is not None and slots is not None and len(start) == len(slots) == header.B
-        step = buf[HEADER_BYTES : HEADER_BYTES + 16 * header.B].view(torch.int64)
-        step[: header.B] = start
-        step[header.B :] = slots
+        B = header.B
+        step = buf[HEADER_BYTES : HEADER_BYTES + 8 * _step_words(header)].view(torch.int64)
+        step[:B] = start
+        step[B : 2 * B] = slots
+        if header.phase == WHOLE:
+            assert lengths is not None and len(lengths) == B
+            step[2 * B : 3 * B] = lengths
+            step[3 * B] = pass_no
     return buf, buf[offset:].view(dtype).view(shape)
 
 
@@ -106,6 +126,12 @@ def read_step(buf: Any, header: Header) -> tuple[torch.Tensor, torch.Tensor]:
     """start and slots (each (B,) long) of a NEW_STEP message (copies: they outlive the frame)."""
     both = torch.frombuffer(buf, dtype=torch.int64, count=2 * header.B, offset=HEADER_BYTES).clone()
     return both[: header.B], both[header.B :]
+
+
+def read_whole(buf: Any, header: Header) -> tuple[torch.Tensor, int]:
+    """lengths ((B,) long) and the pass number of a whole pass's NEW_STEP message."""
+    words = torch.frombuffer(buf, dtype=torch.int64, count=3 * header.B + 1, offset=HEADER_BYTES)
+    return words[2 * header.B : 3 * header.B].clone(), int(words[3 * header.B])
 
 
 def control(kind: int, body: dict | None = None, **fields: int) -> bytes:

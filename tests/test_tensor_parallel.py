@@ -155,6 +155,34 @@ def test_demo_model_agrees_with_the_reference(demo_gguf):
         assert float((got - want).abs().max()) < 1e-3
 
 
+@pytest.mark.parametrize("n, dtype", [(1, torch.float16), (2, torch.float32), (3, torch.bfloat16)])
+def test_whole_passes_compute_exactly_what_the_star_does(n, dtype, monkeypatch):
+    """Workers summing among themselves add the same partials in the same order and precision as the
+    coordinator: bit-identical logits.  A prefill larger than the reduction buffers falls back to the star."""
+    import shardllama.coordinator as coordinator
+
+    monkeypatch.setattr(coordinator, "WHOLE_PASS_ROWS", 8)
+    args, weights = tiny_model(dtype, n_heads=6, n_kv_heads=2, dim=24, n_layers=3)
+    g = torch.Generator().manual_seed(n)
+    prompts = torch.randint(0, args.vocab_size, (2, 6), generator=g)  # 12 rows: more than the buffers hold
+    lengths, slots = torch.tensor([6, 4]), torch.tensor([1, 0])
+    seen = {}
+    for whole in (True, False):
+        with Coordinator(args, weights, n_workers=n, dtype=dtype, max_seq_len=MAX_SEQ, n_slots=N_SLOTS,
+                         whole_pass=whole) as c:
+            assert c.whole_pass is whole
+            out = [c.forward(prompts, torch.zeros(2, dtype=torch.long), slots, lengths, all_logits=True),
+                   c.forward(prompts[:, :3], torch.zeros(2, dtype=torch.long), slots, all_logits=True),
+                   c.forward(prompts[:1, :4], torch.tensor([3]), torch.tensor([2]))]
+            position = lengths.clone()
+            for i in range(3):  # batched decode, rows at different positions
+                out.append(c.forward(prompts[:, i : i + 1], position, slots))
+                position += 1
+            seen[whole] = out
+    for a, b in zip(seen[True], seen[False]):
+        assert torch.equal(a, b)
+
+
 def test_copy_slot_and_one_worker_per_head():
     args, weights = tiny_model(n_heads=3, n_kv_heads=1, dim=12)
     ref = Transformer(args, weights, max_seq_len=MAX_SEQ)

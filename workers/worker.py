@@ -27,9 +27,11 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from shardllama import allreduce
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
-from shardllama.model import DTYPES, KVCache, Layer, Step, attention, feed_forward, output_head, rms_norm, rope_tables
+from shardllama.model import (DTYPES, KVCache, Layer, Step, attention, feed_forward, last_positions, output_head,
+                              rms_norm, rope_tables)
 from shardllama.quant import activation_dtype, linear_weight, source_dtype, stored
 from shardllama.sharding import ShardSpec, plan, shard, worker_weights
 from shardllama.shm import Segment
@@ -65,6 +67,17 @@ class ShardModel:
             return feed_forward(rms_norm(h, L.ffn_norm, eps), L.w1, L.w2, L.w3)
         assert phase == P.HEAD, phase
         return output_head(h, self.norm, self.output, eps)
+
+    def whole_pass(self, h: torch.Tensor, step: Step, lengths: torch.Tensor, all_logits: bool, pass_no: int,
+                   reduce: allreduce.AllReduce | None) -> torch.Tensor:
+        """Every layer, summing with the other workers after each phase; this worker's logits slice."""
+        for i in range(self.args.n_layers):
+            for j, phase in enumerate((P.ATTN, P.FFN)):
+                part = self.compute(phase, i, h, step)  # (B, T, dim)
+                h = h + part if reduce is None else reduce(h, part, allreduce.ticket(pass_no, 2 * i + j))
+        if not all_logits:
+            h = last_positions(h, lengths).unsqueeze(1)  # (B, 1, dim)
+        return self.compute(P.HEAD, self.args.n_layers, h, step)
 
 
 def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor],
@@ -115,11 +128,14 @@ class Worker:
         self.spin_s = 0.0
         self.model: ShardModel | None = None
         self.segment: Segment | None = None
+        self.reduce_segment: Segment | None = None
+        self.reduce: allreduce.AllReduce | None = None
 
     def close(self) -> None:
-        self.model = None  # drop the views before unmapping
-        if self.segment is not None:
-            self.segment.close()
+        self.model = self.reduce = None  # drop the views before unmapping
+        for seg in (self.segment, self.reduce_segment):
+            if seg is not None:
+                seg.close()
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close()
@@ -205,6 +221,11 @@ class Worker:
         else:
             weights = self._load_own(args, spec, dtype)
         self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config["max_seq_len"], config["n_slots"])
+        if config.get("reduce"):
+            self.reduce_segment = Segment.attach(config["reduce"], writable=True)
+            # Later than the coordinator's deadline: it names the worker that fell behind and aborts the pass.
+            self.reduce = allreduce.AllReduce(self.reduce_segment, self.rank, 2 * config["timeout"] + 5,
+                                              self.parent_pid)
         log.info("worker %d (pid %d): heads %s, kv heads %s, ffn %s, vocab %s", self.rank, os.getpid(),
                  spec.q_heads, spec.kv_heads, spec.ffn, spec.vocab)
         return sum(t.numel() * t.element_size() for t in weights.values()) + self.model.cache.nbytes()
@@ -232,19 +253,27 @@ class Worker:
             buf = self._recv().buffer
             h = P.Header.unpack(buf)
             if h.kind == P.COMPUTE:
+                pass_no = None
                 try:
                     if h.flags & P.NEW_STEP:
                         start, slots = P.read_step(buf, h)
                         step, step_id = Step.make(start, h.T, slots, model.rope), h.step
                     elif h.step != step_id:
                         raise RuntimeError(f"step {h.step} continues a pass this worker never began")
-                    out = model.compute(h.phase, h.layer, P.read_tensor(buf, h, model.args.dim), step)
+                    x = P.read_tensor(buf, h, model.args.dim)
+                    if h.phase == P.WHOLE:
+                        lengths, pass_no = P.read_whole(buf, h)
+                        out = model.whole_pass(x, step, lengths, bool(h.flags & P.ALL_LOGITS), pass_no, self.reduce)
+                    else:
+                        out = model.compute(h.phase, h.layer, x, step)
                     reply, payload = P.tensor_message(P.Header(P.RESULT, h.phase, 0, P.DTYPE_CODES[out.dtype], h.step,
-                                                               h.layer, h.B, h.T), tuple(out.shape), out.dtype)
+                                                               h.layer, h.B, out.shape[1]), tuple(out.shape), out.dtype)
                     payload.copy_(out)
                     send(reply.numpy(), copy=False)
                 except Exception as e:
                     step_id = None
+                    if pass_no is not None and self.reduce is not None:
+                        self.reduce.give_up(pass_no)  # the peers must not wait for this worker's partials
                     log.debug("%s", traceback.format_exc())
                     send(P.control(P.ERROR, {"message": f"{type(e).__name__}: {e}"}, phase=h.phase, step=h.step,
                                    layer=h.layer))
