@@ -329,17 +329,17 @@ def test_remote_workers_cut_what_shared_memory_holds():
         store.close()
 
 
-@pytest.mark.parametrize("n, tie", [(1, False), (2, True), (3, False)])
-def test_sharded_int8_equals_the_reference_in_int8(n, tie):
+@pytest.mark.parametrize("n, tie, whole_pass", [(1, False, None), (2, True, None), (3, False, None), (2, False, False)])
+def test_sharded_int8_equals_the_reference_in_int8(n, tie, whole_pass):
     """N workers on int8 shards against the in-process int8 model: prefill of two rows, batched decode,
-    greedy tokens.  Only the order of f32 sums differs."""
+    greedy tokens; whole passes and the star.  Only the order of f32 sums differs."""
     args = ARGS.replace(tie_embeddings=tie, n_heads=6, n_kv_heads=2, dim=48)
     weights = random_weights(args, seed=n)
     ref = Transformer(args, quantize_weights(weights))
     cache = ref.new_cache(2)
     tokens = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 0, 0]])
     lengths, slots, start = torch.tensor([5, 3]), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long)
-    with Coordinator(args, weights, n_workers=n, dtype="int8", max_seq_len=32, n_slots=2) as c:
+    with Coordinator(args, weights, n_workers=n, dtype="int8", max_seq_len=32, n_slots=2, whole_pass=whole_pass) as c:
         assert c.dtype == torch.float32 and c.weight_dtype == torch.int8
         got = c.forward(tokens, start, slots, lengths, all_logits=True)
         want = ref.forward(tokens, cache, start, slots, lengths, all_logits=True)
