@@ -366,6 +366,13 @@ def test_coordinator_dtype_errors():
 # ---- loading and the command line ----------------------------------------------------------------------
 
 
+def test_server_sizes_the_int8_cache_in_f32():
+    from shardllama.server import kv_bytes_per_slot
+
+    for n in (0, 2):
+        assert kv_bytes_per_slot(ARGS, torch.int8, 64, n) == kv_bytes_per_slot(ARGS, torch.float32, 64, n) > 0
+
+
 def test_load_weights_int8_and_checkpoints_refuse_int8_loads(tmp_path):
     from shardllama.loading import load_weights, open_checkpoint
     from tests.test_loading import ARGS as TINY, write_gguf
