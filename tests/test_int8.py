@@ -353,6 +353,29 @@ def test_sharded_int8_equals_the_reference_in_int8(n, tie, whole_pass):
     assert ours == greedy(lambda t, s, sl: ref.forward(t, ref_cache, s, sl), [4, 8, 15, 16], 5)[0]
 
 
+def test_kept_int8_shards_are_mapped_again(tmp_path):
+    from shardllama.shm import clean_kept, list_kept, shard_key
+
+    model_file = tmp_path / "model.bin"
+    model_file.write_bytes(b"stands for the checkpoint")
+    weights = random_weights(ARGS, seed=8)
+    key = shard_key(model_file, torch.int8, 2)
+    assert key != shard_key(model_file, torch.float32, 2)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    try:
+        with Coordinator(ARGS, weights, n_workers=2, dtype="int8", keep_shards=True, model_path=model_file) as c:
+            first = c.forward(prompt, torch.tensor([0]), torch.tensor([0]))
+        assert [(i.dtype, i.n_workers) for i in list_kept() if i.key == key] == [("int8", 2)]
+
+        def must_not_load(name):
+            raise AssertionError(f"kept shards were rebuilt (asked for {name})")
+
+        with Coordinator(ARGS, must_not_load, n_workers=2, dtype="int8", model_path=model_file) as c:
+            assert torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([0])), first)
+    finally:
+        clean_kept(key)
+
+
 def test_coordinator_dtype_errors():
     weights = random_weights(ARGS)
     with pytest.raises(UsageError, match="unknown dtype 'int4'.*int8"):
