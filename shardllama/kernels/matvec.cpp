@@ -253,6 +253,52 @@ TARGET_AVX512 void rows8_avx512(const Problem8& p, int64_t begin, int64_t end) {
   }
 }
 
+// A full block of 8 rows of x (a prompt, or 8 sequences decoding) is bound by reading and widening x, not by
+// the weights: there, four weight rows at a time share each widened vector of x (1.5x at 8 rows; at 4 rows or
+// fewer it measured no gain, and one row of x keeps the single stream above).  The 32 sums do not all fit in
+// registers; it is faster all the same.
+template <int M>
+TARGET_AVX512 void rows8x4_avx512(const Problem8& p, int64_t begin, int64_t end) {
+  constexpr int R = 4;
+  int64_t i = begin;
+  for (; i + R <= end; i += R) {
+    const int8_t* w = p.w + i * p.ldw;
+    const char* pf[R];
+    for (int r = 0; r < R; ++r) pf[r] = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead + r, p.N - 1) * p.ldw);
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    auto step = [&](int64_t k, const __m512 (&wv)[R]) TARGET_AVX512 {
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = load16<false>(p.x + m * p.ldx + k);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+      }
+    };
+    int64_t k = 0;
+    for (; k + 64 <= p.K; k += 64) {
+      if (p.ahead)
+        for (int r = 0; r < R; ++r) _mm_prefetch(pf[r] + k, _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        __m512 wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = load16_i8(w + r * p.ldw + k + 16 * j);
+        step(k + 16 * j, wv);
+      }
+    }
+    for (; k < p.K; k += 16) {
+      __mmask16 mask = p.K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (p.K - k)) - 1);
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load16_i8_masked(w + r * p.ldw + k, mask);
+      step(k, wv);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        p.y[m * p.N + i + r] = p.scale[i + r] * (_mm512_reduce_add_ps(acc[r][m]) * p.unscale[m]);
+  }
+  if (i < end) rows8_avx512<M>(p, i, end);
+}
+
 TARGET_AVX2 INLINE __m256 load8_i8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -329,7 +375,9 @@ using Rows8Fn = void (*)(const Problem8&, int64_t, int64_t);
 using Table8 = std::array<Rows8Fn, kMaxM>;
 
 template <std::size_t... I>
-constexpr Table8 avx512_table8(std::index_sequence<I...>) { return {&rows8_avx512<int(I) + 1>...}; }
+constexpr Table8 avx512_table8(std::index_sequence<I...>) {
+  return {(int(I) + 1 == kMaxM ? &rows8x4_avx512<int(I) + 1> : &rows8_avx512<int(I) + 1>)...};
+}
 template <std::size_t... I>
 constexpr Table8 avx2_table8(std::index_sequence<I...>) { return {&rows8_avx2<int(I) + 1>...}; }
 
