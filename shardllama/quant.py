@@ -46,10 +46,6 @@ class Int8Weight(NamedTuple):
     q: torch.Tensor  # (N, K) int8
     scale: torch.Tensor  # (N,) f32
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
 
 def quantize(w: torch.Tensor) -> Int8Weight:
     """Symmetric per-row int8 of a float (N, K) weight; rows of zeros get scale 0 (and stay exactly zero).
