@@ -51,8 +51,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "default: the SmolLM2-135M-Instruct demo model, downloaded once and cached")
     g.add_argument("--param-path", type=Path, help="params.json / config.json, if not beside the model")
     g.add_argument("--tokenizer-path", type=Path, help="tokenizer.model / tokenizer.json, if not beside the model")
-    g.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16"),
-                   help="weight precision (auto: as stored; quantized GGUF becomes f32)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16", "int8"),
+                   help="weight precision (auto: as stored; quantized GGUF becomes f32; int8: quantized at load "
+                        "time, one scale per row, computing in f32)")
     g.add_argument("--f16", dest="dtype", action="store_const", const="f16", help="alias for --dtype f16 (rllama)")
     g.add_argument("--max-seq-len", type=_positive_int, default=1024, help="context length to allocate (default 1024)")
     g.add_argument("--max-threads", type=_positive_int,

@@ -54,6 +54,7 @@ from . import protocol as P
 from .config import ModelArgs
 from .errors import UsageError, WorkerError
 from .model import DTYPES, last_positions
+from .quant import activation_dtype
 from .sharding import plan
 from .shm import Segment, ShardStore, shard_key
 
@@ -122,7 +123,8 @@ class Coordinator:
         whole_pass: bool | None = None,  # workers reduce among themselves; None: wherever they can
     ):
         self.args = args
-        self.dtype, self.dtype_name = _dtype(dtype)
+        self.weight_dtype, self.dtype_name = _dtype(dtype)
+        self.dtype = activation_dtype(self.weight_dtype)  # of h, the messages and the embedding (int8: f32)
         self.n_workers = default_workers(args) if n_workers is None else n_workers
         self.specs = plan(args, self.n_workers)  # UsageError for a bad N
         self.max_seq_len = max_seq_len or args.max_seq_len
@@ -167,8 +169,8 @@ class Coordinator:
             if self.local:
                 key = f"anon{uuid.uuid4().hex[:12]}"  # shards of weights that no file names are never reused
                 if model_path is not None:
-                    key = shard_key(model_path, self.dtype, self.n_workers)
-                self.store = ShardStore.open(args, self.specs, self.dtype, load, key, keep=keep_shards,
+                    key = shard_key(model_path, self.weight_dtype, self.n_workers)
+                self.store = ShardStore.open(args, self.specs, self.weight_dtype, load, key, keep=keep_shards,
                                              info={"model": str(model_path) if model_path else None})
                 self._owned.append(self.store)
                 self.embeddings = self.store.embeddings()

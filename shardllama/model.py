@@ -22,11 +22,14 @@ from typing import Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, quant
 from .kernels import gemm
 from .config import ModelArgs
+from .quant import Int8Weight, linear_weight
 
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# Weight dtypes.  int8 quantizes the matrices and keeps everything else in f32 (shardllama.quant).
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+Linear = torch.Tensor | Int8Weight  # a matrix that linear() multiplies by: float, or int8 with its row scales
 
 
 def layer_prefix(i: int) -> str:
@@ -36,10 +39,13 @@ def layer_prefix(i: int) -> str:
 # ---- the pieces ----------------------------------------------------------------------------------------
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
     """``x @ w.T`` (F.linear).  A decode step (a few rows of x) with f16/bf16 weights goes to a C++ kernel
     that streams the weights near memory bandwidth (shardllama.kernels); more rows with f16/f32 weights to
-    oneDNN's f32 GEMM (kernels.gemm); the rest, and machines without either, to torch."""
+    oneDNN's f32 GEMM (kernels.gemm); int8 weights to quant.linear; the rest, and machines without the
+    kernels, to torch."""
+    if isinstance(w, Int8Weight):
+        return quant.linear(x, w)
     if kernels.applies(x, w):
         return kernels.matvec(x, w)
     if gemm.applies(x, w):  # prefill: oneDNN's f32 GEMM on the exact (widened) weights
@@ -151,10 +157,10 @@ class KVCache:
 
 def attention(
     x: torch.Tensor,  # (B, T, dim), already normalised
-    wq: torch.Tensor,  # (hq * hd, dim)
-    wk: torch.Tensor,  # (hkv * hd, dim)
-    wv: torch.Tensor,  # (hkv * hd, dim)
-    wo: torch.Tensor,  # (dim, hq * hd)
+    wq: Linear,  # (hq * hd, dim)
+    wk: Linear,  # (hkv * hd, dim)
+    wv: Linear,  # (hkv * hd, dim)
+    wo: Linear,  # (dim, hq * hd)
     cache_k: torch.Tensor,  # (n_slots, max_seq, hkv, hd): this layer's cache
     cache_v: torch.Tensor,
     step: Step,
@@ -203,40 +209,40 @@ def attention(
     return linear(out, wo)
 
 
-def feed_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+def feed_forward(x: torch.Tensor, w1: Linear, w2: Linear, w3: Linear) -> torch.Tensor:
     """SwiGLU over the hidden units these weights hold; returns their (B, T, dim) contribution."""
     return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 
-def output_head(h: torch.Tensor, norm: torch.Tensor, output: torch.Tensor, eps: float) -> torch.Tensor:
+def output_head(h: torch.Tensor, norm: torch.Tensor, output: Linear, eps: float) -> torch.Tensor:
     """Final norm and the vocabulary projection (of the rows ``output`` holds): (..., dim) -> (..., vocab)."""
     return linear(rms_norm(h, norm, eps), output)
 
 
 class Layer(NamedTuple):
     attention_norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    wo: Linear
     ffn_norm: torch.Tensor
-    w1: torch.Tensor
-    w2: torch.Tensor
-    w3: torch.Tensor
+    w1: Linear
+    w2: Linear
+    w3: Linear
 
     @classmethod
     def from_weights(cls, weights: Mapping[str, torch.Tensor], i: int) -> "Layer":
         p = layer_prefix(i)
         return cls(
             attention_norm=weights[p + "attention_norm.weight"],
-            wq=weights[p + "attention.wq.weight"],
-            wk=weights[p + "attention.wk.weight"],
-            wv=weights[p + "attention.wv.weight"],
-            wo=weights[p + "attention.wo.weight"],
+            wq=linear_weight(weights, p + "attention.wq.weight"),
+            wk=linear_weight(weights, p + "attention.wk.weight"),
+            wv=linear_weight(weights, p + "attention.wv.weight"),
+            wo=linear_weight(weights, p + "attention.wo.weight"),
             ffn_norm=weights[p + "ffn_norm.weight"],
-            w1=weights[p + "feed_forward.w1.weight"],
-            w2=weights[p + "feed_forward.w2.weight"],
-            w3=weights[p + "feed_forward.w3.weight"],
+            w1=linear_weight(weights, p + "feed_forward.w1.weight"),
+            w2=linear_weight(weights, p + "feed_forward.w2.weight"),
+            w3=linear_weight(weights, p + "feed_forward.w3.weight"),
         )
 
 
@@ -259,7 +265,10 @@ class Transformer:
         self.dtype = weights["tok_embeddings.weight"].dtype
         self.max_seq_len = max_seq_len or args.max_seq_len
         self.layers = [Layer.from_weights(weights, i) for i in range(args.n_layers)]
-        self.output = weights["tok_embeddings.weight"] if args.tie_embeddings else weights["output.weight"]
+        # A tied head is the embedding, unless the weights carry a head of their own: int8 weights quantize
+        # the head and keep the embedding (a lookup) in f32.
+        tied = args.tie_embeddings and "output.weight" not in weights
+        self.output = linear_weight(weights, "tok_embeddings.weight" if tied else "output.weight")
         self.rope = rope_tables(args.head_dim, self.max_seq_len, args.rope_theta)
 
     def new_cache(self, n_slots: int = 1) -> KVCache:

@@ -15,6 +15,7 @@ from .config import ModelArgs
 from .errors import UsageError
 from .loading import open_checkpoint, load_weights
 from .model import DTYPES
+from .quant import source_dtype
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class Model:
 
 
 def resolve_dtype(name: str, native: torch.dtype) -> torch.dtype:
-    """``auto`` keeps the checkpoint's own precision (dequantized GGUF types become f32)."""
+    """``auto`` keeps the checkpoint's own precision (dequantized GGUF types become f32); ``int8`` is
+    quantized at load time (shardllama.quant), whatever the checkpoint holds."""
     if name == "auto":
         return native if native in DTYPES.values() else torch.float32
     try:
@@ -91,10 +93,11 @@ def open_model(
             from .coordinator import Coordinator
 
             # Shards are written one weight at a time straight from the (memory-mapped) checkpoint.
+            load = _progress_loader(ckpt, source_dtype(torch_dtype), progress)  # int8: floats, quantized there
             backend = Coordinator(
-                args, _progress_loader(ckpt, torch_dtype, progress), n_workers=workers, dtype=torch_dtype,
-                max_seq_len=max_seq_len, n_slots=n_slots, keep_shards=keep_shards, model_path=model_path,
-                timeout=worker_timeout, threads_per_worker=threads_per_worker, endpoint=listen or "ipc",
+                args, load, n_workers=workers, dtype=torch_dtype, max_seq_len=max_seq_len, n_slots=n_slots,
+                keep_shards=keep_shards, model_path=model_path, timeout=worker_timeout,
+                threads_per_worker=threads_per_worker, endpoint=listen or "ipc",
             )
     return Model(args=args, tokenizer=tokenizer, backend=backend, path=Path(model_path), dtype=torch_dtype)
 

@@ -8,7 +8,8 @@ Every layer is cut the Megatron way so that each worker's partial output is a pl
 - ``wo`` / ``w2`` are cut by input columns with the same ranges, so ``attention`` and ``feed_forward`` of
   ``model.py`` return each worker's contribution to the full result;
 - norms are replicated; the output head is cut by vocabulary rows (each worker returns a slice of the
-  logits); the token embedding stays with the coordinator, which gathers the rows of the batch.
+  logits); the token embedding stays with the coordinator, which gathers the rows of the batch;
+- int8 weights' per-row scales go with their rows (see :func:`plan_entry`).
 
 :data:`PLAN` is the table, :func:`plan` turns ``ModelArgs`` + N into one :class:`ShardSpec` per worker,
 :func:`shard` cuts a full tensor for one worker and :func:`unshard` puts the pieces back together.
@@ -25,6 +26,7 @@ import torch
 
 from .config import ModelArgs
 from .errors import UsageError
+from .quant import SCALE_SUFFIX
 
 
 class Split(NamedTuple):
@@ -59,7 +61,13 @@ ALIGN = (16, 8)
 
 
 def plan_entry(name: str) -> Split:
-    """The table row for a full weight name (``layers.3.attention.wq.weight`` -> ``attention.wq.weight``)."""
+    """The table row for a full weight name (``layers.3.attention.wq.weight`` -> ``attention.wq.weight``).
+
+    The per-row scales of an int8 weight (``..._scale``, shardllama.quant) follow from their weight's row:
+    cut with it when its output rows are cut, whole on every worker when its input columns are."""
+    if name.endswith(SCALE_SUFFIX):
+        split = plan_entry(name.removesuffix(SCALE_SUFFIX))
+        return REPLICATED if split.dim == 1 else split
     try:
         return PLAN[_LAYER.sub("", name)]
     except KeyError:

@@ -11,7 +11,9 @@ their own exit never unlinks anything.  ``keep=True`` unregisters them once they
 the run, and a later run with the same key maps them instead of writing them again.  Segments of runs
 that did not keep them carry the owner's pid in their name, so two runs never share them by accident.
 
-The key names the model file (resolved path, size, mtime), the dtype, N and the layout version.
+The key names the model file (resolved path, size, mtime), the dtype, N and the layout version.  With int8
+weights a segment also holds each matrix's f32 scales (``<name>_scale``) and the embedding stays f32
+(``quant.stored`` decides what is stored how).
 Linux only: segments are listed and opened under /dev/shm.
 """
 
@@ -35,6 +37,7 @@ import torch
 from .config import ModelArgs
 from .errors import ModelFileError, UsageError
 from .model import expected_shapes
+from .quant import stored
 from .sharding import ShardSpec, shard, worker_weights
 
 log = logging.getLogger(__name__)
@@ -234,35 +237,43 @@ class ShardStore:
 
 
 def _layouts(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype) -> dict[str, dict]:
-    """Part -> {tensor name: (dtype, shape)}; shapes come from cutting meta tensors with ``shard`` itself."""
+    """Part -> {tensor name: (dtype, shape)}; computed by storing and cutting meta tensors with ``stored``
+    and ``shard`` themselves (int8 adds each matrix's scales; the embedding stays float)."""
     shapes = expected_shapes(args)
-    layouts = {EMBED: {"tok_embeddings.weight": (dtype, shapes["tok_embeddings.weight"])}}
+
+    def layout(name: str, src: str, spec: ShardSpec | None) -> dict:
+        parts = stored(name, torch.empty(shapes[src], device="meta"), dtype)
+        return {n: (t.dtype, tuple(t.shape if spec is None else shard(n, t, spec).shape)) for n, t in parts.items()}
+
+    layouts = {EMBED: layout("tok_embeddings.weight", "tok_embeddings.weight", None)}
     sources = worker_weights(args)
     for spec in specs:
-        layouts[f"r{spec.rank}"] = {
-            name: (dtype, tuple(shard(name, torch.empty(shapes[src], device="meta"), spec).shape))
-            for name, src in sources.items()
-        }
+        layouts[f"r{spec.rank}"] = {k: v for name, src in sources.items() for k, v in layout(name, src, spec).items()}
     return layouts
 
 
 def _write(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype, load: Loader,
            segments: dict[str, Segment]) -> None:
-    """Load each checkpoint weight once and copy every worker's part of it into place."""
+    """Load each checkpoint weight once, convert (or quantize) it whole, and copy every worker's part of it
+    into place."""
     shapes = expected_shapes(args)
     users: dict[str, list[str]] = {"tok_embeddings.weight": []}
     for name, src in worker_weights(args).items():
         users.setdefault(src, []).append(name)
     for src, names in users.items():
-        full = load(src).to(dtype)
+        full = load(src)
         if tuple(full.shape) != shapes[src]:
             raise ModelFileError(f"weight {src!r} has shape {tuple(full.shape)}, expected {shapes[src]}")
         if src == "tok_embeddings.weight":
-            segments[EMBED].tensor(src).copy_(full)
-        for spec in specs:
-            seg = segments[f"r{spec.rank}"]
-            for name in names:
-                seg.tensor(name).copy_(shard(name, full, spec))
+            for n, t in stored(src, full, dtype).items():
+                segments[EMBED].tensor(n).copy_(t)
+        for name in names:
+            parts = stored(name, full, dtype)  # quantized before the cut: every worker holds the reference's numbers
+            for spec in specs:
+                seg = segments[f"r{spec.rank}"]
+                for n, t in parts.items():
+                    seg.tensor(n).copy_(shard(n, t, spec))
+            del parts
         del full
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator, default_workers
 from shardllama.loading import open_checkpoint
 from shardllama.model import DTYPES, expected_shapes, random_weight, random_weights
+from shardllama.quant import activation_dtype, source_dtype, stored
 
 
 # Layer shapes of the LLaMA family (random weights; --layers keeps the first few, since the cost per layer
@@ -113,7 +113,7 @@ def main() -> int:
     # whole model, so its PSS is the coordinator's real footprint.
     if a.shape:
         args = ModelArgs(**{**SHAPES[a.shape], **({"n_layers": a.layers} if a.layers else {})}, max_seq_len=a.max_seq_len)
-        load = lambda name: random_weight(args, name, dtype)  # noqa: E731
+        load = lambda name: random_weight(args, name, source_dtype(dtype))  # noqa: E731 -- int8: quantized by the store
         label = f"LLaMA-{a.shape} shape, {args.n_layers} layers"
     else:
         if a.model_path is None:
@@ -121,9 +121,11 @@ def main() -> int:
 
             a.model_path = demo_model_path()
         ckpt = open_checkpoint(a.model_path)
-        args, load = ckpt.args, lambda name: ckpt.load(name, dtype)
+        args, load = ckpt.args, lambda name: ckpt.load(name, source_dtype(dtype))
         label = a.model_path.name
-    weight_mb = sum(math.prod(s) for s in expected_shapes(args).values()) * dtype.itemsize / 2**20
+    # as stored: int8 matrices, their f32 scales, f32 norms and embedding
+    weight_mb = sum(t.numel() * t.element_size() for name, shape in expected_shapes(args).items()
+                    for t in stored(name, torch.empty(shape, device="meta"), dtype).values()) / 2**20
     counts = a.workers or list(range(1, default_workers() + 1))
 
     rows = []
@@ -131,7 +133,7 @@ def main() -> int:
         with Coordinator(args, load, n_workers=n, dtype=dtype, max_seq_len=a.max_seq_len) as c:
             prefill, decode = time_backend(c, args.vocab_size, a.prompt_len, a.decode_tokens, a.repeat)
             pss = pss_mb([os.getpid(), *c.pids])
-        kv_mb = 2 * args.n_layers * a.max_seq_len * args.kv_dim * torch.finfo(dtype).bits / 8 / 2**20
+        kv_mb = 2 * args.n_layers * a.max_seq_len * args.kv_dim * activation_dtype(dtype).itemsize / 2**20
         rows.append(dict(workers=n, decode_ms=decode, prefill_tok_s=prefill, pss_total_mb=sum(pss),
                          pss_coordinator_mb=pss[0], pss_workers_mb=pss[1:], weights_mb=weight_mb, kv_cache_mb=kv_mb,
                          sync_ms_per_layer=sync_overhead_ms(args, n, a.repeat), bandwidth_gb_s=bandwidth_gb_s(n)))

@@ -32,6 +32,7 @@ from shardllama import protocol as P
 from shardllama.config import ModelArgs
 from shardllama.model import (DTYPES, KVCache, Layer, Step, attention, feed_forward, last_positions, output_head,
                               rms_norm, rope_tables)
+from shardllama.quant import activation_dtype, linear_weight, source_dtype, stored
 from shardllama.sharding import ShardSpec, plan, shard, worker_weights
 from shardllama.shm import Segment
 
@@ -49,7 +50,7 @@ class ShardModel:
         self.spec = spec
         self.layers = [Layer.from_weights(weights, i) for i in range(args.n_layers)]
         self.norm = weights["norm.weight"]  # (dim,)
-        self.output = weights["output.weight"]  # (vocab slice, dim)
+        self.output = linear_weight(weights, "output.weight")  # (vocab slice, dim)
         self.kv_of_q = spec.kv_map()
         self.cache = KVCache(args.n_layers, n_slots, max_seq_len, len(spec.kv_heads), args.head_dim, dtype)
         self.rope = rope_tables(args.head_dim, max_seq_len, args.rope_theta)
@@ -79,8 +80,10 @@ class ShardModel:
         return self.compute(P.HEAD, self.args.n_layers, h, step)
 
 
-def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This worker's slices, cut from full tensors loaded one at a time (copies: the full ones are freed)."""
+def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor],
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """This worker's slices in ``dtype``, cut from full float tensors loaded one at a time (copies: the full
+    ones are freed); int8 quantizes each whole weight first, exactly as the shared-memory writer does."""
     users: dict[str, list[str]] = {}
     for name, src in worker_weights(args).items():
         users.setdefault(src, []).append(name)
@@ -88,7 +91,8 @@ def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Te
     for src, names in users.items():
         full = load(src)
         for name in names:
-            weights[name] = shard(name, full, spec).clone()
+            for n, t in stored(name, full, dtype).items():
+                weights[n] = shard(n, t, spec).clone()
         del full
     return weights
 
@@ -205,7 +209,7 @@ class Worker:
         dtype = DTYPES[config["dtype"]]
         self.rank = config["rank"]
         torch.set_num_threads(self.threads or config["threads"])
-        if dtype in (torch.float16, torch.bfloat16):
+        if dtype in (torch.float16, torch.bfloat16, torch.int8):
             from shardllama import kernels
 
             kernels.library()  # build (or load) the matvec kernel now, under the connect timeout, not mid-step
@@ -216,7 +220,7 @@ class Worker:
             weights = self.segment.tensors()
         else:
             weights = self._load_own(args, spec, dtype)
-        self.model = ShardModel(args, spec, weights, dtype, config["max_seq_len"], config["n_slots"])
+        self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config["max_seq_len"], config["n_slots"])
         if config.get("reduce"):
             self.reduce_segment = Segment.attach(config["reduce"], writable=True)
             # Later than the coordinator's deadline: it names the worker that fell behind and aborts the pass.
@@ -236,7 +240,7 @@ class Worker:
         theirs = {k: v for k, v in vars(args).items() if k != "max_seq_len"}
         if mine != theirs:
             raise ValueError(f"{self.model_path} is not the coordinator's model: {mine} != {theirs}")
-        return cut_weights(args, spec, lambda name: ckpt.load(name, dtype))
+        return cut_weights(args, spec, lambda name: ckpt.load(name, source_dtype(dtype)), dtype)
 
     # ---- serving ---------------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ torch's own f16 matrix-vector product stops well short of the memory bandwidth (
 this kernel widens f16 (or bf16) to f32 with F16C and sums with AVX-512 (or AVX2) FMAs, several weight
 rows at a time with software prefetch, and returns what ``F.linear(x, w)`` returns up to the order of
 the f32 sums.  :func:`shardllama.model.linear` asks :func:`applies` and calls :func:`matvec`; torch's
-path stays the fallback and the test oracle.
+path stays the fallback and the test oracle.  :func:`matvec_int8` does the same for int8 weights with a
+scale per row (``shardllama.quant``), for prompts as well as decode steps; its oracle is
+``quant.reference_linear``.
 
 The library is compiled on first use and cached (``build.py``).  Where it cannot be built or imported
 (no compiler or ninja, a compiler error) one warning is logged and :func:`applies` answers False for
@@ -97,3 +99,27 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for (..., K) x of a few rows: (..., N) in w's dtype, f32 sums.  Only where :func:`applies`
     said so; threads: torch.get_num_threads()."""
     return _library.matvec(x, w)  # type: ignore[union-attr]
+
+
+def applies_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether :func:`matvec_int8` computes ``x @ (q * scale[:, None]).T``: a 2-D int8 weight with contiguous
+    rows, f32 scales, f32 x (any number of rows), no autograd, on the CPU, and a library that loaded."""
+    return (
+        q.dtype == torch.int8
+        and x.dtype == torch.float32
+        and scale.dtype == torch.float32
+        and q.dim() == 2
+        and q.stride(1) == 1
+        and scale.shape == q.shape[:1]
+        and x.shape[-1] == q.shape[1]
+        and not x.requires_grad
+        and x.device.type == "cpu"
+        and q.device.type == "cpu"
+        and library() is not None
+    )
+
+
+def matvec_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scale[:, None]).T`` for f32 x (..., K): (..., N) f32, x rounded to f16 after an exact
+    power-of-two scaling per row, f32 sums.  Only where :func:`applies_int8` said so."""
+    return _library.matvec_int8(x, q, scale)  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-// Matrix-vector products with 16-bit weights, for decoding: y = x @ W.T (F.linear without bias).
+// Matrix-vector products with 16-bit weights, for decoding: y = x @ W.T (F.linear without bias); and the same
+// for int8 weights with one f32 scale per row (`matvec_int8`, at the end: the section "int8 weights").
 //
 // W is (N, K) f16 or bf16 with unit stride along K and any row stride (a worker's weights are slices of
 // a shared-memory segment; no alignment is assumed).  x is (..., K) in W's dtype with at most kMaxM rows
@@ -32,6 +33,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -184,6 +186,176 @@ TARGET_AVX2 void rows_avx2(const Problem& p, int64_t begin, int64_t end) {
   }
 }
 
+// ---- int8 weights, one f32 scale per row ---------------------------------------------------------------
+//
+// y[m, i] = scale[i] * sum_k x[m, k] * q[i, k]: the same single front-to-back stream of rows, at half the
+// bytes of f16.  Each 16 (8 on AVX2) weights are sign-extended to int32 and converted to f32 (exact, since
+// |q| <= 127) and multiplied into x by FMA; the row's scale multiplies the finished sum once (scale * sum =
+// sum of scale * terms, which is also why a worker holding a column slice of a row keeps the whole row's
+// scale).
+//
+// x comes in as f32 and is kept here as f16, scaled per row by a power of two that puts its largest value
+// near 2^15: one byte per weight leaves x's reads from L1 as the next limit, and f32 x (44 KB at K = 11008)
+// falls out of L1 and halved the rate on w2-shaped matrices (17 against 35 GB/s, tools/bench_kernels.py).
+// The power of two is exact and undone on the sum, so x loses only f16's rounding (relative 2^-11, an order
+// of magnitude below the int8 rounding of the weights) and never overflows.
+
+struct Problem8 {
+  const int8_t* w;  // row i of q at w + i * ldw
+  int64_t ldw;
+  const uint16_t* x;  // the M rows of x as f16 (scaled), row m at x + m * ldx, zero-padded beyond K
+  int64_t ldx;
+  const float* unscale;  // (M,) the power of two that undoes row m's scaling
+  const float* scale;  // (N,) the weight rows' scales
+  float* y;  // (M, N)
+  int64_t N, K;
+  int64_t ahead;  // prefetch the rows this far ahead (0: no prefetch)
+};
+
+TARGET_AVX512 INLINE __m512 load16_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+TARGET_AVX512 INLINE __m512 load16_i8_masked(const int8_t* p, __mmask16 m) {  // reads nothing past the mask
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+template <int M>
+TARGET_AVX512 INLINE void fma16_i8(__m512 (&acc)[M], __m512 wv, const Problem8& p, int64_t k) {
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, load16<false>(p.x + m * p.ldx + k), acc[m]);
+}
+
+template <int M>
+TARGET_AVX512 void rows8_avx512(const Problem8& p, int64_t begin, int64_t end) {
+  constexpr int S = sums(M), U = 4;  // U chunks of 16 weights per iteration: one 64-byte line
+  for (int64_t i = begin; i < end; ++i) {
+    const int8_t* w = p.w + i * p.ldw;
+    const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead, p.N - 1) * p.ldw);
+    __m512 acc[S][M];
+    for (int s = 0; s < S; ++s)
+      for (int m = 0; m < M; ++m) acc[s][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 * U <= p.K; k += 16 * U) {
+      if (p.ahead) _mm_prefetch(pf + k, _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int j = 0; j < U; ++j) fma16_i8<M>(acc[j % S], load16_i8(w + k + 16 * j), p, k + 16 * j);
+    }
+    for (; k < p.K; k += 16) {  // x is zero-padded to a multiple of 16; q is not, so mask it
+      __mmask16 mask = p.K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (p.K - k)) - 1);
+      fma16_i8<M>(acc[0], load16_i8_masked(w + k, mask), p, k);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = acc[0][m];
+      for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][m]);
+      p.y[m * p.N + i] = p.scale[i] * (_mm512_reduce_add_ps(sum) * p.unscale[m]);
+    }
+  }
+}
+
+// A full block of 8 rows of x (a prompt, or 8 sequences decoding) is bound by reading and widening x, not by
+// the weights: there, four weight rows at a time share each widened vector of x (1.5x at 8 rows; at 4 rows or
+// fewer it measured no gain, and one row of x keeps the single stream above).  The 32 sums do not all fit in
+// registers; it is faster all the same.
+template <int M>
+TARGET_AVX512 void rows8x4_avx512(const Problem8& p, int64_t begin, int64_t end) {
+  constexpr int R = 4;
+  int64_t i = begin;
+  for (; i + R <= end; i += R) {
+    const int8_t* w = p.w + i * p.ldw;
+    const char* pf[R];
+    for (int r = 0; r < R; ++r) pf[r] = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead + r, p.N - 1) * p.ldw);
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    auto step = [&](int64_t k, const __m512 (&wv)[R]) TARGET_AVX512 {
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = load16<false>(p.x + m * p.ldx + k);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+      }
+    };
+    int64_t k = 0;
+    for (; k + 64 <= p.K; k += 64) {
+      if (p.ahead)
+        for (int r = 0; r < R; ++r) _mm_prefetch(pf[r] + k, _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        __m512 wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = load16_i8(w + r * p.ldw + k + 16 * j);
+        step(k + 16 * j, wv);
+      }
+    }
+    for (; k < p.K; k += 16) {
+      __mmask16 mask = p.K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (p.K - k)) - 1);
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load16_i8_masked(w + r * p.ldw + k, mask);
+      step(k, wv);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        p.y[m * p.N + i + r] = p.scale[i + r] * (_mm512_reduce_add_ps(acc[r][m]) * p.unscale[m]);
+  }
+  if (i < end) rows8_avx512<M>(p, i, end);
+}
+
+TARGET_AVX2 INLINE __m256 load8_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int M>
+TARGET_AVX2 INLINE void fma8_i8(__m256 (&acc)[M], __m256 wv, const Problem8& p, int64_t k) {
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, load8<false>(p.x + m * p.ldx + k), acc[m]);
+}
+
+template <int M>
+TARGET_AVX2 void rows8_avx2(const Problem8& p, int64_t begin, int64_t end) {
+  constexpr int S = sums(M), U = 8;  // U chunks of 8 weights per iteration: one 64-byte line
+  for (int64_t i = begin; i < end; ++i) {
+    const int8_t* w = p.w + i * p.ldw;
+    const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead, p.N - 1) * p.ldw);
+    __m256 acc[S][M];
+    for (int s = 0; s < S; ++s)
+      for (int m = 0; m < M; ++m) acc[s][m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 * U <= p.K; k += 8 * U) {
+      if (p.ahead) _mm_prefetch(pf + k, _MM_HINT_T0);
+#pragma GCC unroll 8
+      for (int j = 0; j < U; ++j) fma8_i8<M>(acc[j % S], load8_i8(w + k + 8 * j), p, k + 8 * j);
+    }
+    for (; k + 8 <= p.K; k += 8) fma8_i8<M>(acc[0], load8_i8(w + k), p, k);
+    for (int m = 0; m < M; ++m) {
+      __m256 sum = acc[0][m];
+      for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, acc[s][m]);
+      float total = hsum8(sum);
+      for (int64_t kk = k; kk < p.K; ++kk) total += float(w[kk]) * widen<false>(p.x[m * p.ldx + kk]);
+      p.y[m * p.N + i] = p.scale[i] * (total * p.unscale[m]);
+    }
+  }
+}
+
+// One row of f32 x into f16, times 2^e with e chosen so that the largest |x| lands in [2^14, 2^15): no
+// overflow, and f16's full precision for everything within 2^24 of the largest value.  Returns 2^-e.
+// Infinities and NaNs are converted unscaled, and propagate as they would in f32.
+__attribute__((target("avx2,f16c"))) float to_f16_scaled(const float* x, int64_t K, uint16_t* out) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  int e = 0;
+  if (amax > 0.0f && std::isfinite(amax)) {
+    std::frexp(amax, &e);  // amax = f * 2^e, 0.5 <= f < 1
+    e = std::clamp(15 - e, -100, 100);  // 2^e and 2^-e stay normal floats
+  }
+  const float up = std::ldexp(1.0f, e);
+  const __m256 upv = _mm256_set1_ps(up);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
+                     _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(x + k), upv), _MM_FROUND_TO_NEAREST_INT));
+  for (; k < K; ++k) out[k] = _cvtss_sh(x[k] * up, _MM_FROUND_TO_NEAREST_INT);
+  return std::ldexp(1.0f, -e);
+}
+
 // ---- dispatch ------------------------------------------------------------------------------------------
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
@@ -199,6 +371,28 @@ const Table kTables[2][2] = {  // [isa == AVX-512][bf16]
     {avx512_table<false>(std::make_index_sequence<kMaxM>()), avx512_table<true>(std::make_index_sequence<kMaxM>())},
 };
 
+using Rows8Fn = void (*)(const Problem8&, int64_t, int64_t);
+using Table8 = std::array<Rows8Fn, kMaxM>;
+
+template <std::size_t... I>
+constexpr Table8 avx512_table8(std::index_sequence<I...>) {
+  return {(int(I) + 1 == kMaxM ? &rows8x4_avx512<int(I) + 1> : &rows8_avx512<int(I) + 1>)...};
+}
+template <std::size_t... I>
+constexpr Table8 avx2_table8(std::index_sequence<I...>) { return {&rows8_avx2<int(I) + 1>...}; }
+
+const Table8 kTables8[2] = {avx2_table8(std::make_index_sequence<kMaxM>()),  // [isa == AVX-512]
+                            avx512_table8(std::make_index_sequence<kMaxM>())};
+
+// The instruction set to run: -1 picks the best this CPU has.
+int64_t pick_isa(int64_t isa, const char* who) {
+  static const Isa have = best_isa();
+  if (isa < 0) isa = have;
+  TORCH_CHECK(isa == kAvx2 || isa == kAvx512, who, ": unknown instruction set ", isa);
+  TORCH_CHECK(isa <= have, who, ": this CPU lacks the instruction set asked for (", isa, " > ", int64_t(have), ")");
+  return isa;
+}
+
 at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, int64_t prefetch, int64_t isa) {
   TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu(), "matvec: CPU tensors only");
   TORCH_CHECK(w.dim() == 2, "matvec: the weight must be 2-D, got ", w.dim(), "-D");
@@ -210,10 +404,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, int64_t prefetch, in
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "matvec: x has ", x.size(-1), " columns, the weight ", K);
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   TORCH_CHECK(M <= kMaxM, "matvec: at most ", kMaxM, " rows of x, got ", M);
-  static const Isa have = best_isa();
-  if (isa < 0) isa = have;
-  TORCH_CHECK(isa == kAvx2 || isa == kAvx512, "matvec: unknown instruction set ", isa);
-  TORCH_CHECK(isa <= have, "matvec: this CPU lacks the instruction set asked for (", isa, " > ", int64_t(have), ")");
+  isa = pick_isa(isa, "matvec");
 
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
   out_sizes.push_back(N);
@@ -240,13 +431,67 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, int64_t prefetch, in
   return y;
 }
 
+at::Tensor matvec_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t prefetch,
+                       int64_t isa) {
+  TORCH_CHECK(q.device().is_cpu() && x.device().is_cpu() && scale.device().is_cpu(), "matvec_int8: CPU tensors only");
+  TORCH_CHECK(q.dim() == 2, "matvec_int8: the weight must be 2-D, got ", q.dim(), "-D");
+  TORCH_CHECK(q.scalar_type() == at::kChar, "matvec_int8: the weight must be int8, got ", q.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "matvec_int8: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(q.size(0) <= 1 || q.stride(1) == 1 || q.size(1) <= 1, "matvec_int8: the weight's rows must be contiguous");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == N,
+              "matvec_int8: the scale must be float32 of shape (", N, "), got ", scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "matvec_int8: x has ", x.size(-1), " columns, the weight ", K);
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  isa = pick_isa(isa, "matvec_int8");
+
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
+  out_sizes.push_back(N);
+  at::Tensor y = at::empty(out_sizes, x.options());
+  if (M == 0 || N == 0) return y;
+
+  const at::Tensor xc = x.contiguous(), sc = scale.contiguous();
+  // As in matvec: zero-padded to a multiple of 16, and 16 more values put the rows in other cache sets.
+  const int64_t ldx = (K + 15) / 16 * 16 + 16;
+  std::vector<uint16_t> xs(M * ldx, 0);
+  std::vector<float> unscale(M);
+  for (int64_t m = 0; m < M; ++m) unscale[m] = to_f16_scaled(xc.data_ptr<float>() + m * K, K, xs.data() + m * ldx);
+
+  if (prefetch < 0) prefetch = kDefaultPrefetch;
+  const int64_t row_bytes = std::max<int64_t>(K, 64);
+  const Problem8 p{q.data_ptr<int8_t>(), q.stride(0), xs.data(), ldx, unscale.data(), sc.data_ptr<float>(),
+                   y.data_ptr<float>(), N, K, (prefetch + row_bytes - 1) / row_bytes};
+  const Table8& table = kTables8[isa == kAvx512];
+  // More than kMaxM rows of x (a prompt) go in blocks of kMaxM over chunks of 256 KiB of q, so that each chunk
+  // comes from memory once and from L2 for the other blocks.  Threads take contiguous ranges of rows, at
+  // least 64 KiB of weights each.
+  const int64_t chunk = M <= kMaxM ? N : std::max<int64_t>(1, 262144 / row_bytes);
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += chunk) {
+      for (int64_t m = 0; m < M; m += kMaxM) {
+        Problem8 block = p;
+        block.x += m * ldx;
+        block.unscale += m;
+        block.y += m * N;
+        table[std::min<int64_t>(kMaxM, M - m) - 1](block, i, std::min(i + chunk, end));
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "f16/bf16 matrix-vector products for decoding (shardllama.kernels)";
+  m.doc() = "f16/bf16 and int8 matrix-vector products for decoding (shardllama.kernels)";
   m.def("matvec", &matvec,
         "y = x @ w.T for a few rows of x; f32 sums, output in w's dtype; prefetch: bytes ahead (-1: default)", py::arg("x"),
         py::arg("w"), py::arg("prefetch") = -1, py::arg("isa") = -1, py::call_guard<py::gil_scoped_release>());
+  m.def("matvec_int8", &matvec_int8,
+        "y = scale * (x @ q.T) for int8 q (N, K), f32 scale (N,) and f32 x (..., K), x rounded to f16 after a "
+        "power-of-two scaling per row; f32 sums and output; "
+        "prefetch: bytes ahead (-1: default)", py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("prefetch") = -1,
+        py::arg("isa") = -1, py::call_guard<py::gil_scoped_release>());
   m.def("best_isa", []() { return int64_t(best_isa()); }, "2: AVX-512, 1: AVX2, 0: neither");
   m.attr("max_rows") = kMaxM;
   m.attr("default_prefetch") = kDefaultPrefetch;

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..errors import ModelFileError
 from ..model import expected_shapes
+from ..quant import source_dtype, stored
 from .base import Checkpoint
 from .gguf_file import GGUFCheckpoint
 from .hf import INDEX_NAME, SafetensorsCheckpoint, shard_files
@@ -39,7 +40,10 @@ def open_checkpoint(model_path: str | Path, param_path: str | Path | None = None
 
 
 def load_weights(ckpt: Checkpoint, dtype: torch.dtype, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Every weight of the model, read one at a time (converted weights never coexist with a second copy)."""
+    """Every weight of the model, read one at a time (converted weights never coexist with a second copy).
+
+    ``torch.int8`` quantizes each matrix as it is read (``quant.stored``: int8 plus ``<name>_scale``, norms
+    and embedding in f32, and a tied head its own int8 copy)."""
     expected = expected_shapes(ckpt.args)
     names = ckpt.names()
     present = set(names)
@@ -50,10 +54,12 @@ def load_weights(ckpt: Checkpoint, dtype: torch.dtype, progress: bool = False) -
     for name in tqdm(names, desc=f"loading {ckpt.path.name}", unit="tensor", file=sys.stderr, disable=not progress):
         if name not in expected:
             raise ModelFileError(f"{ckpt.path}: unknown tensor {name!r}")
-        t = ckpt.load(name, dtype)
+        t = ckpt.load(name, source_dtype(dtype))
         if tuple(t.shape) != expected[name]:
             raise ModelFileError(f"{ckpt.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
-        weights[name] = t
+        weights.update(stored(name, t, dtype))
+    if dtype == torch.int8 and ckpt.args.tie_embeddings:
+        weights.update(stored("output.weight", weights["tok_embeddings.weight"], dtype))
     return weights
 
 

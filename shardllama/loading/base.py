@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..config import ModelArgs
-from ..errors import ModelFileError, ShardllamaError, one_line
+from ..errors import ModelFileError, ShardllamaError, UsageError, one_line
 from ..model import expected_shapes
 
 _LAYER = re.compile(r"^layers\.\d+\.")
@@ -68,6 +68,9 @@ class Checkpoint(abc.ABC):
         """
         if name not in self._shapes:
             raise KeyError(f"{name!r} is not a weight of this model")
+        if not dtype.is_floating_point:  # int8 comes from quant.stored, never from a plain cast
+            raise UsageError(f"checkpoint weights load as a float dtype, not {dtype}; int8 models quantize them "
+                             "(shardllama.loading.load_weights)")
         t = self._read(name, dtype)
         if tuple(t.shape) != self._shapes[name]:
             raise ModelFileError(f"{self.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {self._shapes[name]}")

@@ -84,13 +84,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 def kv_bytes_per_slot(args: "ModelArgs", dtype: "torch.dtype", max_seq_len: int, n_workers: int | None = 0) -> int:
     """Memory of one KV-cache slot, over all processes: keys and values of every layer and position.
-    With workers, a KV head shared by two workers' query groups is held by both (see ``sharding``)."""
+    With workers, a KV head shared by two workers' query groups is held by both (see ``sharding``).
+    ``dtype`` is the weights' (an int8 model keeps its cache in f32)."""
+    from ..quant import activation_dtype
+
     kv_heads = args.n_kv_heads
     if n_workers:
         from ..sharding import plan
 
         kv_heads = sum(len(spec.kv_heads) for spec in plan(args, n_workers))
-    return 2 * args.n_layers * max_seq_len * kv_heads * args.head_dim * dtype.itemsize
+    return 2 * args.n_layers * max_seq_len * kv_heads * args.head_dim * activation_dtype(dtype).itemsize
 
 
 def plan_slots(bytes_per_slot: int, *, max_concurrent: int, prompt_cache_size: int, cache_memory: int) -> int:

@@ -1,0 +1,163 @@
+"""What lower-precision weights cost in quality: perplexity per dtype, and greedy agreement with f16.
+
+    python tools/quality.py                          # the demo model, f32 f16 bf16 int8
+    python tools/quality.py --model-path M --dtypes f16 int8 --tokens 32
+
+For every dtype the model is loaded as shardllama loads it (``load_weights``: int8 is quantized at load
+time) and run by the reference model in this process (the sharded engine computes the same numbers up to
+the order of f32 sums, tests/test_int8.py), with the matrix-vector kernels as the CLI uses them.
+
+- Perplexity: exp of the mean negative log-likelihood of every token of a fixed English text
+  (``--text``, default tools/data/wind-in-the-willows.txt, public domain) given the ones before it, in one
+  forward pass.  On the same pass, against the baseline: the share of positions whose most likely next
+  token is the baseline's, and the mean KL divergence from the baseline's next-token distribution (both
+  teacher-forced, so one early difference does not decide the rest).
+- Greedy agreement with ``--baseline`` (f16): each of a few fixed prompts is continued greedily for
+  ``--tokens`` tokens (end tokens ignored, so every continuation has that length); agreement is the
+  fraction of positions holding the same token as the baseline's continuation, and the first divergence
+  the index of the first token that differs (none: all identical).  After a divergence the two texts go
+  their own ways, so agreement after it measures little; the first divergence is the sharper figure.
+
+Writes ``quality-<model>.json`` and ``quality-<model>.md`` to --out-dir (tools/results) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shardllama.loading import load_weights, open_checkpoint
+from shardllama.model import DTYPES, Transformer
+from shardllama.tokenizer import load_tokenizer
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = [
+    "The meaning of life is",
+    "Once upon a time, in a small village by the sea,",
+    "The three most important inventions of the twentieth century are",
+    "def fibonacci(n):",
+    "Photosynthesis is the process by which",
+    "Dear Sir, I am writing to complain about",
+    "The recipe calls for two cups of flour,",
+    "In 1492, Columbus",
+]
+
+
+def text_logits(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    """Log-probabilities of the next token after every token of the text but the last: (T - 1, vocab) f64."""
+    logits = model.forward(torch.tensor([tokens]), model.new_cache(1), all_logits=True)[0, :-1]  # (T - 1, vocab)
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def perplexity(logp: torch.Tensor, tokens: list[int]) -> tuple[float, float]:
+    """(perplexity, mean negative log-likelihood in nats) of tokens[1:] given the tokens before each."""
+    nll = float(F.nll_loss(logp, torch.tensor(tokens[1:])))
+    return math.exp(nll), nll
+
+
+def against(logp: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
+    """Teacher-forced comparison on the text: the fraction of positions whose most likely next token is the
+    baseline's, and the mean KL divergence KL(baseline || this) in nats."""
+    top1 = float((logp.argmax(-1) == base.argmax(-1)).double().mean())
+    kl = float((base.exp() * (base - logp)).sum(-1).mean())
+    return top1, kl
+
+
+def greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """n argmax tokens after the prompt, one decode step at a time (as generation runs)."""
+    cache = model.new_cache(1)
+    logits = model.forward(torch.tensor([prompt]), cache)
+    out = []
+    for i in range(n):
+        out.append(int(logits.argmax(-1)))
+        if i + 1 < n:
+            logits = model.forward(torch.tensor([[out[-1]]]), cache, start=len(prompt) + i)
+    return out
+
+
+def agreement(ours: list[int], theirs: list[int]) -> tuple[float, int | None]:
+    same = [a == b for a, b in zip(ours, theirs)]
+    first = next((i for i, s in enumerate(same) if not s), None)
+    return sum(same) / len(same), first
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", type=Path, help="default: the demo model")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["f32", "f16", "bf16", "int8"])
+    p.add_argument("--baseline", choices=list(DTYPES), default="f16", help="greedy agreement against this dtype")
+    p.add_argument("--text", type=Path, default=HERE / "data" / "wind-in-the-willows.txt")
+    p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    a = p.parse_args(argv)
+
+    if a.model_path is None:
+        from shardllama.demo import demo_model_path
+
+        a.model_path = demo_model_path()
+    dtypes = list(dict.fromkeys([a.baseline] + a.dtypes))  # the baseline first: the others compare with it
+    ckpt = open_checkpoint(a.model_path)
+    tok = load_tokenizer(ckpt.tokenizer_path, gguf_fields=ckpt.gguf_fields)
+    text = a.text.read_text(encoding="utf-8")
+    text_ids = tok.encode(text)
+    prompt_ids = [tok.encode(prompt) for prompt in PROMPTS]
+    max_len = max(len(text_ids), max(map(len, prompt_ids)) + a.tokens) + 1
+    print(f"{a.model_path.name}: text {a.text.name} ({len(text_ids)} tokens), {len(PROMPTS)} prompts x "
+          f"{a.tokens} greedy tokens", file=sys.stderr)
+
+    rows, continuations, base_logp = {}, {}, None
+    for name in dtypes:
+        t0 = time.perf_counter()
+        model = Transformer(ckpt.args, load_weights(ckpt, DTYPES[name]), max_seq_len=max_len)
+        logp = text_logits(model, text_ids)
+        base_logp = logp if base_logp is None else base_logp  # the baseline comes first
+        ppl, nll = perplexity(logp, text_ids)
+        top1, kl = against(logp, base_logp)
+        continuations[name] = [greedy(model, ids, a.tokens) for ids in prompt_ids]
+        rows[name] = {"dtype": name, "perplexity": ppl, "nll": nll, "text_top1_agreement": top1, "text_kl": kl,
+                      "seconds": time.perf_counter() - t0}
+        print(f"{name}: perplexity {ppl:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        del model, logp
+    for name in dtypes:
+        per_prompt = [agreement(c, b) for c, b in zip(continuations[name], continuations[a.baseline])]
+        rows[name]["agreement"] = sum(x for x, _ in per_prompt) / len(per_prompt)
+        rows[name]["first_divergence"] = [d for _, d in per_prompt]
+
+    base = rows[a.baseline]["perplexity"]
+    label = a.model_path.name.removesuffix(".gguf")
+    lines = [f"{label}: perplexity on {a.text.name} ({len(text_ids)} tokens); on the same text, teacher-forced, "
+             f"the share of positions whose most likely next token is {a.baseline}'s and the mean KL({a.baseline} "
+             f"|| weights); greedy agreement with {a.baseline} over the first {a.tokens} tokens of {len(PROMPTS)} "
+             "prompts, and the first divergence (index of the first differing token per prompt, - = none)", "",
+             f"| weights | perplexity | vs {a.baseline} | text top-1 = {a.baseline} | text KL (nats) "
+             f"| greedy agreement with {a.baseline} | first divergence |",
+             "|---|---|---|---|---|---|---|"]
+    for name in dtypes:
+        r = rows[name]
+        first = ", ".join("-" if d is None else str(d) for d in r["first_divergence"])
+        lines.append(f"| {name} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
+                     f"{100 * r['text_top1_agreement']:.1f}% | {r['text_kl']:.5f} | {100 * r['agreement']:.1f}% "
+                     f"| {first} |")
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(model=str(a.model_path.name), text=a.text.name, text_tokens=len(text_ids), prompts=PROMPTS,
+                greedy_tokens=a.tokens, baseline=a.baseline, torch=torch.__version__, machine=platform.machine(),
+                date=time.strftime("%Y-%m-%d"), rows=list(rows.values()),
+                continuations={name: [tok.decode(c) for c in cs] for name, cs in continuations.items()})
+    (a.out_dir / f"quality-{label}.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    (a.out_dir / f"quality-{label}.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
