@@ -273,7 +273,7 @@ def run_shardllama(cfg: dict) -> dict:
 
     torch.set_num_threads(1)  # the coordinator's own work (embedding lookup, sums) stays on one thread
     t0 = time.perf_counter()
-    model = open_model(cfg["path"], workers=cfg["workers"], max_seq_len=cfg["n_ctx"])
+    model = open_model(cfg["path"], workers=cfg["workers"], max_seq_len=cfg["n_ctx"], dtype=cfg.get("dtype", "auto"))
     load_s = time.perf_counter() - t0
     with model:
         backend = model.backend
@@ -334,7 +334,9 @@ def configs(a: argparse.Namespace) -> list[dict]:
     return ([dict(engine="llama.cpp", threads=t, label=f"llama.cpp, {t} thread{'s' * (t > 1)}")
              for t in a.llama_threads]
             + [dict(engine="shardllama", workers=n, label=f"shardllama, {n} worker{'s' * (n > 1)}")
-               for n in a.workers])
+               for n in a.workers]
+            + [dict(engine="shardllama", workers=n, dtype="int8", label=f"shardllama int8, {n} worker{'s' * (n > 1)}")
+               for n in a.int8_workers])
 
 
 def bench_model(name: str, a: argparse.Namespace) -> dict:
@@ -438,7 +440,8 @@ def markdown(result: dict) -> str:
     for mod in result["models"]:
         ok = [r for r in mod["rows"] if "decode_ms" in r]
         ref = max((r for r in ok if r["engine"] == "llama.cpp"), key=lambda r: r["threads"], default=None)
-        one = next((r for r in ok if r["engine"] == "shardllama" and r["workers"] == 1), None)
+        one = next((r for r in ok if r["engine"] == "shardllama" and r["workers"] == 1 and "int8" not in r["label"]),
+                   None)
         s = mod["settings"]
         last = str(s["prompt_lens"][-1])
         label = f"{mod['model']} ({mod['file_gb']:.2f} GB)"
@@ -447,14 +450,14 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {label} | {r['label']} | failed: {'; '.join(r['errors'])} |")
                 continue
             cells = [label, r["label"], f"{r['decode_ms']:.1f} ({r['decode_ms_min']:.1f}–{r['decode_ms_max']:.1f})",
-                     f"{r['gb_s']:.1f}"]
+                     f"{r['gb_s']:.1f}" if "int8" not in r["label"] else "(int8)"]
             cells.append(f"{ref['decode_ms'] / r['decode_ms']:.2f}×" if ref else "")
             cells += [f"{r['prefill_tok_s'][str(n)]:.1f}" if str(n) in r["prefill_tok_s"] else "" for n in lens]
             cells.append(f"{r['prefill_tok_s'][last] / ref['prefill_tok_s'][last]:.2f}×" if ref else "")
             cells += [f"{r['peak_memory_gb']:.2f}", f"{r['load_s']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         for r in ok:
-            if one is not None and r["engine"] == "shardllama" and r["workers"] > 1:
+            if one is not None and r["engine"] == "shardllama" and r["workers"] > 1 and "int8" not in r["label"]:
                 notes.append(f"{mod['model']}: {r['workers']} workers over 1: decode "
                              f"{one['decode_ms'] / r['decode_ms']:.2f}×, prefill {last} "
                              f"{r['prefill_tok_s'][last] / one['prefill_tok_s'][last]:.2f}×")
@@ -481,6 +484,8 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["demo-f16", "demo-f32", "7b-f16"],
                    help=f"model names ({', '.join(MODELS)}) or GGUF paths")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="shardllama worker counts")
+    p.add_argument("--int8-workers", type=int, nargs="*", default=[],
+                   help="also shardllama with --dtype int8 (weights quantized at load) on these worker counts")
     p.add_argument("--llama-threads", type=int, nargs="+", default=[2], help="llama.cpp thread counts")
     p.add_argument("--rounds", type=int, default=3, help="fresh subprocesses per configuration, taking turns")
     p.add_argument("--repeat", type=int, default=3, help="measurements in each subprocess")
