@@ -2,7 +2,8 @@
 
 Two implementations: :class:`LocalBackend` (the reference model in this process) and the tensor-parallel
 coordinator (``shardllama.coordinator``), which runs the same math split over worker processes.  Both keep
-a KV cache of ``n_slots`` sequences; the caller decides which slot each row of a batch uses.
+a KV cache of ``n_slots`` sequences; the caller decides which slot each row of a batch uses, and can read a
+slot's state out and write it back (the server's prompt cache on disk).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class Backend(Protocol):
         """Copy the first ``length`` cached positions of slot ``src`` to slot ``dst``."""
         ...
 
+    def read_slot(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``length`` cached positions of ``slot``, every KV head, in the model's dtype: k and v,
+        each (n_layers, length, n_kv_heads, head_dim), owning their memory.  The same layout whatever the
+        backend (the coordinator assembles it from its workers), so a state read from one fits any other."""
+        ...
+
+    def write_slot(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill the first ``k.shape[1]`` positions of ``slot`` from what :meth:`read_slot` returned."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -53,6 +64,13 @@ class LocalBackend:
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)
+
+    def read_slot(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.cache.read(slot, length)
+        return k.clone(), v.clone()
+
+    def write_slot(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.cache.write(slot, k, v)
 
     def close(self) -> None:
         self.cache = None

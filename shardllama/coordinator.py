@@ -267,6 +267,60 @@ class Coordinator:
             self._send(w, body)
         self._gather(P.ACK)
 
+    def read_slot(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``length`` positions of ``slot``, every KV head: k and v, each (n_layers, length,
+        n_kv_heads, head_dim), assembled from the workers' ``kv_heads`` ranges (a head that two workers
+        hold is taken once, from the lower rank)."""
+        a = self.args
+        self._check_slot_io(slot, length)
+        if length > 0 and slot in self._lost_slots:
+            raise WorkerError(f"slot {slot} was lost when a worker was replaced; start its sequence again")
+        k = torch.empty((a.n_layers, length, a.n_kv_heads, a.head_dim), dtype=self.dtype)
+        v = torch.empty_like(k)
+        if length == 0:
+            return k, v
+        self._step = (self._step + 1) & 0xFFFFFFFF
+        request = P.slot_request(self._step, slot, length)
+        for w in self._workers:
+            self._send(w, request)
+        covered = 0  # heads [0, covered) are filled
+        for rank, h, frame in sorted(self._gather(P.SLOT_DATA, slot, P.SLOT_IO), key=lambda answer: answer[0]):
+            heads = self.specs[rank].kv_heads
+            assert h.B == len(heads) and h.T == length, (h, heads)
+            part_k, part_v = P.read_slot_payload(frame, h, a.n_layers, a.head_dim)  # (n_layers, length, B, hd)
+            first = max(covered, heads.start) - heads.start
+            k[:, :, heads.start + first : heads.stop] = part_k[:, :, first:]
+            v[:, :, heads.start + first : heads.stop] = part_v[:, :, first:]
+            covered = max(covered, heads.stop)
+        assert covered == a.n_kv_heads, (covered, a.n_kv_heads)
+        return k, v
+
+    def write_slot(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill the first ``k.shape[1]`` positions of ``slot``: each worker gets its ``kv_heads`` of k and v
+        (each (n_layers, length, n_kv_heads, head_dim), as :meth:`read_slot` gives them)."""
+        a = self.args
+        want = (a.n_layers, k.shape[1] if k.dim() == 4 else -1, a.n_kv_heads, a.head_dim)
+        if tuple(k.shape) != want or tuple(v.shape) != want or k.dtype != self.dtype or v.dtype != self.dtype:
+            raise ValueError(f"KV of shapes {tuple(k.shape)} / {tuple(v.shape)} and dtypes {k.dtype} / {v.dtype} do "
+                             f"not fit a slot of (layers, positions, kv heads, head dim) = "
+                             f"({a.n_layers}, <= {self.max_seq_len}, {a.n_kv_heads}, {a.head_dim}) {self.dtype}")
+        self._check_slot_io(slot, k.shape[1])
+        self._step = (self._step + 1) & 0xFFFFFFFF
+        for w, spec in zip(self._workers, self.specs):
+            heads = slice(spec.kv_heads.start, spec.kv_heads.stop)
+            self._send(w, P.slot_message(P.WRITE_SLOT, self._step, slot, k[:, :, heads], v[:, :, heads]).numpy())
+        self._gather(P.ACK)
+        self._lost_slots.discard(slot)
+
+    def _check_slot_io(self, slot: int, length: int) -> None:
+        self._check_open()
+        if not 0 <= slot < self.n_slots:
+            raise ValueError(f"slot {slot} outside the cache's {self.n_slots} slots")
+        if not 0 <= length <= self.max_seq_len:
+            raise ValueError(f"{length} positions do not fit a slot of {self.max_seq_len}")
+        if self._broken:
+            self.restart_workers()
+
     def _check_slots(self, start: torch.Tensor, slots: torch.Tensor) -> None:
         """After a worker was replaced, a sequence must start again at position 0 before it continues."""
         if self._lost_slots:

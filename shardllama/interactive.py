@@ -10,8 +10,10 @@ Behaviour (the place it is documented; the README should point here):
   known not to be one, so a stop string is never printed.  The context keeps exactly what was printed:
   the tokens that spelled the stop string are dropped from the sequence (re-fed text covers a token that
   was half before it), so with stop ``"\\nUser:"`` the prefix should bring its own ``"\\nUser: "``.
-- Ctrl-C while the model writes ends the turn after the current token and asks again; Ctrl-C or Ctrl-D
-  (EOF) at the prompt ends the session with exit code 0.
+- Ctrl-C while the model writes ends the turn after the current token and asks again (what it wrote
+  stays in the context); a second Ctrl-C before the turn has ended quits at once (exit code 130, workers
+  stopped), for a pass that does not come back.  Ctrl-C or Ctrl-D (EOF) at the prompt ends the session with
+  exit code 0.  This is llama.cpp's interactive mode.
 - When the context (``--max-seq-len``) is full, one line says so on stderr and the session ends, exit 0.
 - On a terminal, each generated token is coloured by its probability (``NO_COLOR`` turns that off);
   a ``> `` prompt goes to stderr when stdin is a terminal.
@@ -145,12 +147,18 @@ class Session:
 
 @contextlib.contextmanager
 def _sigint_sets(flag: threading.Event):
-    """While generating, Ctrl-C sets ``flag`` (the turn ends after this token) instead of raising, so a
-    forward pass on the workers is never cut in half."""
+    """While generating, the first Ctrl-C sets ``flag`` (the turn ends after this token) instead of raising,
+    so a forward pass on the workers is never cut in half; a second one raises KeyboardInterrupt."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+
+    def on_sigint(signum, frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
     finally:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels, quant
+from .kernels import gemm
 from .config import ModelArgs
 from .quant import Int8Weight, linear_weight
 
@@ -40,12 +41,15 @@ def layer_prefix(i: int) -> str:
 
 def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
     """``x @ w.T`` (F.linear).  A decode step (a few rows of x) with f16/bf16 weights goes to a C++ kernel
-    that streams the weights near memory bandwidth (shardllama.kernels); int8 weights to quant.linear; all
-    else, and machines where the kernel cannot be built, to torch."""
+    that streams the weights near memory bandwidth (shardllama.kernels); more rows with f16/f32 weights to
+    oneDNN's f32 GEMM (kernels.gemm); int8 weights to quant.linear; the rest, and machines without either,
+    to torch."""
     if isinstance(w, Int8Weight):
         return quant.linear(x, w)
     if kernels.applies(x, w):
         return kernels.matvec(x, w)
+    if gemm.applies(x, w):  # prefill: oneDNN's f32 GEMM on the exact (widened) weights
+        return gemm.linear(x, w)
     return F.linear(x, w)
 
 
@@ -132,6 +136,24 @@ class KVCache:
         self.k[:, dst, :length] = self.k[:, src, :length]
         self.v[:, dst, :length] = self.v[:, src, :length]
 
+    def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first ``length`` positions of ``slot``: k and v, each (n_layers, length, n_kv_heads, hd)."""
+        if not 0 <= length <= self.max_seq_len:
+            raise ValueError(f"cannot read {length} positions of a cache of {self.max_seq_len}")
+        return self.k[:, slot, :length], self.v[:, slot, :length]
+
+    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill the first ``k.shape[1]`` positions of ``slot`` from k and v (n_layers, length, n_kv_heads, hd)."""
+        want = (self.k.shape[0], k.shape[1] if k.dim() == 4 else -1, *self.k.shape[3:])
+        if k.dim() != 4 or tuple(k.shape) != want or tuple(v.shape) != want or k.shape[1] > self.max_seq_len:
+            raise ValueError(f"KV of shapes {tuple(k.shape)} and {tuple(v.shape)} do not fit a cache slot of "
+                             f"(layers, positions <= {self.max_seq_len}, kv heads, head dim) = "
+                             f"({self.k.shape[0]}, {self.max_seq_len}, {self.k.shape[3]}, {self.k.shape[4]})")
+        if k.dtype != self.k.dtype or v.dtype != self.k.dtype:
+            raise ValueError(f"KV of dtype {k.dtype} / {v.dtype} written to a {self.k.dtype} cache")
+        self.k[:, slot, : k.shape[1]] = k
+        self.v[:, slot, : v.shape[1]] = v
+
 
 def attention(
     x: torch.Tensor,  # (B, T, dim), already normalised
@@ -172,15 +194,18 @@ def attention(
     if kv_of_q is not None:  # one KV head per query head, picked by the mapping
         keys, values = keys.index_select(2, kv_of_q), values.index_select(2, kv_of_q)
     # Grouped attention by hand: torch's CPU SDPA with enable_gqa costs ~8 ms a call at decode sizes.
+    # f16 batched products run a generic loop on the CPU (7x slower than f32 at 2048 keys), so f16 is
+    # widened to f32 for the two products; bf16 has oneDNN's.
+    wide = torch.float32 if q.dtype == torch.float16 else q.dtype
     hkv = keys.shape[2]
-    qg = q.view(B, T, hkv, -1, head_dim).permute(0, 2, 3, 1, 4)  # (B, hkv, rep, T, hd)
-    k_t = keys.permute(0, 2, 3, 1).unsqueeze(2)  # (B, hkv, 1, hd, L)
+    qg = q.view(B, T, hkv, -1, head_dim).permute(0, 2, 3, 1, 4).to(wide)  # (B, hkv, rep, T, hd)
+    k_t = keys.permute(0, 2, 3, 1).unsqueeze(2).to(wide)  # (B, hkv, 1, hd, L)
     scores = torch.matmul(qg, k_t).float() * head_dim**-0.5  # (B, hkv, rep, T, L)
     if step.mask is not None:
         scores = scores.masked_fill(~step.mask.unsqueeze(1), -torch.inf)  # mask (B, 1, 1, T, L)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, values.transpose(1, 2).unsqueeze(2))  # (B, hkv, rep, T, hd)
-    out = out.permute(0, 3, 1, 2, 4).reshape(B, T, -1)  # (B, T, hq * hd), heads in order
+    probs = torch.softmax(scores, dim=-1).to(wide)
+    out = torch.matmul(probs, values.transpose(1, 2).unsqueeze(2).to(wide))  # (B, hkv, rep, T, hd)
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, T, -1).to(q.dtype)  # (B, T, hq * hd), heads in order
     return linear(out, wo)
 
 

@@ -19,6 +19,19 @@ Step ids let the coordinator drop late answers to a pass it has given up on.
 A *whole pass* (phase WHOLE, local workers summing through shared memory: ``allreduce``) is one
 ``COMPUTE(WHOLE, embedded tokens)`` -> ``RESULT(logits slice)`` per worker: the workers run every layer
 and reduce among themselves.
+
+Reading and writing a KV-cache slot (the server's prompt cache on disk) reuse the header with phase
+``SLOT_IO``, ``layer`` = the slot, ``B`` = the KV heads in the payload and ``T`` = the positions:
+
+    READ_SLOT   coordinator -> worker, the header alone (B = 0)
+    SLOT_DATA   worker -> coordinator, the answer: payload (2, n_layers, T, B, head_dim) -- keys then values
+                of the worker's own KV heads (its ``kv_heads`` range), in the cache dtype
+    WRITE_SLOT  coordinator -> worker, the same payload for the worker's KV heads; answered by ACK
+
+One frame per worker per transfer, sized by the prompt (a 7B f16 model: 0.5 MB a position over all
+workers); the coordinator assembles the full heads from the workers' ranges (a head held by two workers
+is taken once, from the lower rank) and cuts them again to write, so a state read with N workers can be
+written with any other N.
 """
 
 from __future__ import annotations
@@ -44,10 +57,15 @@ COPY_SLOT = 7  # coordinator -> worker: {"src", "dst", "length"}
 ACK = 8  # worker -> coordinator: a control request is done
 STOP = 9  # coordinator -> worker: exit now
 PING = 10  # coordinator -> remote worker while waiting on it: fails at once if its connection is gone
+READ_SLOT = 11  # coordinator -> worker: send the first T positions of cache slot ``layer`` (see above)
+SLOT_DATA = 12  # worker -> coordinator: those positions, keys and values of its KV heads
+WRITE_SLOT = 13  # coordinator -> worker: fill the first T positions of slot ``layer``; answered by ACK
 
 # phases of COMPUTE / RESULT
 ATTN, FFN, HEAD, WHOLE = 0, 1, 2, 3
-PHASE_NAMES = {ATTN: "attention", FFN: "feed-forward", HEAD: "output head", WHOLE: "whole pass"}
+SLOT_IO = 4  # of READ_SLOT / SLOT_DATA / WRITE_SLOT (and of a worker's ERROR answering them)
+PHASE_NAMES = {ATTN: "attention", FFN: "feed-forward", HEAD: "output head", WHOLE: "whole pass",
+               SLOT_IO: "KV-cache slot transfer"}
 
 # flags
 NEW_STEP = 1  # the step block (start, slots) follows the header; the worker builds a new model.Step
@@ -143,3 +161,32 @@ def control(kind: int, body: dict | None = None, **fields: int) -> bytes:
 
 def read_control(buf: Any) -> dict:
     return json.loads(bytes(memoryview(buf)[HEADER_BYTES:]) or b"{}")
+
+
+def slot_request(step: int, slot: int, length: int) -> bytes:
+    """READ_SLOT: ask a worker for the first ``length`` positions of its cache slot ``slot``."""
+    head = bytearray(HEADER_BYTES)
+    HEADER.pack_into(head, 0, *Header(READ_SLOT, SLOT_IO, 0, 0, step, slot, 0, length))
+    return bytes(head)
+
+
+def slot_message(kind: int, step: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SLOT_DATA or WRITE_SLOT: keys and values, each (n_layers, T, heads, head_dim), in one frame (uint8)."""
+    n_layers, T, heads, head_dim = k.shape
+    header = Header(kind, SLOT_IO, 0, DTYPE_CODES[k.dtype], step, slot, heads, T)
+    buf, payload = tensor_message(header, (2, n_layers, T, heads, head_dim), k.dtype)
+    payload[0].copy_(k)
+    payload[1].copy_(v)
+    return buf
+
+
+def read_slot_payload(buf: Any, header: Header, n_layers: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v (each (n_layers, T, B, head_dim)) of a SLOT_DATA / WRITE_SLOT frame, viewing it (no copy)."""
+    dtype = CODE_DTYPES[header.dtype]
+    shape = (2, n_layers, header.T, header.B, head_dim)
+    n = 2 * n_layers * header.T * header.B * head_dim
+    if n == 0:
+        both = torch.empty(shape, dtype=dtype)
+    else:
+        both = torch.frombuffer(buf, dtype=dtype, count=n, offset=HEADER_BYTES).view(shape)
+    return both[0], both[1]

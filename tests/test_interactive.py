@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -216,3 +219,83 @@ def test_colour_on_a_terminal_only_without_no_color(demo_gguf, no_color):
     child.close()
     assert child.exitstatus == 0
     assert ("\x1b[3" in output) != no_color
+
+
+# --- Ctrl-C on a terminal
+
+
+def test_the_first_ctrl_c_sets_the_flag_the_second_raises():
+    from shardllama.interactive import _sigint_sets
+
+    flag = threading.Event()
+    with _sigint_sets(flag):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.wait(5)  # the answer ends after this token; nothing raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # (the handler runs between bytecodes: at once)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def spawn_interactive(pexpect, demo_gguf, *flags):
+    """`shardllama --start-interactive` on 2 workers in a pseudo-terminal, at its first prompt; and its workers."""
+    import psutil
+
+    child = pexpect.spawn(sys.executable, ["-m", "shardllama", "--model-path", str(demo_gguf), "--start-interactive",
+                                           "--temperature", "0", "--max-seq-len", "1024", "--workers", "2", "-q",
+                                           "--ignore-eos", *flags],
+                          env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=120)
+    child.expect_exact("> ")
+    workers = [p for p in psutil.Process(child.pid).children() if "workers" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    return child, workers
+
+
+def assert_nothing_left(child, workers):
+    import psutil
+
+    from tests.test_cli import shm_segments
+
+    _, still_running = psutil.wait_procs(workers, timeout=10)
+    assert not still_running
+    assert not [n for n in shm_segments() if f"-{child.pid}-" in n]
+    assert "Traceback" not in child.before and "leaked" not in child.before
+
+
+def test_ctrl_c_ends_the_answer_and_returns_to_the_prompt(demo_gguf):
+    pexpect = pytest.importorskip("pexpect")
+    child, workers = spawn_interactive(pexpect, demo_gguf, "--max-new-tokens", "900")
+    try:
+        for line in ["Tell me a very long story about dragons.", "Go on."]:
+            child.sendline(line)
+            child.expect_exact(line + "\r\n")  # the terminal's echo
+            child.expect(r"\w{3}")  # the answer is being written: 900 tokens would take a while
+            child.sendintr()
+            child.expect_exact("\r\n> ", timeout=30)  # back at the prompt, after at most a token or two
+            assert len(child.before) < 100, child.before
+            assert all(w.is_running() for w in workers)  # the session goes on, on the same workers
+        child.sendintr()  # Ctrl-C at the prompt ends the session
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before
+    assert_nothing_left(child, workers)
+
+
+def test_a_second_ctrl_c_during_an_answer_quits(demo_gguf):
+    pexpect = pytest.importorskip("pexpect")
+    child, workers = spawn_interactive(pexpect, demo_gguf, "--max-new-tokens", "100")
+    try:
+        # ~770 tokens to prefill: the forward pass takes a second or more, so both Ctrl-C land inside it.
+        line = " ".join(["the dragon flew over the mountain"] * 110)
+        child.sendline(line)
+        child.expect_exact("mountain\r\n")
+        time.sleep(0.5)  # the line has been read and is being fed
+        child.sendintr()
+        time.sleep(0.2)  # two signals, not one coalesced
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 130 and "shardllama: interrupted" in child.before, child.before
+    assert_nothing_left(child, workers)

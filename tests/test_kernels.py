@@ -226,6 +226,8 @@ def test_linear_leaves_the_rest_to_torch(spy, case):
             F.linear(x, w)
         with pytest.raises(RuntimeError):
             model.linear(x, w)
+    elif case == "prefill f16":  # kernels.gemm: the same product in f32, rounded once
+        torch.testing.assert_close(model.linear(x, w), F.linear(x.float(), w.float()).half(), rtol=2e-3, atol=1e-3)
     else:
         assert torch.equal(model.linear(x, w).detach(), F.linear(x, w).detach())
     assert spy == []

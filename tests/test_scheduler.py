@@ -160,3 +160,54 @@ def test_a_lost_kv_cache_is_recomputed_and_the_stream_goes_on(make_scheduler):
     s.submit(j)
     assert c.tokens() == reference(PROMPTS[0], 10)
     assert c.stats.computed_tokens > 4  # the prompt and what was generated so far, fed again
+
+
+class Gated(Wrapped):
+    """A backend whose first pass waits until the test opens the gate, recording (B, T, lengths) of every pass:
+    requests submitted meanwhile are all waiting when the loop next admits."""
+
+    def __init__(self, inner: LocalBackend):
+        super().__init__(inner)
+        self.entered, self.gate, self.passes = threading.Event(), threading.Event(), []
+
+    def forward(self, tokens, start, slots, lengths=None, all_logits=False):
+        self.passes.append((tokens.shape[0], tokens.shape[1], None if lengths is None else lengths.tolist()))
+        self.entered.set()
+        assert self.gate.wait(30)
+        return super().forward(tokens, start, slots, lengths, all_logits)
+
+
+def test_new_prompts_waiting_together_are_prefilled_in_one_pass(make_scheduler):
+    b = Gated(backend(4 + 4))
+    s = make_scheduler(b, max_concurrent=4, cache_size=4, prefill_chunk=8)
+    first, c0 = job([2, 4, 6], 3)
+    s.submit(first)
+    assert b.entered.wait(10)  # the loop is inside the first job's prefill
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]  # 4, 3 and 11 tokens
+    jobs = [job(p, 6) for p in prompts]
+    for j, _ in jobs:
+        s.submit(j)
+    b.gate.set()
+    for (_, c), p in zip(jobs, prompts):
+        assert c.tokens() == reference(p, 6)  # greedy: the same tokens as alone
+    assert c0.tokens() == reference([2, 4, 6], 3)
+    # The three prompts in one pass, 8 wide (the chunk; padding the two short rows costs 4 + 5 <= PAD_SLACK
+    # positions): rows of 4, 3 and 8 tokens; the long prompt's last 3 follow next round.
+    assert (3, 8, [4, 3, 8]) in b.passes, b.passes
+    st = s.stats()
+    assert st["max_prefill_batch"] == 3 and st["prefill_rows"] > st["prefill_passes"]
+    assert st["computed_tokens"] == 3 + 4 + 3 + 11
+
+
+@pytest.mark.parametrize("wants, room, width", [
+    ([5], 64, 5),
+    ([4, 3, 8], 64, 8),  # pads 9 <= 16
+    ([256, 5], 512, 5),  # 256 would pad 251: the short one goes first, the long one continues alone
+    ([100, 90, 80], 512, 100),  # pads 30 <= 270 / 8
+    ([200, 20, 20], 512, 20),
+    ([40, 40], 10, 10),  # the cache has 10 positions left in one slot: no row may be padded beyond it
+])
+def test_prefill_width(wants, room, width):
+    from shardllama.server.scheduler import prefill_width
+
+    assert prefill_width(wants, room) == width

@@ -435,3 +435,41 @@ def test_exit_after_one_query(demo_gguf):
         assert s.proc.wait(30) == 0
     finally:
         s.stop()
+
+
+# ---- the prompt cache on disk ----------------------------------------------------------------------------
+
+
+def test_prompt_cache_dir_survives_a_restart_with_other_workers(demo_gguf, tokenizer, tmp_path):
+    """A server on 2 workers saves its prompt cache; after it stops, the command-line server on 1 worker
+    loads it from the same directory (skipping a corrupt file with one warning line), and a repeated prompt
+    computes only its last token."""
+    cache_dir = tmp_path / "prompt-cache"
+    prompt = "A standard priming prompt: you are a helpful assistant. Question:"
+    n = len(tokenizer.encode(prompt))
+    cfg = {"model": str(demo_gguf), "workers": 2, "max_seq_len": 64, "n_slots": 2 + 4,
+           "serve": {"max_concurrent": 2, "max_queue": 1, "prompt_cache_size": 4, "prompt_cache_dir": str(cache_dir)}}
+    first = Server(LAUNCHER, json.dumps(cfg))
+    try:
+        lines = first.generate(prompt=prompt, temperature=0, max_new_tokens=5)
+        assert entry(lines[-1])[1]["computed_tokens"] == n
+    finally:
+        first.stop()
+    assert first.proc.returncode == 0, "".join(first.lines)
+    assert len(list(cache_dir.glob("*.safetensors"))) == 1  # written before the server exited
+    (cache_dir / "corrupt.safetensors").write_bytes(b"\x00" * 100)
+
+    second = Server(CLI_LAUNCHER, "--model-path", str(demo_gguf), "--workers", "1", "--max-seq-len", "64",
+                    "--inference-server-port", "0", "--prompt-cache-dir", str(cache_dir))
+    try:
+        again = second.generate(prompt=prompt, temperature=0, max_new_tokens=5)
+        stats = entry(again[-1])[1]
+        assert stats["prompt_tokens"] == n and stats["cached_tokens"] == n - 1 and stats["computed_tokens"] == 1
+        assert [entry(x)[1]["id"] for x in again] == [entry(x)[1]["id"] for x in lines]
+        assert second.stats()["cache_loaded"] == 1
+    finally:
+        second.stop()
+    log = "".join(second.lines)
+    warnings = [line for line in second.lines if "prompt cache:" in line]
+    assert len(warnings) == 1 and "corrupt.safetensors" in warnings[0], log
+    assert "Traceback" not in log

@@ -281,11 +281,29 @@ class Worker:
                 body = P.read_control(buf)
                 model.cache.copy_slot(body["src"], body["dst"], body["length"])
                 send(P.control(P.ACK, step=h.step))
+            elif h.kind in (P.READ_SLOT, P.WRITE_SLOT):
+                send(self.slot_io(h, buf), copy=False)
             elif h.kind == P.STOP:
                 raise _Exit("stopped by the coordinator")
             elif h.kind != P.PING:
                 log.warning("worker %s: unexpected message kind %d", self.rank, h.kind)
 
+
+    def slot_io(self, h: P.Header, buf) -> object:
+        """The answer to READ_SLOT (SLOT_DATA: the slot's first T positions of this worker's KV heads) or to
+        WRITE_SLOT (ACK once they are in the cache); ERROR if the request does not fit."""
+        cache = self.model.cache
+        try:
+            if h.kind == P.READ_SLOT:
+                k, v = cache.read(h.layer, h.T)
+                return P.slot_message(P.SLOT_DATA, h.step, h.layer, k, v).numpy()
+            k, v = P.read_slot_payload(buf, h, self.model.args.n_layers, self.model.args.head_dim)
+            cache.write(h.layer, k, v)
+            return P.control(P.ACK, step=h.step)
+        except Exception as e:
+            log.debug("%s", traceback.format_exc())
+            return P.control(P.ERROR, {"message": f"slot {h.layer}: {type(e).__name__}: {e}"}, phase=P.SLOT_IO,
+                             step=h.step, layer=h.layer)
 
 def _rank(rank: int | None) -> str:
     return "?" if rank is None else str(rank)

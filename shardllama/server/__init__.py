@@ -3,6 +3,7 @@
 - :mod:`.schemas`: the request fields, defaults and validation;
 - :mod:`.scheduler`: the thread that owns the backend and decodes every running request together;
 - :mod:`.prompt_cache`: which KV-cache slots hold which token sequences (longest-prefix reuse, LRU);
+- :mod:`.prompt_store`: those entries on disk (``--prompt-cache-dir``), so they survive a restart;
 - :mod:`.app`: the aiohttp application, its handlers and the exception -> status table.
 
 This module is the entry: :func:`add_server_args` (the ``--inference-server-*`` flags), :func:`serve`
@@ -73,6 +74,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    default=DEFAULT_PROMPT_CACHE_MEMORY_MIB, metavar="MIB",
                    help="memory the prompt cache may take, in MiB: each entry is a full KV-cache slot of "
                         f"--max-seq-len positions (default {DEFAULT_PROMPT_CACHE_MEMORY_MIB})")
+    g.add_argument("--prompt-cache-dir", metavar="DIR",
+                   help="keep the prompt cache's entries in this directory too (safetensors files), so they "
+                        "survive a restart; at most --inference-server-prompt-cache-size of this model's entries, "
+                        "least recently used deleted first")
     g.add_argument("--inference-server-exit-after-one-query", action="store_true",
                    help="exit (code 0) after the first inference request has been answered")
 
@@ -100,12 +105,14 @@ def plan_slots(bytes_per_slot: int, *, max_concurrent: int, prompt_cache_size: i
 
 def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path: str = DEFAULT_API_PATH,
           max_concurrent: int = DEFAULT_MAX_CONCURRENT, prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE,
-          exit_after_one_query: bool = False, max_queue: int = DEFAULT_MAX_QUEUE, quiet: bool = False) -> int:
+          exit_after_one_query: bool = False, max_queue: int = DEFAULT_MAX_QUEUE, quiet: bool = False,
+          prompt_cache_dir: str | None = None) -> int:
     """Serve rllama's API for ``model`` (a :class:`~shardllama.runtime.Model`) until SIGINT/SIGTERM, or until
     the first query is answered with ``exit_after_one_query``; returns the exit code (0).
 
     The prompt cache uses the backend's slots beyond the first ``max_concurrent`` (at most
-    ``prompt_cache_size`` of them).  The caller keeps ownership of the model.
+    ``prompt_cache_size`` of them); with ``prompt_cache_dir`` its entries are also kept on disk and loaded
+    from there at start-up (:mod:`.prompt_store`).  The caller keeps ownership of the model.
     """
     from .app import ServerState, create_app
     from .scheduler import Scheduler
@@ -121,8 +128,16 @@ def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path
         raise UsageError(f"the model was opened with {backend.n_slots} KV-cache slot(s), fewer than "
                          f"--inference-server-max-concurrent-inferences {max_concurrent}")
     per_slot = kv_bytes_per_slot(model.args, model.dtype, backend.max_seq_len, getattr(backend, "n_workers", 0))
+    store = None
+    if prompt_cache_dir is not None:
+        from pathlib import Path
+
+        from .prompt_store import PromptStore, model_identity
+
+        identity = model_identity(model.path, model.args, exclude=Path(prompt_cache_dir))
+        store = PromptStore(prompt_cache_dir, identity, model.args, model.dtype, backend.max_seq_len)
     scheduler = Scheduler(backend, max_concurrent=max_concurrent, max_queue=max_queue,
-                          cache_size=prompt_cache_size, bytes_per_slot=per_slot)
+                          cache_size=prompt_cache_size, bytes_per_slot=per_slot, store=store)
     cache = scheduler.cache.capacity
     if cache < prompt_cache_size:
         log.info("prompt cache: %d of %d entries fit in the KV cache's spare slots", cache, prompt_cache_size)
@@ -130,7 +145,8 @@ def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path
     state = ServerState(tokenizer=model.tokenizer, scheduler=scheduler, max_seq_len=backend.max_seq_len,
                         api_path=api_path, model_name=name, exit_after_one_query=exit_after_one_query)
     summary = (f"{max_concurrent} concurrent, queue {max_queue}, context {backend.max_seq_len}; prompt cache "
-               f"{cache} entries x {per_slot / 2**20:.1f} MiB = {cache * per_slot / 2**20:.0f} MiB of KV cache")
+               f"{cache} entries x {per_slot / 2**20:.1f} MiB = {cache * per_slot / 2**20:.0f} MiB of KV cache"
+               + (f", kept in {prompt_cache_dir}" if scheduler.store is not None else ""))
     try:
         return asyncio.run(_run(create_app(state), state, host, port, summary, quiet))
     finally:
@@ -195,4 +211,4 @@ def serve_from_args(args: argparse.Namespace) -> int:
                      api_path=args.inference_server_api_path, max_concurrent=max_concurrent,
                      prompt_cache_size=args.inference_server_prompt_cache_size,
                      exit_after_one_query=args.inference_server_exit_after_one_query,
-                     max_queue=args.inference_server_max_queue, quiet=quiet)
+                     max_queue=args.inference_server_max_queue, quiet=quiet, prompt_cache_dir=args.prompt_cache_dir)

@@ -12,13 +12,21 @@ loop:
    prefix (``copy_slot``), so only the rest of the prompt is fed;
 2. one decode pass for every job with exactly one token to feed: a single ``backend.forward`` with B rows,
    each row its own slot and position; then each row samples its next token;
-3. one prefill pass per job with more to feed (a new prompt, at most ``prefill_chunk`` tokens a round so a
-   long prompt does not stall the others' decoding); the last chunk samples the first token.
+3. one prefill pass for every job with more to feed (new prompts, admitted together or still being fed):
+   right-padded rows with their ``lengths``, each at most ``prefill_chunk`` tokens a round so a long prompt
+   does not stall the others' decoding; a row's last chunk samples its first token.  Every pass streams
+   all the weights once, so B prompts in one pass cost about one pass while they are short (memory-bound);
+   for long ones the padding is real compute, so the pass is cut to the width that wastes at most
+   ``PAD_SLACK`` positions or an eighth of the pass (:func:`prefill_width`) and longer rows go on next round.
 
 A job's slot is handed to the prompt cache when it ends (finished, stopped, or its client went away):
-its cached positions stay valid for whoever continues them.  When the backend's ``cache_epoch`` changes
-(a worker was replaced, every slot's contents are gone) the cache is emptied and the running jobs are fed
-again from position 0 — their tokens are known, so their streams go on.
+its cached positions stay valid for whoever continues them.  With a :class:`~.prompt_store.PromptStore`
+(``--prompt-cache-dir``) each new entry is also written to disk (read from its slot here, written by the
+store's thread), and before serving anything the loop fills free slots with the entries saved there.
+
+When the backend's ``cache_epoch`` changes (a worker was replaced, every slot's contents are gone) the cache
+is emptied and the running jobs are fed again from position 0 — their tokens are known, so their streams
+go on.  (The entries on disk stay; they come back at the next start.)
 """
 
 from __future__ import annotations
@@ -36,11 +44,25 @@ from ..errors import ShardllamaError
 from ..sampling import choose
 from .jobs import Event, Failed, Finished, Job, Token
 from .prompt_cache import PromptCache
+from .prompt_store import PromptStore, StoreError
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # prompt tokens fed per job per round
+PAD_SLACK = 16  # padded positions a batched prefill may always carry (a guess for CPUs, not a measurement)
 MAX_RETRIES = 2  # times a job is fed again from position 0 after its cache was lost, before it fails
+
+
+def prefill_width(wants: list[int], room: int) -> int:
+    """Tokens per row of a batched prefill whose rows want ``wants`` tokens each (>= 1), none of them more
+    than ``room`` (the padding also lands in the KV cache, which must have the positions): the widest that
+    pads at most ``PAD_SLACK`` positions or an eighth of the pass.  Rows that want more continue next round."""
+    capped = [min(w, room) for w in wants]
+    for width in sorted(set(capped), reverse=True):
+        real = sum(min(w, width) for w in capped)
+        if len(capped) * width - real <= max(PAD_SLACK, real // 8):
+            return width
+    raise AssertionError(wants)  # unreachable: the narrowest width pads nothing
 
 
 class QueueFull(ShardllamaError):
@@ -67,13 +89,17 @@ class Counters:
     decode_rows: int = 0
     max_decode_batch: int = 0
     prefill_passes: int = 0
+    prefill_rows: int = 0  # prompts (chunks) fed by those passes: more rows than passes = batched prefills
+    max_prefill_batch: int = 0
+    cache_loaded: int = 0  # entries read from --prompt-cache-dir at start-up
+    cache_saved: int = 0  # entries handed to it to write
 
 
 class Scheduler:
     """Runs jobs on ``backend`` in a thread of its own; see the module docstring."""
 
     def __init__(self, backend: Backend, *, max_concurrent: int, max_queue: int, cache_size: int,
-                 bytes_per_slot: int = 0, prefill_chunk: int = PREFILL_CHUNK):
+                 bytes_per_slot: int = 0, prefill_chunk: int = PREFILL_CHUNK, store: PromptStore | None = None):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         if backend.n_slots < max_concurrent:
@@ -85,6 +111,9 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.bytes_per_slot = bytes_per_slot
         self.cache = PromptCache(min(max(0, cache_size), backend.n_slots - max_concurrent))
+        self.store = store if self.cache.capacity > 0 else None
+        if store is not None and self.store is None:
+            log.warning("--prompt-cache-dir %s: no prompt-cache entry fits (size or memory 0); not used", store.dir)
         self.n_slots = max_concurrent + self.cache.capacity
         self._free = list(range(self.n_slots - 1, -1, -1))  # popped from the end: low slots first
         self._epoch = getattr(backend, "cache_epoch", 0)
@@ -146,6 +175,8 @@ class Scheduler:
             self._cond.notify()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
+        if self.store is not None:
+            self.store.close()  # what is queued gets written
         with self._cond:
             jobs = list(self._waiting) + list(self._active)
             self._waiting.clear()
@@ -157,6 +188,11 @@ class Scheduler:
     # ---- the scheduler thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.store is not None:
+            try:
+                self._restore()
+            except Exception:
+                log.exception("prompt cache: loading %s failed", self.store.dir)
         while True:
             with self._cond:
                 while not self._closing and not self._waiting and not self._active:
@@ -179,6 +215,56 @@ class Scheduler:
                     self._fail(job, e)
             with self._cond:  # what stats() reports; the cache itself is this thread's alone
                 self._cache_info = (len(self.cache), self.cache.n_tokens())
+
+    def _restore(self) -> None:
+        """Fill free slots with the entries saved in the prompt-cache directory (least recently used first,
+        so the in-memory LRU order is the directory's)."""
+        loaded = 0
+        for entry in reversed(self.store.open(keep=self.cache.capacity)):
+            try:
+                k, v = self.store.load(entry)
+            except StoreError as e:
+                log.warning("prompt cache: skipping %s", e)
+                continue
+            slot = self._free.pop()
+            try:
+                self.backend.write_slot(slot, k, v)
+            except Exception as e:
+                self._free.append(slot)
+                log.warning("prompt cache: cannot load %s into the KV cache: %s", entry.path, e)
+                if self._check_epoch():
+                    return
+                continue
+            self._add_entry(slot, entry.tokens, save=False)
+            loaded += 1
+        self.counters.cache_loaded = loaded
+        if loaded:
+            log.info("prompt cache: %d entries loaded from %s", loaded, self.store.dir)
+
+    def _add_entry(self, slot: int, tokens: list[int] | tuple[int, ...], save: bool = True) -> None:
+        """Hand ``slot`` (holding ``tokens``) to the prompt cache and mirror the change on disk: a new entry is
+        written (``save``), entries it extends are deleted, an entry that covers it is marked used."""
+        before = {s: self.cache.tokens(s) for s in self.cache.slots} if self.store is not None else {}
+        freed = self.cache.insert(slot, tokens)
+        self._free.extend(freed)
+        if self.store is None or not tokens:
+            return
+        if slot not in self.cache:  # an entry covers it (insert made that one the most recent)
+            if self.cache.capacity:
+                self.store.touch(self.cache.tokens(self.cache.slots[-1]))
+            return
+        tokens = self.cache.tokens(slot)
+        extended = [before[s] for s in freed if tokens[: len(before[s])] == before[s]]
+        if not save:
+            self.store.forget(extended)
+            return
+        try:
+            k, v = self.backend.read_slot(slot, len(tokens))
+        except Exception as e:
+            log.warning("prompt cache: cannot read slot %d to save it: %s", slot, e)
+            return
+        self.store.save(tokens, k, v, replaces=extended)
+        self.counters.cache_saved += 1
 
     def _start(self, job: Job) -> None:
         self._check_epoch()
@@ -218,6 +304,8 @@ class Scheduler:
             self._free.append(dst)
             raise
         self.cache.touch(src)
+        if self.store is not None:
+            self.store.touch(self.cache.tokens(src))
         return dst, n
 
     def _take_slot(self, keep: int | None = None) -> int:
@@ -236,8 +324,9 @@ class Scheduler:
         decoding = [j for j in self._active if j.pending == 1]
         if decoding:
             self._decode(decoding)
-        for job in [j for j in self._active if j.pending > 1 and not j.done]:
-            self._prefill(job)
+        prefilling = [j for j in self._active if j.pending > 1 and not j.done]
+        if prefilling:
+            self._prefill(prefilling)
 
     def _decode(self, jobs: list[Job]) -> None:
         tokens = torch.tensor([[j.seq.tokens[-1]] for j in jobs])  # (B, 1)
@@ -257,26 +346,37 @@ class Scheduler:
             job.seq.n_cached += 1
             self._sample(job, row)
 
-    def _prefill(self, job: Job) -> None:
-        seq = job.seq
-        n = min(job.pending, self.prefill_chunk)
-        chunk = seq.tokens[seq.n_cached: seq.n_cached + n]
-        logits = self._forward([job], torch.tensor([chunk]), torch.tensor([seq.n_cached]), torch.tensor([seq.slot]))
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward pass feeding the next chunk of every job's prompt, rows right-padded to one width."""
+        T = prefill_width([min(j.pending, self.prefill_chunk) for j in jobs],
+                          min(self.backend.max_seq_len - j.seq.n_cached for j in jobs))
+        counts = [min(j.pending, T) for j in jobs]
+        tokens = torch.zeros((len(jobs), T), dtype=torch.long)  # (B, T); padding: token 0, never read back
+        for row, (job, n) in enumerate(zip(jobs, counts)):
+            tokens[row, :n] = torch.tensor(job.seq.tokens[job.seq.n_cached: job.seq.n_cached + n])
+        start = torch.tensor([j.seq.n_cached for j in jobs])  # (B,)
+        slots = torch.tensor([j.seq.slot for j in jobs])  # (B,)
+        lengths = torch.tensor(counts) if min(counts) < T else None  # (B,)
+        logits = self._forward(jobs, tokens, start, slots, lengths)  # (B, vocab)
         if logits is None:
             return
-        self.counters.prefill_passes += 1
-        self.counters.computed_tokens += n
-        job.computed_tokens += n
-        seq.n_cached += n
-        if job.pending == 0:
-            self._sample(job, logits[0])
+        c = self.counters
+        c.prefill_passes += 1
+        c.prefill_rows += len(jobs)
+        c.max_prefill_batch = max(c.max_prefill_batch, len(jobs))
+        for job, n, row in zip(jobs, counts, logits):
+            c.computed_tokens += n
+            job.computed_tokens += n
+            job.seq.n_cached += n
+            if job.pending == 0:
+                self._sample(job, row)
 
-    def _forward(self, jobs: list[Job], tokens, start, slots) -> torch.Tensor | None:
+    def _forward(self, jobs: list[Job], tokens, start, slots, lengths=None) -> torch.Tensor | None:
         """backend.forward for these jobs' rows; None if it failed (the jobs are then failed or, if their
         cache was lost to a worker replacement, set to be fed again from position 0)."""
         t0 = time.perf_counter()
         try:
-            logits = self.backend.forward(tokens, start, slots)
+            logits = self.backend.forward(tokens, start, slots, lengths)
         except Exception as e:
             if self._check_epoch():  # a worker was replaced: every slot must be fed again
                 for job in jobs:
@@ -339,7 +439,7 @@ class Scheduler:
         if slot is True and job.seq is not None and job.seq.slot >= 0:
             s = job.seq.slot
             if keep:
-                self._free.extend(self.cache.insert(s, job.seq.tokens[: job.seq.n_cached]))
+                self._add_entry(s, job.seq.tokens[: job.seq.n_cached])
             else:
                 self._free.append(s)
             job.seq.slot = -1
