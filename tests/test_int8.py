@@ -389,6 +389,35 @@ def test_coordinator_dtype_errors():
 # ---- loading and the command line ----------------------------------------------------------------------
 
 
+def test_prompt_store_keeps_int8_kv_apart_from_f32(tmp_path, caplog):
+    """An int8 model's KV states are f32 tensors, saved as the int8 model's: reloaded by an int8 server,
+    skipped (one warning) by an f32 one."""
+    import logging
+
+    from shardllama.server.prompt_store import PromptStore, model_identity
+
+    model_file = tmp_path / "model.bin"
+    model_file.write_bytes(b"weights")
+
+    def store(dtype):
+        s = PromptStore(tmp_path / "cache", model_identity(model_file, ARGS), ARGS, dtype, 32)
+        return s, s.open(keep=4)
+
+    int8, entries = store(torch.int8)
+    assert entries == []
+    k = torch.randn(ARGS.n_layers, 3, ARGS.n_kv_heads, ARGS.head_dim)
+    int8.save([1, 2, 3], k, k + 1)
+    int8.close()
+    again, [entry] = store(torch.int8)
+    got_k, got_v = again.load(entry)
+    assert entry.tokens == (1, 2, 3) and torch.equal(got_k, k) and torch.equal(got_v, k + 1)
+    again.close()
+    with caplog.at_level(logging.WARNING, logger="shardllama"):
+        f32, entries = store(torch.float32)
+    f32.close()
+    assert entries == [] and "saved with int8 KV states" in caplog.text
+
+
 def test_server_sizes_the_int8_cache_in_f32():
     from shardllama.server import kv_bytes_per_slot
 

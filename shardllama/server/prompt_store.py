@@ -9,7 +9,8 @@ One safetensors file per entry, named by a hash of the model and the token ids:
               version      "1"
               model        hex digest of the model's identity (below)
               model_path   the model file or directory, for people reading the file
-              dtype        "f32" | "f16" | "bf16"
+              dtype        "f32" | "f16" | "bf16" | "int8": the weights' (int8 weights keep f32 k and v, which
+                           must not be mistaken for an f32 model's)
               tokens       the token ids, a JSON list; their count is the positions
               crc32        of k's bytes then v's: safetensors checks its header and sizes, not the data
 
@@ -54,6 +55,7 @@ import torch
 from ..config import ModelArgs
 from ..errors import ShardllamaError, UsageError, one_line
 from ..model import DTYPES
+from ..quant import activation_dtype
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,8 @@ class PromptStore:
             raise UsageError(f"--prompt-cache-dir {directory}: cannot write there ({e.strerror or e})") from None
         self.identity = identity
         self.shape = (args.n_layers, args.n_kv_heads, args.head_dim)
-        self.dtype = dtype
+        self.dtype = dtype  # the weights': it names the files' KV states
+        self.kv_dtype = activation_dtype(dtype)  # what k and v are
         self.max_seq_len = max_seq_len
         self.keep = 0
         # This model's entries on disk, least recently used first (the writer thread's after open).  Each write
@@ -186,9 +189,9 @@ class PromptStore:
         want = (self.shape[0], len(tokens), *self.shape[1:])
         if set(shapes) != {"k", "v"} or shapes["k"] != want or shapes["v"] != want:
             raise StoreError(f"{path}: tensors {shapes} do not fit this model: k and v of {want}")
-        if set(dtypes.values()) != {_SAFETENSORS_DTYPE[self.dtype]}:
+        if set(dtypes.values()) != {_SAFETENSORS_DTYPE[self.kv_dtype]}:
             raise StoreError(f"{path}: tensors of dtype {sorted(set(dtypes.values()))}, "
-                             f"expected {_SAFETENSORS_DTYPE[self.dtype]}")
+                             f"expected {_SAFETENSORS_DTYPE[self.kv_dtype]}")
         return StoredEntry(path, tokens, mtime)
 
     def load(self, entry: StoredEntry) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,8 +265,9 @@ class PromptStore:
             path = self.dir / self._name(tokens)
             tmp = self.dir / f".{path.stem}.{os.getpid()}.tmp"
             k, v = k.contiguous(), v.contiguous()
+            assert k.dtype == v.dtype == self.kv_dtype, (k.dtype, v.dtype, self.kv_dtype)
             meta = {"format": FORMAT, "version": VERSION, "model": self.identity.key,
-                    "model_path": self.identity.path, "dtype": _DTYPE_NAMES[k.dtype],
+                    "model_path": self.identity.path, "dtype": _DTYPE_NAMES[self.dtype],
                     "tokens": json.dumps(list(tokens), separators=(",", ":")), "crc32": _crc(k, v)}
             try:
                 save_file({"k": k, "v": v}, str(tmp), metadata=meta)
