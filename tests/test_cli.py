@@ -90,7 +90,7 @@ def test_workers_give_the_reference_text_and_leave_no_segment(demo_gguf):
                        "--max-new-tokens", "16", "--workers", n, "-q") for n in (0, 2)}
     assert runs[0].returncode == 0 and runs[2].returncode == 0, runs[2].stderr
     assert runs[2].stdout == runs[0].stdout
-    assert shm_segments() == before
+    assert not set(shm_segments()) - set(before)  # (other processes' segments may come and go meanwhile)
 
 
 def test_keep_shards_then_list_and_clean(demo_gguf):

@@ -52,3 +52,7 @@ def test_model_linear_sends_prefill_rows_here_and_decode_rows_elsewhere(monkeypa
     linear(torch.randn(3, 4).bfloat16(), w.bfloat16())  # bf16: torch's own oneDNN path
     linear(torch.randn(1, 2, 4), w)  # a decode step
     assert len(calls) == 1
+    for empty in (torch.randn(0, 4), torch.randn(8, 0)):  # a worker without FFN units: no rows, or no columns
+        x = torch.randn(1, 20, empty.shape[1])
+        assert linear(x, empty).shape == (1, 20, empty.shape[0])
+    assert len(calls) == 1

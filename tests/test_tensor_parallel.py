@@ -204,7 +204,7 @@ def test_bad_worker_counts_fail_before_anything_starts():
     for n in (0, args.n_heads + 1):
         with pytest.raises(UsageError, match="number of workers"):
             Coordinator(args, weights, n_workers=n)
-    assert segments() == before
+    assert not segments() - before
     assert 1 <= default_workers() and default_workers(args) <= args.n_heads
 
 
@@ -234,7 +234,7 @@ def test_killed_worker_is_named_quickly_then_replaced():
         ref_cache = ref.new_cache(1)
         assert ours == greedy(lambda t, s, sl: ref.forward(t, ref_cache, s, sl), [1, 2, 3], 3)[0]
     assert not _running(victim)
-    assert segments() == before and not mine & segments()
+    assert not segments() - before and not mine & segments()
 
 
 def test_silent_worker_times_out_and_restarts():
