@@ -47,7 +47,9 @@ def create(key: str, n_workers: int, capacity: int, dim: int, dtype: torch.dtype
     layout["flags"] = (torch.int64, (n_workers, FLAG_STRIDE))
     layout["abort"] = (torch.int64, (FLAG_STRIDE,))
     seg = Segment.create(segment_name(key, "reduce", os.getpid()), layout,
-                         {"kind": "allreduce", "n_workers": n_workers, "capacity": capacity})
+                         # key and owner: `shardllama shards list/clean` see a live run's segment, not an orphan
+                         {"kind": "allreduce", "key": key, "owner_pid": os.getpid(), "kept": False,
+                          "n_workers": n_workers, "capacity": capacity})
     seg.mark_ready()
     return seg
 

@@ -183,6 +183,15 @@ def test_whole_passes_compute_exactly_what_the_star_does(n, dtype, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_a_running_coordinators_segments_are_its_own_not_orphans():
+    """`shardllama shards clean` removes orphans: the reduction segment of a live run must not look like one."""
+    args, weights = tiny_model()
+    with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ) as c:
+        mine = [g for g in list_kept() if g.owner_pid == os.getpid()]
+        assert len(mine) == 1 and not mine[0].orphaned
+        assert c._reduce_seg.name in mine[0].segments and len(mine[0].segments) == 4  # embedding, 2 shards, reduce
+
+
 def test_copy_slot_and_one_worker_per_head():
     args, weights = tiny_model(n_heads=3, n_kv_heads=1, dim=12)
     ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
