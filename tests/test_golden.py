@@ -1,12 +1,11 @@
 """The golden test: on the real demo model, greedy generation agrees with transformers reading the same GGUF."""
 
-import copy
-
 import pytest
 import torch
 
 from shardllama.backend import LocalBackend
 from shardllama.engine import Sequence, generate
+from shardllama.quant import quantize_weights
 from shardllama.sampling import SamplingParams
 
 PROMPT = "The meaning of life is"
@@ -36,26 +35,39 @@ def test_reference_engine_greedy_equals_transformers(demo_model, hf_greedy):
     assert tok.decode(got).startswith(MEANING)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype, rms_tol", [(torch.float16, 0.02), (torch.bfloat16, 0.25)])
-def test_half_precision_agrees_with_transformers_at_that_precision(demo_model, hf_demo, dtype, rms_tol):
-    """f16 / bf16 weights: the first greedy tokens equal transformers' in the same precision (bf16 leaves
-    the f32 text at the fourth token, " a product of the universe", in both engines; later tokens can
-    flip on near-ties either way), and the logits stay within a stated rms distance of f32 (measured:
-    f16 0.008 ours vs 0.015 transformers; bf16 0.12 vs 0.12)."""
-    args, tok, weights = demo_model
-    ids = tok.encode(PROMPT)
-    half = {k: v.to(dtype) for k, v in weights.items()}
-    got = greedy(LocalBackend(args, half, max_seq_len=64), ids, n=8)
-    hf = copy.deepcopy(hf_demo).to(dtype)
-    expected = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                           pad_token_id=tok.eos_id)[0, len(ids):].tolist()
-    assert got == expected
+@pytest.fixture(scope="module")
+def hf_teacher_forced(hf_demo, hf_greedy):
+    """transformers' f32 logits at every position of the prompt and its greedy continuation."""
+    ids, expected = hf_greedy
+    context = torch.tensor([ids + expected])
+    with torch.no_grad():
+        return context, hf_demo(context).logits
 
-    context = torch.tensor([ids + got])
-    f32 = LocalBackend(args, weights, max_seq_len=64).forward(context, torch.tensor([0]), torch.tensor([0]), all_logits=True)
-    low = LocalBackend(args, half, max_seq_len=64).forward(context, torch.tensor([0]), torch.tensor([0]), all_logits=True)
-    assert float((low - f32).pow(2).mean().sqrt()) < rms_tol
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, rms_tol, min_top1", [
+    (torch.float16, 0.05, 0.95),
+    (torch.bfloat16, 0.18, 0.80),
+    ("int8", 0.30, 0.80),
+], ids=["f16", "bf16", "int8"])
+def test_lower_precision_stays_near_transformers_f32(demo_model, hf_greedy, hf_teacher_forced, dtype, rms_tol, min_top1):
+    """f16 / bf16 / int8 weights, teacher-forced over the prompt and transformers' f32 greedy text: our logits
+    stay within a stated rms distance of transformers' *f32* logits, and the most likely next token agrees
+    at most positions.  The reference is f32, so no assertion rests on how one CPU rounds half precision
+    (transformers' own f16/bf16 greedy text differs between Intel and AMD machines).
+
+    Measured on AMD Zen 5: rms f16 0.015, bf16 0.126, int8 0.206; top-1 agreement 1.0, 0.88, 0.91 (33
+    positions; logits' std 6.6).  A planted bug (RMSNorm eps x 100) gives rms 0.168 (f16) and 0.239 (bf16):
+    both fail here."""
+    args, tok, weights = demo_model
+    ids, _ = hf_greedy
+    context, ref = hf_teacher_forced
+    low = quantize_weights(weights) if dtype == "int8" else {k: v.to(dtype) for k, v in weights.items()}
+    logits = LocalBackend(args, low, max_seq_len=64).forward(context, torch.tensor([0]), torch.tensor([0]), all_logits=True)
+    assert float((logits - ref).pow(2).mean().sqrt()) < rms_tol
+    generated = slice(len(ids) - 1, None)  # positions that predict the continuation
+    top1 = (logits[0, generated].argmax(-1) == ref[0, generated].argmax(-1)).float().mean()
+    assert float(top1) >= min_top1
 
 
 @pytest.mark.slow
