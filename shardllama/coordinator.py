@@ -420,7 +420,7 @@ class Coordinator:
         return {
             "rank": rank,
             "n_workers": self.n_workers,
-            "args": dataclasses.asdict(self.args),
+            "args": self.args.to_dict(),
             "dtype": self.dtype_name,
             "max_seq_len": self.max_seq_len,
             "n_slots": self.n_slots,

@@ -59,9 +59,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, frequency) pair, f32, each (max_seq_len, head_dim // 2)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, frequency) pair, f32, each (max_seq_len, head_dim // 2); a scaled
+    rope divides each frequency by its factor (shardllama.rope)."""
+    head_dim = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if args.rope_freq_factors is not None:
+        freqs = freqs / torch.tensor(args.rope_freq_factors, dtype=torch.float32)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
     return torch.cos(angles), torch.sin(angles)
 
@@ -269,7 +273,7 @@ class Transformer:
         # the head and keep the embedding (a lookup) in f32.
         tied = args.tie_embeddings and "output.weight" not in weights
         self.output = linear_weight(weights, "tok_embeddings.weight" if tied else "output.weight")
-        self.rope = rope_tables(args.head_dim, self.max_seq_len, args.rope_theta)
+        self.rope = rope_tables(args, self.max_seq_len)
 
     def new_cache(self, n_slots: int = 1) -> KVCache:
         a = self.args

@@ -217,7 +217,7 @@ class ShardStore:
             return store
         owner = None if keep else os.getpid()
         info = dict(info or {}, key=key, owner_pid=os.getpid(), kept=keep, dtype=str(dtype).removeprefix("torch."),
-                    n_workers=len(specs), args=dataclasses.asdict(args), version=FORMAT_VERSION)
+                    n_workers=len(specs), args=args.to_dict(), version=FORMAT_VERSION)
         layouts = _layouts(args, specs, dtype)
         segments: dict[str, Segment] = {}
         try:
@@ -289,7 +289,7 @@ def _attach_kept(key: str, parts: Sequence[str], args: ModelArgs) -> ShardStore 
             segments[part] = Segment.attach(name)
         except (OSError, ValueError):
             pass  # missing or unreadable: the set is incomplete
-    if len(segments) == len(parts) and all(s.ready and s.manifest.get("args") == dataclasses.asdict(args)
+    if len(segments) == len(parts) and all(s.ready and s.manifest.get("args") == args.to_dict()
                                            for s in segments.values()):
         return ShardStore(segments, owned=False, kept=True)
     writers = {s.manifest.get("owner_pid") for s in segments.values() if not s.ready}

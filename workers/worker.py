@@ -53,7 +53,7 @@ class ShardModel:
         self.output = linear_weight(weights, "output.weight")  # (vocab slice, dim)
         self.kv_of_q = spec.kv_map()
         self.cache = KVCache(args.n_layers, n_slots, max_seq_len, len(spec.kv_heads), args.head_dim, dtype)
-        self.rope = rope_tables(args.head_dim, max_seq_len, args.rope_theta)
+        self.rope = rope_tables(args, max_seq_len)
 
     def compute(self, phase: int, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
         """This worker's term of the layer's sum (B, T, dim), or its logits slice (B, T, vocab slice)."""

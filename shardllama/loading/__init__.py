@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from tqdm import tqdm
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, UsageError
 from ..model import expected_shapes
 from ..quant import source_dtype, stored
 from .base import Checkpoint
@@ -28,15 +29,20 @@ __all__ = ["Checkpoint", "open_checkpoint", "load_weights", "find_tokenizer"]
 log = logging.getLogger(__name__)
 
 
-def open_checkpoint(model_path: str | Path, param_path: str | Path | None = None) -> Checkpoint:
-    """Open the checkpoint in a directory or file; ``param_path`` overrides params.json / config.json."""
+def open_checkpoint(model_path: str | Path, param_path: str | Path | None = None,
+                    rope_override: Mapping[str, float] | None = None) -> Checkpoint:
+    """Open the checkpoint in a directory or file; ``param_path`` overrides params.json / config.json;
+    ``rope_override`` (--rope-scaling) the llama3 rope numbers a Meta params.json leaves out."""
     path = Path(model_path)
     params = Path(param_path) if param_path is not None else None
     if not path.exists():
         raise ModelFileError(f"{path}: no such file or directory")
-    if path.is_dir():
-        return _open_directory(path, params)
-    return _open_file(path, params)
+    ckpt = _open_directory(path, params, rope_override) if path.is_dir() else _open_file(path, params, rope_override)
+    if rope_override and ckpt.format != "meta":
+        ckpt.close()
+        raise UsageError(f"--rope-scaling: {path} states its own rope scaling; the flag is for Meta params.json "
+                         "with use_scaled_rope")
+    return ckpt
 
 
 def load_weights(ckpt: Checkpoint, dtype: torch.dtype, progress: bool = False) -> dict[str, torch.Tensor]:
@@ -75,9 +81,9 @@ def find_tokenizer(weights_dir: Path) -> Path | None:
 # ---- finding the files ---------------------------------------------------------------------------------
 
 
-def _open_directory(d: Path, params: Path | None) -> Checkpoint:
+def _open_directory(d: Path, params: Path | None, rope: Mapping[str, float] | None) -> Checkpoint:
     if shard_index(d) is not None and find_pickle_dir(d) is not None:  # a consolidated.NN/ folder named itself
-        return _open_meta(d, find_shards(d.parent), d.parent, params)
+        return _open_meta(d, find_shards(d.parent), d.parent, params, rope)
     ggufs = sorted(d.glob("*.gguf"))
     indexes = sorted(d.glob("*.safetensors.index.json"))
     safetensors = sorted(d.glob("*.safetensors"))
@@ -98,13 +104,13 @@ def _open_directory(d: Path, params: Path | None) -> Checkpoint:
             raise ModelFileError(f"{d}: holds {len(safetensors)} .safetensors files and no {INDEX_NAME}")
         return _open_hf(d, safetensors, None, d, params)
     if shards:
-        return _open_meta(d, shards, d, params)
+        return _open_meta(d, shards, d, params, rope)
     if find_pickle_dir(d) is not None:  # an unzipped .pth under another name
-        return _open_meta(d, [d], d, params)
+        return _open_meta(d, [d], d, params, rope)
     raise ModelFileError(f"{d}: no model weights found (*.gguf, *.safetensors or consolidated.NN.pth)")
 
 
-def _open_file(f: Path, params: Path | None) -> Checkpoint:
+def _open_file(f: Path, params: Path | None, rope: Mapping[str, float] | None) -> Checkpoint:
     try:
         with open(f, "rb") as fh:
             magic = fh.read(4)
@@ -121,7 +127,7 @@ def _open_file(f: Path, params: Path | None) -> Checkpoint:
         return _open_hf(f, [f], None, f.parent, params)
     if f.suffix in (".pth", ".pt") or magic == b"PK\x03\x04":
         shards = find_shards(f.parent) if shard_index(f) is not None else [f]
-        return _open_meta(f, shards, f.parent, params)
+        return _open_meta(f, shards, f.parent, params, rope)
     raise ModelFileError(f"{f}: not a model file this program reads (.gguf, .safetensors, .pth)")
 
 
@@ -138,8 +144,9 @@ def _open_hf(model_path: Path, files: list[Path], index: Path | None, weights_di
     return SafetensorsCheckpoint.open(model_path, files, index, config, find_tokenizer(weights_dir))
 
 
-def _open_meta(model_path: Path, shards: list[Path], weights_dir: Path, params: Path | None) -> Checkpoint:
+def _open_meta(model_path: Path, shards: list[Path], weights_dir: Path, params: Path | None,
+               rope: Mapping[str, float] | None) -> Checkpoint:
     params = params or weights_dir / "params.json"
     if not params.is_file():
         raise ModelFileError(f"{params}: file not found (Meta checkpoints need params.json beside them)")
-    return MetaCheckpoint.open(model_path, shards, params, find_tokenizer(weights_dir))
+    return MetaCheckpoint.open(model_path, shards, params, find_tokenizer(weights_dir), rope)

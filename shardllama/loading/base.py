@@ -35,7 +35,7 @@ class Checkpoint(abc.ABC):
     gguf_fields: dict | None = None  # GGUF metadata as plain python values (gguf only)
 
     def __post_init__(self) -> None:
-        self.native_dtype  # noqa: B018 -- computed from the headers while the files are open, then cached
+        self.native_dtype, self.quant_types  # noqa: B018 -- computed from the headers while the files are open, then cached
 
     @functools.cached_property
     def _shapes(self) -> dict[str, tuple[int, ...]]:
@@ -58,6 +58,15 @@ class Checkpoint(abc.ABC):
 
     @abc.abstractmethod
     def _stored_dtype(self, name: str) -> torch.dtype: ...
+
+    @functools.cached_property
+    def quant_types(self) -> list[str]:
+        """The quantized types (GGUF's names: ``Q4_K``, ``Q6_K``...) its matrices are stored in; [] for floats."""
+        return sorted({q for n, s in self._shapes.items() if len(s) == 2 and (q := self._quant_type(n)) is not None})
+
+    def _quant_type(self, name: str) -> str | None:
+        """The quantized type weight ``name`` is stored in, or None for a float one."""
+        return None
 
     def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """One full weight in Meta layout, converted to ``dtype``, contiguous.

@@ -82,8 +82,11 @@ class GGUFCheckpoint(Checkpoint):
         if int(fields.get("split.count", 1)) > 1:
             raise UnsupportedError(f"{path}: split GGUF files are not supported; merge them with llama-gguf-split")
         by_name = {t.name: t for t in reader.tensors}
-        if "rope_freqs.weight" in by_name:
-            raise UnsupportedError(f"{path}: rope scaling (rope_freqs.weight, Llama 3.1 style) is not supported")
+        # Llama 3.1's rope scaling, as llama.cpp's converter stores it: one divisor per rotary frequency.
+        freqs = by_name.pop("rope_freqs.weight", None)
+        if freqs is not None and freqs.tensor_type not in (Q.F32, Q.F16):
+            raise UnsupportedError(f"{path}: rope_freqs.weight has type {freqs.tensor_type.name} (expected F32)")
+        rope_freqs = None if freqs is None else np.asarray(freqs.data, dtype=np.float32).reshape(-1).tolist()
         for t in reader.tensors:
             if t.tensor_type not in FLOAT_TYPES and t.tensor_type not in QUANT_TYPES:
                 raise UnsupportedError(f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name}")
@@ -95,7 +98,8 @@ class GGUFCheckpoint(Checkpoint):
         else:
             raise ModelFileError(f"{path}: missing tensor 'token_embd.weight'")
         tied = "output.weight" not in by_name
-        args = build_args(path, lambda: ModelArgs.from_gguf_fields(fields, vocab_size=vocab, tie_embeddings=tied))
+        args = build_args(path, lambda: ModelArgs.from_gguf_fields(fields, vocab_size=vocab, tie_embeddings=tied,
+                                                                   rope_freqs=rope_freqs))
         table = layer_table(GGUF_NAMES, args.n_layers)
         renamed = rename(path, by_name, table)
         tensors = {meta: by_name[name] for meta, name in renamed.items()}
@@ -116,6 +120,10 @@ class GGUFCheckpoint(Checkpoint):
             return torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(self.shape(name))
         except (ValueError, RuntimeError) as e:
             raise ModelFileError(f"{self.path}: cannot read tensor {t.name!r} ({one_line(e)})") from None
+
+    def _quant_type(self, name: str) -> str | None:
+        t = self._tensors[name].tensor_type
+        return None if t in FLOAT_TYPES else t.name
 
     def _stored_dtype(self, name: str) -> torch.dtype:
         return FLOAT_TYPES.get(self._tensors[name].tensor_type, torch.float32)

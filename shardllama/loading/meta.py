@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -86,11 +87,13 @@ class MetaCheckpoint(Checkpoint):
     _shards: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list, repr=False)
 
     @classmethod
-    def open(cls, model_path: Path, shard_paths: list[Path], params_path: Path, tokenizer_path: Path | None) -> "MetaCheckpoint":
+    def open(cls, model_path: Path, shard_paths: list[Path], params_path: Path, tokenizer_path: Path | None,
+             rope_override: Mapping[str, float] | None = None) -> "MetaCheckpoint":
         shards = [_load_shard(p) for p in shard_paths]
         shapes = _merged_shapes(shard_paths, shards)
         vocab = shapes.get("tok_embeddings.weight", (1,))[0]  # used when params.json says -1 (LLaMA-1)
-        args = build_args(params_path, lambda: ModelArgs.from_params_json(params_path, vocab_size=vocab))
+        args = build_args(params_path, lambda: ModelArgs.from_params_json(params_path, vocab_size=vocab,
+                                                                                rope_override=rope_override))
         # Meta's tied models (Llama 3.2 1B/3B) may ship without output.weight.
         args = args.replace(tie_embeddings="output.weight" not in shapes)
         check_shapes(shard_paths[0] if len(shard_paths) == 1 else model_path, args, shapes)

@@ -89,7 +89,7 @@ def model_identity(model_path: str | os.PathLike, args: ModelArgs, exclude: Path
     for f in files:
         st = f.stat()
         listing.append([str(f.relative_to(path)) if f != path else "", st.st_size, st.st_mtime_ns])
-    model_args = {k: v for k, v in dataclasses.asdict(args).items() if k != "max_seq_len"}
+    model_args = {k: v for k, v in args.to_dict().items() if k != "max_seq_len"}
     about = {"path": str(path), "files": listing, "args": model_args}
     return ModelIdentity(hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest(), str(path), about)
 
