@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ShardllamaError, UsageError
+from .errors import PromptTooLongError, ShardllamaError, UsageError
 from .server import add_server_args
+
+log = logging.getLogger("shardllama")
 
 SUBCOMMANDS = ("generate", "chat", "serve", "worker", "shards")
 
@@ -52,10 +54,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--param-path", type=Path, help="params.json / config.json, if not beside the model")
     g.add_argument("--tokenizer-path", type=Path, help="tokenizer.model / tokenizer.json, if not beside the model")
     g.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16", "int8"),
-                   help="weight precision (auto: as stored; quantized GGUF becomes f32; int8: quantized at load "
-                        "time, one scale per row, computing in f32)")
+                   help="weight precision (auto: as stored, and quantized GGUF types as int8; int8: quantized at "
+                        "load time, one scale per row, computing in f32)")
     g.add_argument("--f16", dest="dtype", action="store_const", const="f16", help="alias for --dtype f16 (rllama)")
-    g.add_argument("--max-seq-len", type=_positive_int, default=1024, help="context length to allocate (default 1024)")
+    g.add_argument("--max-seq-len", type=_positive_int,
+                   help="context length to allocate (default: the model's trained context, at most 4096)")
+    g.add_argument("--rope-scaling", metavar="factor=F,low=L,high=H,original=N",
+                   help="llama3 rope-scaling numbers for a Meta params.json with use_scaled_rope, which states none "
+                        "(default: Meta's factor=8,low=1,high=4,original=8192, or its rope_scaling_factor)")
     g.add_argument("--max-threads", type=_positive_int,
                    help="torch threads in all (default: one per worker; torch's choice with --workers 0)")
     w = p.add_argument_group("workers")
@@ -190,9 +196,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.repetition_penalty_last_n)
     prompt = _read_prompt(args)
     progress = not args.quiet and sys.stderr.isatty()
-    with open_model_from_args(args, progress=progress) as model:
+    with prepare_from_args(args, progress=progress) as prepared:
+        prompt_ids = prepared.tokenizer.encode(prompt)
+        if len(prompt_ids) > prepared.max_seq_len:  # checked before a single weight is read
+            raise PromptTooLongError(f"prompt is {len(prompt_ids)} tokens, longer than --max-seq-len {prepared.max_seq_len}")
+        model = start_from_args(args, prepared, progress=progress)
+    with model:
         tok = model.tokenizer
-        prompt_ids = tok.encode(prompt)
         generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
         stats = Stats()
         out = sys.stdout
@@ -216,12 +226,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_model_from_args(args: argparse.Namespace, *, n_slots: int = 1, progress: bool = False):
-    """The model flags of add_model_args, turned into a running model (also for serve and chat)."""
+def prepare_from_args(args: argparse.Namespace, *, progress: bool = False):
+    """The model flags of add_model_args, checked against the checkpoint's headers and tokenizer
+    (runtime.prepare): nothing is loaded yet."""
+    from .rope import parse_override
+    from .runtime import prepare
+
+    rope = parse_override(args.rope_scaling) if args.rope_scaling else None
+    return prepare(args.model_path, param_path=args.param_path, tokenizer_path=args.tokenizer_path,
+                   dtype=args.dtype, max_seq_len=args.max_seq_len, rope_override=rope, progress=progress)
+
+
+def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, progress: bool = False):
+    """A prepared model, loaded and running with the worker flags of add_model_args."""
     import torch
 
-    from .runtime import open_model
+    from .runtime import start
+    from .sharding import check_workers
 
+    if args.workers:
+        check_workers(prepared.args, args.workers)  # a usage error, before the notes and the load
+    if not getattr(args, "quiet", False):
+        for note in prepared.notes:
+            log.warning("%s", note)
     threads_per_worker = 1
     if args.workers == 0 and args.max_threads:
         torch.set_num_threads(args.max_threads)  # the reference model computes in this process
@@ -229,10 +256,14 @@ def open_model_from_args(args: argparse.Namespace, *, n_slots: int = 1, progress
         from .coordinator import default_workers
 
         threads_per_worker = max(1, args.max_threads // (args.workers or default_workers()))
-    return open_model(args.model_path, param_path=args.param_path, tokenizer_path=args.tokenizer_path,
-                      dtype=args.dtype, max_seq_len=args.max_seq_len, n_slots=n_slots, workers=args.workers,
-                      keep_shards=args.keep_shards, listen=args.listen, worker_timeout=args.worker_timeout,
-                      threads_per_worker=threads_per_worker, progress=progress)
+    return start(prepared, n_slots=n_slots, workers=args.workers, keep_shards=args.keep_shards, listen=args.listen,
+                 worker_timeout=args.worker_timeout, threads_per_worker=threads_per_worker, progress=progress)
+
+
+def open_model_from_args(args: argparse.Namespace, *, progress: bool = False):
+    """prepare_from_args then start_from_args, for interactive mode and chat."""
+    with prepare_from_args(args, progress=progress) as prepared:
+        return start_from_args(args, prepared, progress=progress)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

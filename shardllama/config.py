@@ -179,6 +179,11 @@ class ModelArgs:
         rope_dims = fields.get("llama.rope.dimension_count")
         if rope_dims is not None and int(rope_dims) != dim // n_heads:
             raise UnsupportedError(f"GGUF: partial rotary (rope.dimension_count {rope_dims}) is not supported")
+        for key in ("attention.key_length", "attention.value_length"):  # Mistral Nemo-style wider heads
+            size = fields.get(f"llama.{key}")
+            if size is not None and int(size) != dim // n_heads:
+                raise UnsupportedError(f"GGUF: llama.{key} {size} differs from embedding_length / head_count "
+                                       f"({dim // n_heads}); heads of another width are not supported")
         factors, scaling = rope.from_gguf(fields, rope_freqs, dim // n_heads, "GGUF")
         return cls(
             dim=dim,

@@ -7,13 +7,14 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
 from .backend import Backend, LocalBackend
 from .config import ModelArgs
-from .errors import UsageError
-from .loading import open_checkpoint, load_weights
+from .errors import ModelFileError, UsageError
+from .loading import Checkpoint, open_checkpoint, load_weights
 from .model import DTYPES
 from .quant import source_dtype
 from .tokenizer import Tokenizer, load_tokenizer
@@ -39,10 +40,16 @@ class Model:
         self.close()
 
 
-def resolve_dtype(name: str, native: torch.dtype) -> torch.dtype:
-    """``auto`` keeps the checkpoint's own precision (dequantized GGUF types become f32); ``int8`` is
-    quantized at load time (shardllama.quant), whatever the checkpoint holds."""
+DEFAULT_CONTEXT = 4096  # --max-seq-len when not given: the model's trained context, at most this
+
+
+def resolve_dtype(name: str, native: torch.dtype, quant_types: Sequence[str] = ()) -> torch.dtype:
+    """``auto`` keeps a float checkpoint's own precision and loads a quantized one (GGUF Q4_K, Q8_0...) as
+    int8, not widened to f32 (a 7B Q4_K_M would need 27 GB); ``int8`` is quantized at load time
+    (shardllama.quant), whatever the checkpoint holds."""
     if name == "auto":
+        if quant_types:
+            return torch.int8
         return native if native in DTYPES.values() else torch.float32
     try:
         return DTYPES[name]
@@ -50,13 +57,83 @@ def resolve_dtype(name: str, native: torch.dtype) -> torch.dtype:
         raise UsageError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}") from None
 
 
-def open_model(
+@dataclasses.dataclass
+class Prepared:
+    """A checkpoint opened from its headers, its tokenizer loaded and the flags checked against them: what
+    :func:`start` needs, before a single weight is read.  Prompt checks belong here (``tokenizer``,
+    ``max_seq_len``), so a bad prompt costs no load."""
+
+    checkpoint: Checkpoint
+    tokenizer: Tokenizer
+    dtype: torch.dtype
+    max_seq_len: int
+    path: Path
+    notes: list[str]  # what was chosen for the user (dtype, context): the CLI says them unless -q
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.checkpoint.args
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+    def __enter__(self) -> "Prepared":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def prepare(
     model_path: str | Path | None,
     *,
     param_path: str | Path | None = None,
     tokenizer_path: str | Path | None = None,
     dtype: str = "auto",
-    max_seq_len: int = 1024,
+    max_seq_len: int | None = None,
+    rope_override: Mapping[str, float] | None = None,
+    progress: bool = False,
+) -> Prepared:
+    """Open the checkpoint's headers and its tokenizer, resolve ``dtype`` and ``max_seq_len`` (None: the
+    trained context, at most :data:`DEFAULT_CONTEXT`) and check that tokenizer and model fit together."""
+    if model_path is None:
+        from .demo import demo_model_path
+
+        model_path = demo_model_path(progress=progress)
+    if max_seq_len is not None and max_seq_len < 1:
+        raise UsageError(f"--max-seq-len must be >= 1, got {max_seq_len}")
+    ckpt = open_checkpoint(model_path, param_path, rope_override=rope_override)
+    try:
+        tok_path = tokenizer_path if tokenizer_path is not None else ckpt.tokenizer_path
+        if tok_path is None:
+            raise ModelFileError(f"{model_path}: no tokenizer found beside the model (tokenizer.model or "
+                                 "tokenizer.json); pass --tokenizer-path")
+        tokenizer = load_tokenizer(tok_path, gguf_fields=ckpt.gguf_fields if tokenizer_path is None else None)
+        args = ckpt.args
+        if tokenizer.vocab_size > args.vocab_size:
+            raise ModelFileError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                                 f"{model_path} has only {args.vocab_size} embedding rows; they do not belong together")
+        notes = []
+        torch_dtype = resolve_dtype(dtype, ckpt.native_dtype, ckpt.quant_types)
+        if dtype == "auto" and ckpt.quant_types:
+            notes.append(f"{Path(model_path).name}: {'/'.join(ckpt.quant_types)} weights load as int8 "
+                         "(--dtype f32, f16 or bf16 widens them instead)")
+        trained = args.max_seq_len
+        if max_seq_len is None:
+            max_seq_len = min(trained, DEFAULT_CONTEXT)
+        elif max_seq_len > trained:
+            notes.append(f"--max-seq-len {max_seq_len} is beyond the {trained} tokens the model was trained on"
+                         + ("" if args.rope_scaling else " (and it has no rope scaling)")
+                         + ": expect worse text past that")
+        return Prepared(ckpt, tokenizer, torch_dtype, max_seq_len, Path(model_path), notes)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def start(
+    prepared: Prepared,
+    *,
     n_slots: int = 1,
     workers: int | None = None,
     keep_shards: bool = False,
@@ -65,41 +142,45 @@ def open_model(
     threads_per_worker: int = 1,
     progress: bool = False,
 ) -> Model:
-    """Load a model and start its backend.
+    """Load the weights of a prepared checkpoint and start its backend (closes the checkpoint).
 
     ``workers`` N >= 1 runs the tensor-parallel engine on N worker processes (default: one per physical
     core); 0 runs the single-process reference model.  ``listen`` (tcp://HOST:PORT) waits for N remote
     workers (``shardllama worker --connect``) instead of starting local ones.
     """
-    if model_path is None:
-        from .demo import demo_model_path
-
-        model_path = demo_model_path(progress=progress)
-    if max_seq_len < 1:
-        raise UsageError(f"--max-seq-len must be >= 1, got {max_seq_len}")
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
-    with open_checkpoint(model_path, param_path) as ckpt:
-        tok_path = tokenizer_path if tokenizer_path is not None else ckpt.tokenizer_path
-        if tok_path is None:
-            raise UsageError(f"{model_path}: no tokenizer found beside the model; pass --tokenizer-path")
-        tokenizer = load_tokenizer(tok_path, gguf_fields=ckpt.gguf_fields if tokenizer_path is None else None)
-        torch_dtype = resolve_dtype(dtype, ckpt.native_dtype)
-        args = ckpt.args
+    p = prepared
+    with p.checkpoint as ckpt:
         if workers == 0:
-            weights = load_weights(ckpt, torch_dtype, progress=progress)
-            backend: Backend = LocalBackend(args, weights, max_seq_len=max_seq_len, n_slots=n_slots)
+            weights = load_weights(ckpt, p.dtype, progress=progress)
+            backend: Backend = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len, n_slots=n_slots)
         else:
             from .coordinator import Coordinator
 
             # Shards are written one weight at a time straight from the (memory-mapped) checkpoint.
-            load = _progress_loader(ckpt, source_dtype(torch_dtype), progress)  # int8: floats, quantized there
+            load = _progress_loader(ckpt, source_dtype(p.dtype), progress)  # int8: floats, quantized there
             backend = Coordinator(
-                args, load, n_workers=workers, dtype=torch_dtype, max_seq_len=max_seq_len, n_slots=n_slots,
-                keep_shards=keep_shards, model_path=model_path, timeout=worker_timeout,
+                p.args, load, n_workers=workers, dtype=p.dtype, max_seq_len=p.max_seq_len, n_slots=n_slots,
+                keep_shards=keep_shards, model_path=p.path, timeout=worker_timeout,
                 threads_per_worker=threads_per_worker, endpoint=listen or "ipc",
             )
-    return Model(args=args, tokenizer=tokenizer, backend=backend, path=Path(model_path), dtype=torch_dtype)
+    return Model(args=p.args, tokenizer=p.tokenizer, backend=backend, path=p.path, dtype=p.dtype)
+
+
+def open_model(
+    model_path: str | Path | None,
+    *,
+    param_path: str | Path | None = None,
+    tokenizer_path: str | Path | None = None,
+    dtype: str = "auto",
+    max_seq_len: int | None = None,
+    progress: bool = False,
+    **start_kw,
+) -> Model:
+    """:func:`prepare` then :func:`start`: a running model in one call (tests, benchmarks)."""
+    return start(prepare(model_path, param_path=param_path, tokenizer_path=tokenizer_path, dtype=dtype,
+                         max_seq_len=max_seq_len, progress=progress), progress=progress, **start_kw)
 
 
 def _progress_loader(ckpt, dtype: torch.dtype, progress: bool):

@@ -627,13 +627,6 @@ def test_hf_unsupported_architecture(tmp_path):
         open_checkpoint(d)
 
 
-def test_gguf_with_llama3_rope_scaling_is_unsupported(tmp_path):
-    weights = {**random_weights(ARGS), "rope_freqs.weight": np.ones(ARGS.head_dim // 2, np.float32)}
-    path = write_gguf(tmp_path / "tiny.gguf", weights)
-    with pytest.raises(UnsupportedError, match="rope_freqs"):
-        open_checkpoint(path)
-
-
 def test_directory_with_two_ggufs(tmp_path):
     write_gguf(tmp_path / "a.gguf", random_weights(ARGS))
     shutil.copy(tmp_path / "a.gguf", tmp_path / "b.gguf")

@@ -32,7 +32,8 @@ from shardllama.runtime import open_model
 from shardllama.server import serve
 cfg = json.loads(sys.argv[1])
 logging.basicConfig(level=logging.WARNING, format="shardllama: %(message)s")
-with open_model(cfg["model"], max_seq_len=cfg["max_seq_len"], n_slots=cfg["n_slots"], workers=cfg["workers"]) as m:
+with open_model(cfg["model"], max_seq_len=cfg["max_seq_len"], n_slots=cfg["n_slots"], workers=cfg["workers"],
+                dtype=cfg.get("dtype", "f32")) as m:  # f32: the golden text
     sys.exit(serve(m, host="127.0.0.1", port=0, **cfg["serve"]))
 """
 

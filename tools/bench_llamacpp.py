@@ -12,7 +12,9 @@ llama.cpp from source (~5 minutes on 2 cores), natively for this CPU with::
 
 Models: ``demo-f16`` / ``demo-f32`` are the demo model (SmolLM2-135M-Instruct, shipped as Q4_1, which
 llama-cpp-python 0.3.36 crashes on) rewritten with every matrix dequantized; ``7b-f16`` is a random-weight
-LLaMA-7B (dim 4096, 32 layers, FFN 11008, vocab 32000; 13.5 GB).  tools/make_gguf.py writes them once into
+LLaMA-7B (dim 4096, 32 layers, FFN 11008, vocab 32000; 13.5 GB).  ``demo-q4_k_m``, ``7b-q8_0``... (Q4_0,
+Q4_K_M, Q5_K_M, Q8_0) are those f16 files quantized by llama.cpp's own quantizer; shardllama loads them as
+it loads any quantized file (today: as int8).  tools/make_gguf.py writes them once into
 ``~/.cache/shardllama/bench/`` (``$SHARDLLAMA_CACHE``); a path to any llama GGUF works too.
 
 How it measures.  Every engine configuration -- llama.cpp with ``--llama-threads`` threads, shardllama with
@@ -74,6 +76,12 @@ MODELS = {  # name -> (how to make it, file name in the bench cache)
     "7b-f16": ("7b", "f16", "llama-7b-random-f16.gguf"),
     "7b-f32": ("7b", "f32", "llama-7b-random-f32.gguf"),  # 27 GB: does not fit a 24 GB machine's memory
 }
+# Quantized files, made from the f16 ones by llama.cpp's own quantizer (llama_model_quantize), so both
+# engines read exactly what people download: name -> (f16 source, llama.cpp ftype name, file name).
+QUANTIZED = {"Q4_0": "MOSTLY_Q4_0", "Q4_K_M": "MOSTLY_Q4_K_M", "Q5_K_M": "MOSTLY_Q5_K_M", "Q8_0": "MOSTLY_Q8_0"}
+for _src, _stem in (("demo", "SmolLM2-135M-Instruct"), ("7b", "llama-7b-random")):
+    for _q in QUANTIZED:
+        MODELS[f"{_src}-{_q.lower()}"] = (f"{_src}-f16", _q, f"{_stem}-{_q}.gguf")
 
 
 def bench_dir() -> Path:
@@ -97,12 +105,30 @@ def model_path(name: str) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"writing {path} (once)", file=sys.stderr)
+    if source.endswith("-f16"):  # a quantized file, from the f16 one
+        return quantize(model_path(source), path, dtype)
     if source == "demo":
         from shardllama.demo import demo_model_path
 
         return make_gguf.write_dequantized(demo_model_path(), path, dtype)
     return make_gguf.write_random(path, make_gguf.random_args(source), dtype, seed=0,
                                   name=f"random LLaMA-{source} shape")
+
+
+def quantize(src: Path, dst: Path, qtype: str) -> Path:
+    """``src`` quantized to ``qtype`` (a QUANTIZED key) by llama.cpp's own quantizer, written atomically."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + QUANTIZED[qtype])
+    params.nthread = len(os.sched_getaffinity(0))
+    tmp = dst.with_suffix(".part")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        raise SystemExit(f"bench_llamacpp: llama.cpp could not quantize {src} to {qtype}")
+    tmp.rename(dst)
+    return dst
 
 
 def decode_bytes(path: Path) -> tuple[int, int]:

@@ -187,26 +187,20 @@ async def _run(app, state, host: str, port: int, summary: str, quiet: bool) -> i
 def serve_from_args(args: argparse.Namespace) -> int:
     """``shardllama serve`` / ``--inference-server``: size the KV cache for the server, open the model with
     the flags of ``cli.add_model_args``, serve with those of :func:`add_server_args`."""
-    from ..cli import open_model_from_args
+    from ..cli import prepare_from_args, start_from_args
     from ..coordinator import default_workers
-    from ..loading import open_checkpoint
-    from ..runtime import resolve_dtype
 
     quiet = getattr(args, "quiet", False)
-    args = argparse.Namespace(**vars(args))
-    if args.model_path is None:
-        from ..demo import demo_model_path
-
-        args.model_path = demo_model_path(progress=not quiet and sys.stderr.isatty())
-    with open_checkpoint(args.model_path, args.param_path) as ckpt:
-        model_args, dtype = ckpt.args, resolve_dtype(args.dtype, ckpt.native_dtype)
-    n_workers = args.workers if args.workers is not None else default_workers(model_args)
-    per_slot = kv_bytes_per_slot(model_args, dtype, args.max_seq_len, n_workers)
-    max_concurrent = args.inference_server_max_concurrent_inferences
-    n_slots = plan_slots(per_slot, max_concurrent=max_concurrent,
-                         prompt_cache_size=args.inference_server_prompt_cache_size,
-                         cache_memory=args.inference_server_prompt_cache_memory << 20)
-    with open_model_from_args(args, n_slots=n_slots, progress=not quiet and sys.stderr.isatty()) as model:
+    progress = not quiet and sys.stderr.isatty()
+    with prepare_from_args(args, progress=progress) as prepared:
+        n_workers = args.workers if args.workers is not None else default_workers(prepared.args)
+        per_slot = kv_bytes_per_slot(prepared.args, prepared.dtype, prepared.max_seq_len, n_workers)
+        max_concurrent = args.inference_server_max_concurrent_inferences
+        n_slots = plan_slots(per_slot, max_concurrent=max_concurrent,
+                             prompt_cache_size=args.inference_server_prompt_cache_size,
+                             cache_memory=args.inference_server_prompt_cache_memory << 20)
+        model = start_from_args(args, prepared, n_slots=n_slots, progress=progress)
+    with model:
         return serve(model, host=args.inference_server_host, port=args.inference_server_port,
                      api_path=args.inference_server_api_path, max_concurrent=max_concurrent,
                      prompt_cache_size=args.inference_server_prompt_cache_size,
