@@ -1,8 +1,9 @@
 """Text <-> token ids, on top of the engine (which only ever sees ids).
 
-Three sources, one interface (:class:`Tokenizer`):
+Four sources, one interface (:class:`Tokenizer`):
 
 - a SentencePiece ``tokenizer.model`` (Meta's LLaMA 1/2 checkpoints), run by the ``sentencepiece`` package;
+- a tiktoken ``tokenizer.model`` (Meta's Llama 3 checkpoints), run by ``tiktoken``: :mod:`.tiktoken_vocab`;
 - an HF ``tokenizer.json``, run by the ``tokenizers`` package, with ``tokenizer_config.json`` /
   ``special_tokens_map.json`` / ``generation_config.json`` beside it read for BOS, EOS, stop ids and the
   chat template;
@@ -46,7 +47,7 @@ STOP_TEXTS = frozenset({
 class Tokenizer(abc.ABC):
     """Text <-> ids.  Subclasses fill the attributes and implement ``_encode``, ``_decode``, ``_piece_bytes``."""
 
-    kind: str  # "sentencepiece", "tokenizer.json", "gguf-gpt2" or "gguf-llama"
+    kind: str  # "sentencepiece", "tiktoken", "tokenizer.json", "gguf-gpt2" or "gguf-llama"
     source: str  # the file it came from, for messages
     vocab_size: int
     bos_id: int | None
@@ -203,10 +204,10 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | Path | None, *, gguf_fields: Mapping[str, Any] | None = None) -> Tokenizer:
-    """The tokenizer in ``path``: a SentencePiece ``tokenizer.model``, an HF ``tokenizer.json``, a ``.gguf``
-    (its embedded vocabulary; ``gguf_fields``, if given, is its metadata already parsed into python values),
-    or a directory holding tokenizer.json or tokenizer.model.  ``path`` may be None when ``gguf_fields`` is
-    given.
+    """The tokenizer in ``path``: a SentencePiece or tiktoken ``tokenizer.model``, an HF ``tokenizer.json``,
+    a ``.gguf`` (its embedded vocabulary; ``gguf_fields``, if given, is its metadata already parsed into
+    python values), or a directory holding tokenizer.json or tokenizer.model.  ``path`` may be None when
+    ``gguf_fields`` is given.
     """
     if path is None:
         if gguf_fields is None:
@@ -222,18 +223,25 @@ def load_tokenizer(path: str | Path | None, *, gguf_fields: Mapping[str, Any] | 
         raise ModelFileError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(1024)
     except FileNotFoundError:
         raise ModelFileError(f"{path}: tokenizer file not found") from None
     except OSError as e:
         raise ModelFileError(f"{path}: cannot read tokenizer file ({one_line(e)})") from None
-    if head == b"GGUF":
+    if head[:4] == b"GGUF":
         return _from_gguf_fields(read_gguf_fields(path), str(path))
     if path.suffix == ".json" or head.lstrip()[:1] == b"{":
         return _from_tokenizer_json(path)
     if path.suffix == ".gguf":
         raise ModelFileError(f"{path}: not a GGUF file (no GGUF magic)")
-    return SentencePieceTokenizer(path, _read_json(path.parent / "tokenizer_config.json"))
+    config = _read_json(path.parent / "tokenizer_config.json")
+    from .tiktoken_vocab import TiktokenTokenizer, looks_like_tiktoken  # here: that module imports this one
+
+    if looks_like_tiktoken(head):
+        add_bos = config.get("add_bos_token")
+        return TiktokenTokenizer(path, add_bos=add_bos if isinstance(add_bos, bool) else None,
+                                 chat_template=_chat_template(config, path.parent))
+    return SentencePieceTokenizer(path, config)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
