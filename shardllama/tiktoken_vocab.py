@@ -6,7 +6,8 @@ the tokenizer lives in Meta's code (llama3 ``tokenizer.py``) and is copied here:
 pattern, 256 special tokens numbered from the number of ranks, BOS = ``<|begin_of_text|>``, and a turn ends
 at ``<|end_of_text|>`` (base models), ``<|eot_id|>`` or ``<|eom_id|>`` (instruct models), so all three stop.
 The special token names are Llama 3.1's; Llama 3.0's list gives the same ids to the ones that matter
-(begin/end_of_text, start/end_header_id, eot_id).
+(begin/end_of_text, start/end_header_id, eot_id).  Meta's chat format (its ``ChatFormat``) is the chat
+template when no ``tokenizer_config.json`` / ``chat_template.jinja`` beside the file brings one.
 
 Meta's reference cuts runs of over 25,000 whitespace or non-whitespace characters before encoding, against
 old tiktoken versions that were slow or crashed on them; tiktoken 0.14 encodes a 200,000-character run in
@@ -33,6 +34,18 @@ _NAMED = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"
           "<|eot_id|>", "<|python_tag|>", "<|image|>"]
 N_SPECIAL = 256
 LLAMA3_SPECIAL_TOKENS = _NAMED + [f"<|reserved_special_token_{2 + i}|>" for i in range(N_SPECIAL - len(_NAMED))]
+
+# Meta's ChatFormat.encode_dialog_prompt as a template: BOS, then each message as header + stripped content +
+# <|eot_id|>, then the assistant's header for the model to complete.  (HF's Llama 3 Instruct template writes
+# the same text, but leaves BOS out of an empty conversation.)
+LLAMA3_CHAT_TEMPLATE = (
+    "<|begin_of_text|>"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
 
 _LINE = re.compile(rb"([A-Za-z0-9+/]+={0,2}) ([0-9]+)")
 
@@ -92,7 +105,7 @@ class TiktokenTokenizer(Tokenizer):
         stops = {special[name] for name in STOP_TEXTS & special.keys()}
         self._init_common("tiktoken", str(path), n + N_SPECIAL, special["<|begin_of_text|>"],
                           special["<|end_of_text|>"], True if add_bos is None else add_bos, stops,
-                          chat_template)
+                          chat_template or LLAMA3_CHAT_TEMPLATE)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         if special:
