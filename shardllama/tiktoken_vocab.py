@@ -11,7 +11,7 @@ template when no ``tokenizer_config.json`` / ``chat_template.jinja`` beside the 
 
 Meta's reference cuts runs of over 25,000 whitespace or non-whitespace characters before encoding, against
 old tiktoken versions that were slow or crashed on them; tiktoken 0.14 encodes a 200,000-character run in
-milliseconds (measured), so text goes to it whole.
+under 0.2 s even with 20,000 merges over its letters (measured), so text goes to it whole.
 """
 
 from __future__ import annotations
