@@ -1,8 +1,9 @@
 """Text <-> token ids, on top of the engine (which only ever sees ids).
 
-Three sources, one interface (:class:`Tokenizer`):
+Four sources, one interface (:class:`Tokenizer`):
 
 - a SentencePiece ``tokenizer.model`` (Meta's LLaMA 1/2 checkpoints), run by the ``sentencepiece`` package;
+- a tiktoken ``tokenizer.model`` (Meta's Llama 3 checkpoints), run by ``tiktoken``: :mod:`.tiktoken_vocab`;
 - an HF ``tokenizer.json``, run by the ``tokenizers`` package, with ``tokenizer_config.json`` /
   ``special_tokens_map.json`` / ``generation_config.json`` beside it read for BOS, EOS, stop ids and the
   chat template;
@@ -31,10 +32,9 @@ import tokenizers
 
 from .errors import ModelFileError, UnsupportedError, one_line
 from .gguf_vocab import BYTE_PIECE, CHAR_BYTES, CONTROL, NORMAL, gguf_byte_level, gguf_sentencepiece, read_gguf_fields
+from .stream_decode import StreamDecoder  # re-exported: part of this module's API
 
 log = logging.getLogger(__name__)
-
-REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole UTF-8 character
 
 # Control tokens that end a turn, recognised by their text as llama.cpp does (llama-vocab.cpp, "EOG" ids).
 STOP_TEXTS = frozenset({
@@ -47,7 +47,7 @@ STOP_TEXTS = frozenset({
 class Tokenizer(abc.ABC):
     """Text <-> ids.  Subclasses fill the attributes and implement ``_encode``, ``_decode``, ``_piece_bytes``."""
 
-    kind: str  # "sentencepiece", "tokenizer.json", "gguf-gpt2" or "gguf-llama"
+    kind: str  # "sentencepiece", "tiktoken", "tokenizer.json", "gguf-gpt2" or "gguf-llama"
     source: str  # the file it came from, for messages
     vocab_size: int
     bos_id: int | None
@@ -106,61 +106,6 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def _piece_bytes(self, id: int) -> bytes: ...
-
-
-class StreamDecoder:
-    """Text of a growing id sequence, piece by piece, never half a UTF-8 character.
-
-    Each push decodes the last emitted run of tokens (the context) plus the ones not yet emitted, and
-    returns what that adds to the context's own text.  The context carries what a token's text depends
-    on: SentencePiece drops the space of only the first piece, and byte tokens join into characters.
-    Text ending in U+FFFD is held back while the character may still complete.  After ``MAX_HOLD`` tokens
-    (a character is at most 4 bytes) the text is let out but for that last U+FFFD, the only one a later
-    byte can still turn into a character; so each push decodes a bounded window: O(1) per token.
-
-    All pushes plus ``flush()`` concatenate to ``decode(all ids)`` exactly, for any ids, whenever the
-    decoder turns bytes into text as UTF-8 decoding with replacement does (SentencePiece, byte-level BPE).
-    HF's ByteFallback decoder turns a whole run of ``<0xNN>`` tokens into U+FFFD when one of them is
-    invalid, retroactively: for such runs the count of U+FFFD can differ.
-    """
-
-    MAX_HOLD = 8
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._decode = tokenizer.decode
-        self._context: list[int] = []
-        self._context_text = ""
-        self._owed = 0  # trailing characters of _context_text not emitted yet (0, or 1: a U+FFFD)
-        self._pending: list[int] = []
-
-    def push(self, token_id: int) -> str:
-        self._pending.append(int(token_id))
-        text = self._new_text()
-        if not text:  # control tokens, or a leading space SentencePiece may still drop: wait
-            if len(self._pending) > self.MAX_HOLD:
-                self._pending.clear()  # they rendered as nothing after the context; keep the window bounded
-            return ""
-        if not text.endswith(REPLACEMENT):
-            self._advance(owed=0)
-            return text
-        if len(self._pending) < self.MAX_HOLD:
-            return ""
-        self._advance(owed=1)
-        return text[:-1]
-
-    def flush(self) -> str:
-        text = self._new_text()
-        if self._pending:
-            self._advance(owed=0)
-        self._owed = 0
-        return text
-
-    def _new_text(self) -> str:
-        return self._decode(self._context + self._pending)[len(self._context_text) - self._owed:]
-
-    def _advance(self, owed: int) -> None:
-        self._context, self._pending, self._owed = self._pending, [], owed
-        self._context_text = self._decode(self._context)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -259,10 +204,10 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | Path | None, *, gguf_fields: Mapping[str, Any] | None = None) -> Tokenizer:
-    """The tokenizer in ``path``: a SentencePiece ``tokenizer.model``, an HF ``tokenizer.json``, a ``.gguf``
-    (its embedded vocabulary; ``gguf_fields``, if given, is its metadata already parsed into python values),
-    or a directory holding tokenizer.json or tokenizer.model.  ``path`` may be None when ``gguf_fields`` is
-    given.
+    """The tokenizer in ``path``: a SentencePiece or tiktoken ``tokenizer.model``, an HF ``tokenizer.json``,
+    a ``.gguf`` (its embedded vocabulary; ``gguf_fields``, if given, is its metadata already parsed into
+    python values), or a directory holding tokenizer.json or tokenizer.model.  ``path`` may be None when
+    ``gguf_fields`` is given.
     """
     if path is None:
         if gguf_fields is None:
@@ -278,18 +223,25 @@ def load_tokenizer(path: str | Path | None, *, gguf_fields: Mapping[str, Any] | 
         raise ModelFileError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(1024)
     except FileNotFoundError:
         raise ModelFileError(f"{path}: tokenizer file not found") from None
     except OSError as e:
         raise ModelFileError(f"{path}: cannot read tokenizer file ({one_line(e)})") from None
-    if head == b"GGUF":
+    if head[:4] == b"GGUF":
         return _from_gguf_fields(read_gguf_fields(path), str(path))
     if path.suffix == ".json" or head.lstrip()[:1] == b"{":
         return _from_tokenizer_json(path)
     if path.suffix == ".gguf":
         raise ModelFileError(f"{path}: not a GGUF file (no GGUF magic)")
-    return SentencePieceTokenizer(path, _read_json(path.parent / "tokenizer_config.json"))
+    config = _read_json(path.parent / "tokenizer_config.json")
+    from .tiktoken_vocab import TiktokenTokenizer, looks_like_tiktoken  # here: that module imports this one
+
+    if looks_like_tiktoken(head):
+        add_bos = config.get("add_bos_token")
+        return TiktokenTokenizer(path, add_bos=add_bos if isinstance(add_bos, bool) else None,
+                                 chat_template=_chat_template(config, path.parent))
+    return SentencePieceTokenizer(path, config)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
