@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp), architecture ``llama``.
 
 The file is memory-mapped by ``gguf.GGUFReader``; float tensors are returned as copy-on-write views of it,
-quantized ones are dequantized one at a time.  GGUF lists dimensions innermost first, but the reader's numpy
+quantized ones are dequantized one at a time by ``gguf.quants``: every type it can dequantize is read (the
+K-quants, IQ*, ...).  GGUF lists dimensions innermost first, but the reader's numpy
 arrays are already row-major ``(out, in)``, as Meta's are.  llama.cpp's converter has already permuted wq
 and wk from HF's rotate-half layout back to Meta's interleaved one, so nothing is permuted here.
 """
@@ -9,12 +10,13 @@ and wk from HF's rotate-half layout back to Meta's interleaved one, so nothing i
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from ..config import ModelArgs
@@ -39,9 +41,23 @@ GGUF_NAMES = {
     "output.weight": "output.weight",
 }
 
-# Tensor types we read: floats are viewed in place, the rest dequantized by gguf.quants.
+# Tensor types we read: floats are viewed in place, the rest dequantized by gguf.quants (dequantizable()).
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-QUANT_TYPES = {Q.Q8_0, Q.Q4_0, Q.Q4_1}
+
+
+@functools.cache
+def dequantizable(qtype: GGMLQuantizationType) -> bool:
+    """Whether the installed gguf can dequantize ``qtype``.  Asked by dequantizing one zero block rather than
+    listed, so each gguf release's new types are read without a change here; gguf has no public query, and
+    ``quants.dequantize`` raises NotImplementedError for a type it lacks (Q8_1, Q8_K, the integer types...)."""
+    if qtype in FLOAT_TYPES:
+        return True
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    try:
+        dequantize(np.zeros((1, type_size), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def plain_fields(reader: GGUFReader, path: Path) -> dict[str, Any]:
@@ -85,8 +101,9 @@ class GGUFCheckpoint(Checkpoint):
         if "rope_freqs.weight" in by_name:
             raise UnsupportedError(f"{path}: rope scaling (rope_freqs.weight, Llama 3.1 style) is not supported")
         for t in reader.tensors:
-            if t.tensor_type not in FLOAT_TYPES and t.tensor_type not in QUANT_TYPES:
-                raise UnsupportedError(f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name}")
+            if not dequantizable(t.tensor_type):
+                raise UnsupportedError(f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name} "
+                                       "(gguf.quants cannot dequantize it)")
         tokens = fields.get("tokenizer.ggml.tokens")
         if tokens:
             vocab = len(tokens)
