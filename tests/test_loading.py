@@ -1,8 +1,9 @@
 """Checkpoint loaders: tiny checkpoints written in the real formats by the real libraries.
 
 Meta ``.pth`` (single, split in 2 and 4, unzipped), HF safetensors (sharded, checked against transformers'
-logits, which proves the q/k un-permutation), GGUF (every supported tensor type; the demo model checked
-against transformers' logits, which proves that GGUF needs no permutation) and every error path.
+logits, which proves the q/k un-permutation), GGUF (the float types and those gguf-py quantizes; the demo
+model checked against transformers' logits, which proves that GGUF needs no permutation; K-quants, IQ* and
+split files are in test_gguf_quants.py) and every error path.
 """
 
 from __future__ import annotations
