@@ -151,6 +151,8 @@ def test_interrupt_stops_workers_and_removes_shards(demo_gguf, sig, code):
 
 def _bad_checkpoint(kind, tmp_path):
     """A small checkpoint in a real format with one thing wrong; returns (path, text the error must name)."""
+    import numpy as np
+
     from tests.test_loading import ARGS, Q, write_gguf, write_hf
     from shardllama.model import random_weights
 
@@ -161,8 +163,10 @@ def _bad_checkpoint(kind, tmp_path):
     if kind == "unknown tensor":
         d = write_hf(tmp_path, weights, extra={"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})
         return d, "model.layers.0.self_attn.q_proj.bias"
-    if kind == "unsupported quant type":
-        return write_gguf(tmp_path / "m.gguf", weights, ARGS, Q.F16, types={"blk.1.ffn_down.weight": Q.Q5_0}), "Q5_0"
+    if kind == "unsupported quant type":  # Q8_1: gguf cannot dequantize it; 96 values per row = 3 blocks of 40 bytes
+        del weights["layers.1.feed_forward.w2.weight"]
+        weights["blk.1.ffn_down.weight"] = np.zeros((ARGS.dim, 3 * 40), np.uint8)
+        return write_gguf(tmp_path / "m.gguf", weights, ARGS, Q.F16, types={"blk.1.ffn_down.weight": Q.Q8_1}), "Q8_1"
     if kind == "unsupported architecture":
         return write_gguf(tmp_path / "m.gguf", weights, arch="qwen2"), "qwen2"
     raise AssertionError(kind)

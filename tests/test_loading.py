@@ -1,8 +1,9 @@
 """Checkpoint loaders: tiny checkpoints written in the real formats by the real libraries.
 
 Meta ``.pth`` (single, split in 2 and 4, unzipped), HF safetensors (sharded, checked against transformers'
-logits, which proves the q/k un-permutation), GGUF (every supported tensor type; the demo model checked
-against transformers' logits, which proves that GGUF needs no permutation) and every error path.
+logits, which proves the q/k un-permutation), GGUF (the float types and those gguf-py quantizes; the demo
+model checked against transformers' logits, which proves that GGUF needs no permutation; K-quants, IQ* and
+split files are in test_gguf_quants.py) and every error path.
 """
 
 from __future__ import annotations
@@ -184,11 +185,32 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray | torch.Tensor], args: 
                arch: str = "llama", types: dict[str, object] | None = None) -> Path:
     """A llama.cpp-style GGUF: metadata, a tiny llama vocab, matrices in ``qtype`` and norms in F32.
 
-    ``weights`` is in Meta names (converted) unless a key already looks like a GGUF name.
+    ``weights`` is in Meta names (converted) unless a key already looks like a GGUF name; uint8 arrays are
+    written as they are, as raw blocks of their ``types`` entry.
     """
     qtype = qtype or gguf.GGMLQuantizationType.F32
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(path, arch)
+    add_gguf_metadata(w, args)
+    for name, t in weights.items():
+        data = t.float().numpy() if isinstance(t, torch.Tensor) else t
+        name = name if name.startswith(("blk.", "token_embd", "output", "rope_freqs")) else gguf_name(name)
+        kind = (types or {}).get(name, qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32)
+        if data.dtype == np.uint8:  # already encoded as ``kind`` (bytes of a type gguf cannot quantize)
+            w.add_tensor(name, data, raw_dtype=kind)
+        elif kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            w.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), kind))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def add_gguf_metadata(w: gguf.GGUFWriter, args: ModelArgs) -> None:
+    """The llama.cpp config keys for ``args`` and a tiny SentencePiece-style ``llama`` vocabulary."""
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)
@@ -202,19 +224,6 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray | torch.Tensor], args: 
     w.add_token_list(["<unk>", "<s>", "</s>"] + [f"tok{i}" for i in range(args.vocab_size - 3)])
     w.add_token_scores([0.0, 0.0, 0.0] + [-float(i) for i in range(args.vocab_size - 3)])
     w.add_token_types([2, 3, 3] + [1] * (args.vocab_size - 3))
-    for name, t in weights.items():
-        data = t.float().numpy() if isinstance(t, torch.Tensor) else t
-        name = name if name.startswith(("blk.", "token_embd", "output", "rope_freqs")) else gguf_name(name)
-        kind = (types or {}).get(name, qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32)
-        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            w.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), kind))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), kind), raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 # ---- Meta .pth ---------------------------------------------------------------------------------------
@@ -609,8 +618,14 @@ def test_split_files_whose_replicated_norms_differ(tmp_path):
 
 
 def test_gguf_unsupported_quant_type_names_tensor_and_type(tmp_path):
-    path = write_gguf(tmp_path / "tiny.gguf", random_weights(ARGS), ARGS, Q.F16, types={"blk.1.ffn_down.weight": Q.Q5_0})
-    with pytest.raises(UnsupportedError, match=rf"{esc(path)}: tensor 'blk\.1\.ffn_down\.weight' has unsupported type Q5_0"):
+    # Q8_1 (llama.cpp's activation format, never a weight's) is a type gguf 0.19 cannot dequantize:
+    # 96 values per row = 3 blocks of 40 bytes.
+    weights = {**random_weights(ARGS), "blk.1.ffn_down.weight": np.zeros((ARGS.dim, 3 * 40), np.uint8)}
+    del weights["layers.1.feed_forward.w2.weight"]  # replaced by the Q8_1 bytes
+    with pytest.raises(NotImplementedError):
+        gguf.quants.dequantize(np.zeros((1, 40), np.uint8), Q.Q8_1)
+    path = write_gguf(tmp_path / "tiny.gguf", weights, ARGS, Q.F16, types={"blk.1.ffn_down.weight": Q.Q8_1})
+    with pytest.raises(UnsupportedError, match=rf"{esc(path)}: tensor 'blk\.1\.ffn_down\.weight' has unsupported type Q8_1"):
         open_checkpoint(path)
 
 

@@ -20,6 +20,7 @@ from ..model import expected_shapes
 from ..quant import source_dtype, stored
 from .base import Checkpoint
 from .gguf_file import GGUFCheckpoint
+from .gguf_split import model_file as gguf_model_file
 from .hf import INDEX_NAME, SafetensorsCheckpoint, shard_files
 from .meta import MetaCheckpoint, find_shards, shard_index
 from .unzipped import find_pickle_dir
@@ -92,9 +93,10 @@ def _open_directory(d: Path, params: Path | None, rope: Mapping[str, float] | No
     if len(kinds) > 1:
         raise ModelFileError(f"{d}: holds several checkpoints ({', '.join(kinds)}); name the file to load")
     if ggufs:
-        if len(ggufs) > 1:
+        model = gguf_model_file(ggufs)  # the only file, or a split model's first part
+        if model is None:
             raise ModelFileError(f"{d}: holds {len(ggufs)} .gguf files; name the one to load")
-        return _open_gguf(ggufs[0], params)
+        return _open_gguf(model, params)
     if safetensors:
         if len(indexes) > 1:
             raise ModelFileError(f"{d}: holds {len(indexes)} safetensors index files; name the one to load")

@@ -1,7 +1,9 @@
 """GGUF files (llama.cpp), architecture ``llama``.
 
 The file is memory-mapped by ``gguf.GGUFReader``; float tensors are returned as copy-on-write views of it,
-quantized ones are dequantized one at a time.  GGUF lists dimensions innermost first, but the reader's numpy
+quantized ones are dequantized one at a time by ``gguf.quants``: every type it can dequantize is read (the
+K-quants, IQ*, ...).  A split model (``NAME-00001-of-00003.gguf``..., see :mod:`.gguf_split`) is opened from
+any of its parts and read from all of them.  GGUF lists dimensions innermost first, but the reader's numpy
 arrays are already row-major ``(out, in)``, as Meta's are.  llama.cpp's converter has already permuted wq
 and wk from HF's rotate-half layout back to Meta's interleaved one, so nothing is permuted here.
 """
@@ -9,17 +11,19 @@ and wk from HF's rotate-half layout back to Meta's interleaved one, so nothing i
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from ..config import ModelArgs
 from ..errors import ModelFileError, UnsupportedError, one_line
 from .base import Checkpoint, build_args, check_shapes, layer_table, rename
+from .gguf_split import SPLIT_TENSORS, check_part, check_tensor_total, part_paths
 
 Q = GGMLQuantizationType
 
@@ -39,9 +43,32 @@ GGUF_NAMES = {
     "output.weight": "output.weight",
 }
 
-# Tensor types we read: floats are viewed in place, the rest dequantized by gguf.quants.
+# Tensor types we read: floats are viewed in place, the rest dequantized by gguf.quants (dequantizable()).
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-QUANT_TYPES = {Q.Q8_0, Q.Q4_0, Q.Q4_1}
+
+
+@functools.cache
+def dequantizable(qtype: GGMLQuantizationType) -> bool:
+    """Whether the installed gguf can dequantize ``qtype``.  Asked by dequantizing one zero block rather than
+    listed, so each gguf release's new types are read without a change here; gguf has no public query, and
+    ``quants.dequantize`` raises NotImplementedError for a type it lacks (Q8_1, Q8_K, the integer types...)."""
+    if qtype in FLOAT_TYPES:
+        return True
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    try:
+        dequantize(np.zeros((1, type_size), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One file of a (possibly split) model: the whole model, or one part of a split one."""
+
+    path: Path
+    reader: GGUFReader
+    fields: dict[str, Any]
 
 
 def plain_fields(reader: GGUFReader, path: Path) -> dict[str, Any]:
@@ -65,31 +92,57 @@ def _open_reader(path: Path) -> GGUFReader:
         raise ModelFileError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
 
 
+def _open_part(path: Path) -> Part:
+    reader = _open_reader(path)
+    if reader.byte_order != "I":
+        raise UnsupportedError(f"{path}: big-endian GGUF files are not supported")
+    return Part(path, reader, plain_fields(reader, path))
+
+
+def _open_parts(path: Path) -> tuple[list[Part], dict[str, Path]]:
+    """The files of the model ``path`` is (a part of), first part first, each checked to be the part its name
+    says; and the file of each tensor (by GGUF name), which must be in one part only."""
+    named = _open_part(path)
+    parts = [named if p == path else _open_part(p) for p in part_paths(path, named.fields)]
+    first = parts[0]
+    if len(parts) > 1:
+        for no, part in enumerate(parts, 1):
+            check_part(part.path, part.fields, no, len(parts), first.fields.get(SPLIT_TENSORS))
+    file_of: dict[str, Path] = {}
+    for part in parts:
+        for t in part.reader.tensors:
+            if t.name in file_of:
+                raise ModelFileError(f"{part.path}: tensor {t.name!r} is also in {file_of[t.name]}")
+            file_of[t.name] = part.path
+    if len(parts) > 1:
+        check_tensor_total(first.path, first.fields, len(file_of))
+    return parts, file_of
+
+
 @dataclasses.dataclass(eq=False)
 class GGUFCheckpoint(Checkpoint):
-    _reader: GGUFReader | None = dataclasses.field(default=None, repr=False)
+    _parts: list[Part] = dataclasses.field(default_factory=list, repr=False)
     _tensors: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # Meta name -> ReaderTensor
+    _files: dict[str, Path] = dataclasses.field(default_factory=dict, repr=False)  # Meta name -> its part's path
 
     @classmethod
     def open(cls, path: Path) -> "GGUFCheckpoint":
-        reader = _open_reader(path)
-        if reader.byte_order != "I":
-            raise UnsupportedError(f"{path}: big-endian GGUF files are not supported")
-        fields = plain_fields(reader, path)
+        parts, file_of = _open_parts(path)
+        # From here on ``path`` is the file with the metadata: a split model's first part, whichever was named.
+        path, fields = parts[0].path, parts[0].fields
         arch = fields.get("general.architecture")
         if arch != "llama":
             raise UnsupportedError(f"{path}: unsupported architecture {arch!r} (only 'llama')")
-        if int(fields.get("split.count", 1)) > 1:
-            raise UnsupportedError(f"{path}: split GGUF files are not supported; merge them with llama-gguf-split")
-        by_name = {t.name: t for t in reader.tensors}
+        by_name = {t.name: t for part in parts for t in part.reader.tensors}
+        for t in by_name.values():
+            if not dequantizable(t.tensor_type):
+                raise UnsupportedError(f"{file_of[t.name]}: tensor {t.name!r} has unsupported type {t.tensor_type.name} "
+                                       "(gguf.quants cannot dequantize it)")
         # Llama 3.1's rope scaling, as llama.cpp's converter stores it: one divisor per rotary frequency.
         freqs = by_name.pop("rope_freqs.weight", None)
         if freqs is not None and freqs.tensor_type not in (Q.F32, Q.F16):
             raise UnsupportedError(f"{path}: rope_freqs.weight has type {freqs.tensor_type.name} (expected F32)")
         rope_freqs = None if freqs is None else np.asarray(freqs.data, dtype=np.float32).reshape(-1).tolist()
-        for t in reader.tensors:
-            if t.tensor_type not in FLOAT_TYPES and t.tensor_type not in QUANT_TYPES:
-                raise UnsupportedError(f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name}")
         tokens = fields.get("tokenizer.ggml.tokens")
         if tokens:
             vocab = len(tokens)
@@ -106,7 +159,8 @@ class GGUFCheckpoint(Checkpoint):
         # GGUF writes dimensions innermost first: (in, out) -> Meta's (out, in).
         shapes = {meta: tuple(int(d) for d in reversed(t.shape.tolist())) for meta, t in tensors.items()}
         check_shapes(path, args, shapes, table)
-        return cls(args, "gguf", path, path, fields, reader, tensors)
+        files = {meta: file_of[name] for meta, name in renamed.items()}
+        return cls(args, "gguf", path, path, fields, parts, tensors, files)
 
     def _read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         t = self._tensors[name]
@@ -119,7 +173,7 @@ class GGUFCheckpoint(Checkpoint):
                 return data.reshape(self.shape(name))
             return torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(self.shape(name))
         except (ValueError, RuntimeError) as e:
-            raise ModelFileError(f"{self.path}: cannot read tensor {t.name!r} ({one_line(e)})") from None
+            raise ModelFileError(f"{self._files[name]}: cannot read tensor {t.name!r} ({one_line(e)})") from None
 
     def _quant_type(self, name: str) -> str | None:
         t = self._tensors[name].tensor_type
@@ -129,5 +183,5 @@ class GGUFCheckpoint(Checkpoint):
         return FLOAT_TYPES.get(self._tensors[name].tensor_type, torch.float32)
 
     def close(self) -> None:
-        self._reader = None
+        self._parts = []
         self._tensors = {}
