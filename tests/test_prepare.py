@@ -107,3 +107,14 @@ def test_notes_are_said_unless_quiet(tmp_path, capsys, caplog):
         caplog.clear()
         assert run_main(capsys, *common, "-q") == (0, [])
         assert caplog.text == ""
+
+
+def test_unsupported_rope_scaling_is_one_line_before_any_weight_is_read(tmp_path, capsys, no_weight_read):
+    import json
+
+    model = write_hf(tmp_path / "m", random_weights(ARGS))
+    config = json.loads((model / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
+    (model / "config.json").write_text(json.dumps(config))
+    code, err = run_main(capsys, "--model-path", model, "--prompt", "x", "-q")
+    assert code == 1 and len(err) == 1 and "rope scaling 'yarn' is not supported" in err[0] and "config.json" in err[0]
