@@ -35,6 +35,7 @@ from .config import ModelArgs
 from .errors import ModelFileError
 from .model import expected_shapes
 from .quant import stored
+# Segment and SHM_DIR are also imported from here (workers, tests), as before segment.py was split out.
 from .segment import (FORMAT_VERSION, PREFIX, SHM_DIR, ForeignSegmentError, Segment, run_tag,  # noqa: F401
                       segment_name)
 from .sharding import ShardSpec, shard, worker_weights
