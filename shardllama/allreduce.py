@@ -19,7 +19,8 @@ reduction in between, i.e. to have finished reading this one.  Tickets grow acro
 x86 keeps stores in program order and loads in program order (TSO), which is all the publish/wait pair
 needs: the data stores happen before the flag store, the flag load before the data loads.  Elsewhere
 (ARM) the coordinator keeps the star.  The coordinator owns the segment (and unlinks it, also when it is
-killed, through the resource tracker); workers map it.
+killed, through the resource tracker); workers map it, and only if it is their user's with mode 0600
+(``Segment.attach``): partial sums from anyone else's segment would become the model's output.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from .shm import Segment, segment_name
+from .segment import Segment, run_tag, segment_name
 
 TICKET_SHIFT = 16  # reductions per pass: 2 per layer, < 65536
 FLAG_STRIDE = 8  # int64s per flag: one 64-byte cache line each, so workers never write the same line
@@ -46,7 +47,7 @@ def create(key: str, n_workers: int, capacity: int, dim: int, dtype: torch.dtype
     layout = {f"part{r}": (dtype, (2, capacity * dim)) for r in range(n_workers)}
     layout["flags"] = (torch.int64, (n_workers, FLAG_STRIDE))
     layout["abort"] = (torch.int64, (FLAG_STRIDE,))
-    seg = Segment.create(segment_name(key, "reduce", os.getpid()), layout,
+    seg = Segment.create(segment_name(key, "reduce", run_tag()), layout,
                          # key and owner: `shardllama shards list/clean` see a live run's segment, not an orphan
                          {"kind": "allreduce", "key": key, "owner_pid": os.getpid(), "kept": False,
                           "n_workers": n_workers, "capacity": capacity})

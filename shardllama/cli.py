@@ -69,8 +69,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="worker processes, each holding a slice of every layer (default: one per physical core); "
                         "0 = the single-process reference model")
     w.add_argument("--keep-shards", action="store_true",
-                   help="leave the weight shards in shared memory so the next run with the same model, dtype "
-                        "and --workers starts in seconds (see `shardllama shards`)")
+                   help="leave the weight shards in shared memory so the next --keep-shards run with the same "
+                        "model, dtype and --workers starts in seconds, mapping them if they are yours (see "
+                        "`shardllama shards`)")
     w.add_argument("--listen", metavar="tcp://HOST:PORT",
                    help="wait for --workers remote workers (`shardllama worker --connect`) here instead of "
                         "starting local ones")
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     shards = sub.add_parser("shards", help="show or remove weight shards kept in shared memory (--keep-shards)")
     shards.add_argument("action", choices=("list", "clean"))
-    shards.add_argument("--key", help="clean only this set (default: every kept set)")
+    shards.add_argument("--key", help="clean only this set (default: every kept set of yours; other users' sets "
+                                      "are never removed)")
     return parser
 
 
@@ -278,14 +280,31 @@ def cmd_shards(args: argparse.Namespace) -> int:
     if args.action == "clean":
         removed = clean_kept(args.key)
         print(f"removed {len(removed)} shared-memory segment(s)")
+        others = sum(len(s.segments) for s in list_kept() if s.foreign and args.key in (None, s.key))
+        if others:
+            print(f"left {others} segment(s) of other users (`shardllama shards list` shows them)")
         return 0
     sets = list_kept()
     if not sets:
         print("no shard sets in shared memory")
     for s in sets:
-        state = "kept" if s.kept else ("orphaned" if s.orphaned else f"in use by pid {s.owner_pid}")
-        print(f"{s.key}  {s.nbytes / 2**20:,.0f} MiB  {s.dtype}  {s.n_workers} workers  {state}  {s.model}")
+        if s.foreign:
+            state = f"foreign: of {_user(s.uid)}, never mapped"
+        else:
+            state = "kept" if s.kept else ("orphaned" if s.orphaned else f"in use by pid {s.owner_pid}")
+        # Manifests are anyone's text (another user's set): no terminal escape sequence gets printed.
+        line = f"{s.key}  {s.nbytes / 2**20:,.0f} MiB  {s.dtype}  {s.n_workers} workers  {state}  {s.model}"
+        print("".join(c if c.isprintable() else "?" for c in line))
     return 0
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _print_stats(stats) -> None:

@@ -53,6 +53,7 @@ from . import allreduce
 from . import protocol as P
 from .config import ModelArgs
 from .errors import UsageError, WorkerError
+from .fingerprint import fingerprint
 from .model import DTYPES, last_positions
 from .quant import activation_dtype
 from .sharding import plan
@@ -113,7 +114,7 @@ class Coordinator:
         dtype: torch.dtype | str = torch.float32,
         max_seq_len: int | None = None,
         n_slots: int = 1,
-        keep_shards: bool = False,  # leave the shared-memory shards for the next run (needs model_path)
+        keep_shards: bool = False,  # map this user's kept shards or keep new ones (needs model_path)
         model_path: str | os.PathLike | None = None,  # names the shards of this model file
         timeout: float = 60.0,  # seconds a worker may take for one step of one layer
         connect_timeout: float = 120.0,  # seconds for workers to start / connect and build their shards
@@ -170,8 +171,9 @@ class Coordinator:
                 key = f"anon{uuid.uuid4().hex[:12]}"  # shards of weights that no file names are never reused
                 if model_path is not None:
                     key = shard_key(model_path, self.weight_dtype, self.n_workers)
+                files = fingerprint(model_path) if keep_shards else None  # what kept shards must match
                 self.store = ShardStore.open(args, self.specs, self.weight_dtype, load, key, keep=keep_shards,
-                                             info={"model": str(model_path) if model_path else None})
+                                             info={"model": str(model_path) if model_path else None}, files=files)
                 self._owned.append(self.store)
                 self.embeddings = self.store.embeddings()
                 if whole_pass is not False and allreduce.supported():

@@ -1,20 +1,22 @@
 """Weight shards in named POSIX shared memory: written once by the coordinator, mapped by the workers.
 
-One segment per worker (``shardllama-<key>-r<rank>``) plus one for the coordinator's token embedding
-(``shardllama-<key>-emb``).  A segment is a small header, a JSON manifest (name, dtype, shape, offset of
-every tensor) and the tensors, each starting on a 64-byte boundary.  Workers map a segment and wrap each
-tensor with ``torch.frombuffer``: no copy, and bf16 needs no numpy dtype.
+One segment (:mod:`.segment`) per worker (``shardllama-<key>-...-r<rank>``) plus one for the coordinator's
+token embedding (``...-emb``).  With int8 weights a segment also holds each matrix's f32 scales
+(``<name>_scale``) and the embedding stays f32 (``quant.stored`` decides what is stored how).
 
 Ownership: the coordinator creates the segments and leaves them registered with Python's resource tracker,
 so they are unlinked even when the coordinator is SIGKILLed.  Workers map them with plain ``mmap`` so
-their own exit never unlinks anything.  ``keep=True`` unregisters them once they are complete: they outlive
-the run, and a later run with the same key maps them instead of writing them again.  Segments of runs
-that did not keep them carry the owner's pid in their name, so two runs never share them by accident.
+their own exit never unlinks anything.  A run's own segments carry its :func:`~.segment.run_tag` (pid and a
+random part) in their names: no other run maps them, and no one can plant one under a name it will use.
 
-The key names the model file (resolved path, size, mtime), the dtype, N and the layout version.  With int8
-weights a segment also holds each matrix's f32 scales (``<name>_scale``) and the embedding stays f32
-(``quant.stored`` decides what is stored how).
-Linux only: segments are listed and opened under /dev/shm.
+Kept shards (``keep=True``, ``--keep-shards``) are named by the key alone and unregistered once complete:
+they outlive the run, and a later run that also asks for kept shards maps them instead of writing them
+again.  /dev/shm is writable by every local user, so the key (the model's path and stat, dtype, N) is a
+name, not a proof: a kept set is mapped only if every segment is this user's with mode 0600
+(:meth:`~.segment.Segment.attach`) and its manifest records the same identity — the model's files
+(:func:`~.fingerprint.fingerprint`: stat plus a hash of sampled blocks), dtype, N, the split plan and the
+model's config.  Another user's segments, or a set another process is still writing, are left alone: the run
+says so in one warning line and uses private shards.  A run without ``keep`` never looks at kept sets.
 """
 
 from __future__ import annotations
@@ -23,154 +25,50 @@ import dataclasses
 import hashlib
 import json
 import logging
-import mmap
 import os
-import struct
-import warnings
-from multiprocessing import resource_tracker, shared_memory
-from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import psutil
 import torch
 
 from .config import ModelArgs
-from .errors import ModelFileError, UsageError
+from .errors import ModelFileError
 from .model import expected_shapes
 from .quant import stored
+# Segment and SHM_DIR are also imported from here (workers, tests), as before segment.py was split out.
+from .segment import (FORMAT_VERSION, PREFIX, SHM_DIR, ForeignSegmentError, Segment, run_tag,  # noqa: F401
+                      segment_name)
 from .sharding import ShardSpec, shard, worker_weights
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = Path("/dev/shm")
-PREFIX = "shardllama-"
-FORMAT_VERSION = 1
-MAGIC = b"shllama\0"
-HEADER = struct.Struct("<8sIIQ")  # magic, format version, ready flag, manifest length
-READY_OFFSET = 12
-ALIGN = 64
 EMBED = "emb"  # the coordinator's segment
 
 Loader = Callable[[str], torch.Tensor]
 
 
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
 def shard_key(model_path: str | os.PathLike, dtype: torch.dtype, n_workers: int) -> str:
-    """Identifies one set of shards: the model file (or every file of a model directory), dtype and N."""
-    path = Path(model_path).resolve()
-    if not path.exists():
-        raise ModelFileError(f"{model_path}: no such file or directory")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    """Names one set of shards: the model's files (every part of a split GGUF, every file of a model
+    directory) as stat shows them, dtype and N.  Only a name: what a kept set may be trusted for is
+    checked against its manifest (see the module docstring)."""
+    from .fingerprint import model_files  # here, not at the top: workers import this module too
+
+    path, files = model_files(model_path)
     ident = [str(path), str(dtype), n_workers, FORMAT_VERSION]
     for f in files:
         st = f.stat()
-        ident.append([str(f.relative_to(path)) if f != path else "", st.st_size, st.st_mtime_ns])
+        ident.append([str(f.relative_to(path)) if path.is_dir() else f.name, st.st_size, st.st_mtime_ns])
     return hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
 
 
-def segment_name(key: str, part: str, owner_pid: int | None = None) -> str:
-    """Kept segments are named by the key alone; a run's private ones also by its pid."""
-    return f"{PREFIX}{key}-{part}" if owner_pid is None else f"{PREFIX}{key}-{owner_pid}-{part}"
-
-
-class Segment:
-    """One shared-memory segment of named tensors."""
-
-    def __init__(self, name: str, buf: memoryview, manifest: dict, owner: shared_memory.SharedMemory | None,
-                 mm: mmap.mmap | None):
-        self.name = name
-        self.buf = buf
-        self.manifest = manifest
-        self._owner = owner  # the SharedMemory object when this process created the segment
-        self._mmap = mm
-
-    @classmethod
-    def create(cls, name: str, layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], info: dict) -> "Segment":
-        """A new segment sized for ``layout``; registered with the resource tracker until :meth:`keep`."""
-        tensors, offset = {}, 0
-        for tname, (dtype, shape) in layout.items():
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            tensors[tname] = {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape), "offset": offset}
-            offset = _align(offset + nbytes)
-        manifest = dict(info, tensors=tensors)
-        # Offsets count from the data start, known only once the manifest's length is.
-        text = json.dumps(manifest).encode()
-        data_start = _align(HEADER.size + len(text) + 32)
-        manifest["data_start"] = data_start
-        text = json.dumps(manifest).encode()
-        assert HEADER.size + len(text) <= data_start
-        shm = shared_memory.SharedMemory(name, create=True, size=max(data_start + offset, 1))
-        HEADER.pack_into(shm.buf, 0, MAGIC, FORMAT_VERSION, 0, len(text))
-        shm.buf[HEADER.size : HEADER.size + len(text)] = text
-        return cls(name, shm.buf, manifest, shm, None)
-
-    @classmethod
-    def attach(cls, name: str, writable: bool = False) -> "Segment":
-        """Map an existing segment without registering it anywhere (so no exit of ours unlinks it)."""
-        fd = os.open(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
-        try:
-            mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
-        finally:
-            os.close(fd)
-        magic, version, _, length = HEADER.unpack_from(mm, 0)
-        if magic != MAGIC or version != FORMAT_VERSION:
-            mm.close()
-            raise ValueError(f"{name}: not a shardllama segment of format {FORMAT_VERSION}")
-        manifest = json.loads(mm[HEADER.size : HEADER.size + length])
-        return cls(name, memoryview(mm), manifest, None, mm)
-
-    @property
-    def ready(self) -> bool:
-        return struct.unpack_from("<I", self.buf, READY_OFFSET)[0] == 1
-
-    def mark_ready(self) -> None:
-        struct.pack_into("<I", self.buf, READY_OFFSET, 1)
-
-    def keep(self) -> None:
-        """Let the segment outlive this process."""
-        assert self._owner is not None
-        resource_tracker.unregister(self._owner._name, "shared_memory")
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """A view of one tensor, sharing the segment's memory."""
-        t = self.manifest["tensors"][name]
-        dtype, shape = getattr(torch, t["dtype"]), torch.Size(t["shape"])
-        if shape.numel() == 0:
-            return torch.empty(shape, dtype=dtype)
-        offset = self.manifest["data_start"] + t["offset"]
-        with warnings.catch_warnings():  # a read-only mapping: the weights are never written through it
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(self.buf, dtype=dtype, count=shape.numel(), offset=offset)
-        return flat.view(shape)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: self.tensor(name) for name in self.manifest["tensors"]}
-
-    def nbytes(self) -> int:
-        return len(self.buf)
-
-    def close(self) -> None:
-        """Unmap; tensors still viewing the segment keep the mapping alive until they are gone."""
-        try:
-            if self._owner is not None:
-                self._owner.close()
-            else:
-                self.buf.release()
-                self._mmap.close()
-        except BufferError:
-            pass  # views are alive somewhere; the mapping goes with them
-
-    def unlink(self) -> None:
-        try:
-            if self._owner is not None:
-                self._owner.unlink()  # also tells the resource tracker
-            else:
-                os.unlink(SHM_DIR / self.name)
-        except FileNotFoundError:
-            pass
+def shard_identity(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype, files: dict | None) -> dict:
+    """What a set of shards was cut from and how, as its manifests record it (JSON's lists, not tuples):
+    a kept set is mapped only where this is equal."""
+    plan = [{f.name: [v.start, v.stop] if isinstance(v, range) else v for f in dataclasses.fields(s)
+             for v in [getattr(s, f.name)]} for s in specs]
+    ident = {"files": files, "dtype": str(dtype).removeprefix("torch."), "n_workers": len(specs), "plan": plan,
+             "args": args.to_dict(), "version": FORMAT_VERSION}
+    return json.loads(json.dumps(ident))
 
 
 class ShardStore:
@@ -208,32 +106,59 @@ class ShardStore:
         key: str,
         keep: bool = False,
         info: Mapping | None = None,
+        files: dict | None = None,
     ) -> "ShardStore":
-        """Map the kept shards for ``key`` if complete ones exist; otherwise cut ``load``'s weights into new ones."""
+        """Cut ``load``'s weights into new segments of this run.  With ``keep`` (``files``: the model's
+        :func:`~.fingerprint.fingerprint`), map the kept set of ``key`` if it is ours and of the same
+        identity, else write one that outlives the run, or private ones where that cannot be done safely."""
         parts = [EMBED] + [f"r{s.rank}" for s in specs]
-        store = _attach_kept(key, parts, args)
-        if store is not None:
-            log.info("using kept shards %s (%.1f MB)", key, store.nbytes() / 1e6)
-            return store
-        owner = None if keep else os.getpid()
-        info = dict(info or {}, key=key, owner_pid=os.getpid(), kept=keep, dtype=str(dtype).removeprefix("torch."),
-                    n_workers=len(specs), args=args.to_dict(), version=FORMAT_VERSION)
+        identity = shard_identity(args, specs, dtype, files)
+        if keep:
+            assert files is not None, "kept shards need the model files' fingerprint"
+            store, keep = _attach_kept(key, parts, identity)
+            if store is not None:
+                log.info("using kept shards %s (%.1f MB)", key, store.nbytes() / 1e6)
+                return store
+        info = dict(info or {}, key=key, owner_pid=os.getpid(), dtype=str(dtype).removeprefix("torch."),
+                    n_workers=len(specs), args=args.to_dict(), version=FORMAT_VERSION, identity=identity)
         layouts = _layouts(args, specs, dtype)
-        segments: dict[str, Segment] = {}
         try:
-            for part in parts:
-                segments[part] = Segment.create(segment_name(key, part, owner), layouts[part], dict(info, part=part))
+            segments = _create(key, parts, layouts, dict(info, kept=keep), None if keep else run_tag())
+        except FileExistsError:
+            if not keep:
+                raise  # a random name taken: not a race we can lose to
+            log.warning("kept shards %s: another process started writing them just now; this run uses private "
+                        "shards", key)
+            keep = False
+            segments = _create(key, parts, layouts, dict(info, kept=False), run_tag())
+        try:
             _write(args, specs, dtype, load, segments)
             for seg in segments.values():
                 seg.mark_ready()
                 if keep:
                     seg.keep()
         except BaseException:
-            for seg in segments.values():
-                seg.close()
-                seg.unlink()
+            _remove(segments.values())
             raise
         return cls(segments, owned=True, kept=keep)
+
+
+def _create(key: str, parts: Sequence[str], layouts: dict, info: dict, tag: str | None) -> dict[str, Segment]:
+    """New, empty segments for every part, or none (FileExistsError if a name is taken)."""
+    segments: dict[str, Segment] = {}
+    try:
+        for part in parts:
+            segments[part] = Segment.create(segment_name(key, part, tag), layouts[part], dict(info, part=part))
+    except BaseException:
+        _remove(segments.values())
+        raise
+    return segments
+
+
+def _remove(segments: Iterable[Segment]) -> None:
+    for seg in segments:
+        seg.close()
+        seg.unlink()
 
 
 def _layouts(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype) -> dict[str, dict]:
@@ -277,33 +202,50 @@ def _write(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype, load
         del full
 
 
-def _attach_kept(key: str, parts: Sequence[str], args: ModelArgs) -> ShardStore | None:
-    """The complete kept shards of ``key``, mapped; None (after removing any incomplete ones) if there are none."""
-    names = [segment_name(key, p) for p in parts]
-    existing = [n for n in names if (SHM_DIR / n).exists()]
-    if not existing:
-        return None
-    segments = {}
-    for part, name in zip(parts, names):
-        try:
-            segments[part] = Segment.attach(name)
-        except (OSError, ValueError):
-            pass  # missing or unreadable: the set is incomplete
-    if len(segments) == len(parts) and all(s.ready and s.manifest.get("args") == args.to_dict()
+def _attach_kept(key: str, parts: Sequence[str], identity: dict) -> tuple[ShardStore | None, bool]:
+    """(the kept set of ``key``, mapped, _) if it is this user's, complete and of ``identity``; else (None,
+    whether this run may write it).  An incomplete or outdated set of this user's is removed first; another
+    user's segments, or a set that a live process is still writing, are left alone (one warning line)."""
+    names = {part: segment_name(key, part) for part in parts}
+    segments: dict[str, Segment] = {}
+    stale = []  # ours to remove if the set is not usable
+    try:
+        for part, name in names.items():
+            try:
+                segments[part] = Segment.attach(name)
+                stale.append(name)
+            except FileNotFoundError:
+                pass
+            except ValueError:  # ours (the owner is checked first), but not a segment of this format
+                stale.append(name)
+    except ForeignSegmentError as e:
+        _close(segments.values())
+        log.warning("ignoring kept shards %s: %s; this run uses private shards", key, e)
+        return None, False
+    if not stale:
+        return None, True
+    if len(segments) == len(parts) and all(s.ready and s.manifest.get("identity") == identity
                                            for s in segments.values()):
-        return ShardStore(segments, owned=False, kept=True)
-    writers = {s.manifest.get("owner_pid") for s in segments.values() if not s.ready}
-    for s in segments.values():
-        s.close()
-    if any(pid and pid != os.getpid() and psutil.pid_exists(pid) for pid in writers):
-        raise UsageError(f"kept shards {key} are being written by pid {sorted(writers)}; try again when it is done")
-    log.warning("removing incomplete or mismatched kept shards %s", key)
-    for name in existing:
+        return ShardStore(segments, owned=False, kept=True), True
+    writers = sorted({s.manifest.get("owner_pid") for s in segments.values() if not s.ready} - {None, os.getpid()})
+    _close(segments.values())
+    writers = [pid for pid in writers if isinstance(pid, int) and psutil.pid_exists(pid)]
+    if writers:
+        log.warning("kept shards %s are being written by pid %s; this run uses private shards", key,
+                    ", ".join(map(str, writers)))
+        return None, False
+    log.warning("removing incomplete or outdated kept shards %s", key)
+    for name in stale:
         try:
             os.unlink(SHM_DIR / name)
         except FileNotFoundError:
             pass
-    return None
+    return None, True
+
+
+def _close(segments: Iterable[Segment]) -> None:
+    for seg in segments:
+        seg.close()
 
 
 # ---- listing and removing kept shards (``shardllama shards list / clean``) ------------------------------
@@ -321,6 +263,13 @@ class ShardSetInfo:
     model: str | None
     dtype: str | None
     n_workers: int | None
+    uid: int = -1  # the segments' owner
+    foreign: bool = False  # not this user's (or open to others): never mapped, never removed
+
+    @property
+    def writing(self) -> bool:
+        """Still being written by a live process."""
+        return not self.ready and bool(self.owner_pid) and psutil.pid_exists(self.owner_pid)
 
 
 def _segment_names() -> Iterable[str]:
@@ -331,33 +280,49 @@ def _segment_names() -> Iterable[str]:
 
 
 def list_kept() -> list[ShardSetInfo]:
-    """Every set of shardllama segments in /dev/shm: kept ones, and orphans of runs that died."""
+    """Every set of shardllama segments in /dev/shm: kept ones, live runs' ones, orphans of runs that died, and
+    other users' (``foreign``; those this user cannot read are grouped by the key in their name)."""
     groups: dict[tuple, ShardSetInfo] = {}
     for name in _segment_names():
         try:
-            seg = Segment.attach(name)
-        except (OSError, ValueError, json.JSONDecodeError):
-            continue  # vanished meanwhile, or not ours
-        m, ready, size = seg.manifest, seg.ready, seg.nbytes()
+            seg = Segment.attach(name, trusted=False)
+        except ForeignSegmentError:  # another user's, unreadable: what its name and stat say
+            try:
+                st = os.lstat(SHM_DIR / name)
+            except FileNotFoundError:
+                continue
+            key = name[len(PREFIX):].split("-")[0]
+            g = groups.setdefault((key, None, None, st.st_uid), ShardSetInfo(
+                key=key, segments=[], nbytes=0, kept=False, orphaned=False, ready=False, owner_pid=None,
+                model=None, dtype=None, n_workers=None, uid=st.st_uid, foreign=True))
+            g.segments.append(name)
+            g.nbytes += st.st_size
+            continue
+        except (OSError, ValueError):
+            continue  # vanished meanwhile, or not a segment of ours
+        m, ready, size, uid, foreign = seg.manifest, seg.ready, seg.nbytes(), seg.uid, seg.foreign
         seg.close()
         kept = bool(m.get("kept"))
-        pid = m.get("owner_pid")
-        g = groups.setdefault((m.get("key", "?"), kept, pid), ShardSetInfo(
-            key=m.get("key", "?"), segments=[], nbytes=0, kept=kept, ready=True, owner_pid=pid,
+        pid = m.get("owner_pid") if isinstance(m.get("owner_pid"), int) else None
+        key = str(m.get("key", "?"))
+        g = groups.setdefault((key, kept, pid, uid), ShardSetInfo(
+            key=key, segments=[], nbytes=0, kept=kept, ready=True, owner_pid=pid,
             orphaned=not kept and not (pid and psutil.pid_exists(pid)),
-            model=m.get("model"), dtype=m.get("dtype"), n_workers=m.get("n_workers"),
+            model=m.get("model"), dtype=m.get("dtype"), n_workers=m.get("n_workers"), uid=uid,
         ))
         g.segments.append(name)
         g.nbytes += size
         g.ready &= ready
+        g.foreign |= foreign
     return list(groups.values())
 
 
 def clean_kept(key: str | None = None) -> list[str]:
-    """Unlink kept shards (those of ``key``, or all) and orphans; returns the names removed."""
+    """Unlink this user's kept shards (those of ``key``, or all) and orphans; returns the names removed.
+    Another user's segments, and sets still being written, are never touched."""
     removed = []
     for info in list_kept():
-        if (info.kept or info.orphaned) and key in (None, info.key):
+        if (info.kept or info.orphaned) and not info.foreign and not info.writing and key in (None, info.key):
             for name in info.segments:
                 try:
                     os.unlink(SHM_DIR / name)

@@ -370,7 +370,7 @@ def test_kept_int8_shards_are_mapped_again(tmp_path):
         def must_not_load(name):
             raise AssertionError(f"kept shards were rebuilt (asked for {name})")
 
-        with Coordinator(ARGS, must_not_load, n_workers=2, dtype="int8", model_path=model_file) as c:
+        with Coordinator(ARGS, must_not_load, n_workers=2, dtype="int8", keep_shards=True, model_path=model_file) as c:
             assert torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([0])), first)
     finally:
         clean_kept(key)

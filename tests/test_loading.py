@@ -8,6 +8,7 @@ split files are in test_gguf_quants.py) and every error path.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pickle
@@ -326,6 +327,61 @@ def test_meta_unzipped_refuses_arbitrary_classes(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(PARAMS))
     with pytest.raises(ModelFileError, match=r"data\.pkl.*(posix|os)\.system"):
         open_checkpoint(tmp_path)
+
+
+class _Storage:
+    """Stands for a storage in :func:`_write_unzipped`: the pickler writes its key as torch.save would."""
+
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage):
+        self.storage = storage
+
+    def __reduce__(self):
+        n = self.storage.numel
+        return (torch._utils._rebuild_tensor_v2, (self.storage, 0, (n,), (1,), False, collections.OrderedDict()))
+
+
+def _write_unzipped(folder: Path, key: str, numel: int = 4) -> None:
+    """A data.pkl whose one tensor's storage is ``data/<key>``, exactly as torch.save lays out the pickle."""
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, _Storage):
+                return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+            return None
+
+    folder.mkdir(parents=True)
+    (folder / "data").mkdir()
+    with open(folder / "data.pkl", "wb") as f:
+        Pickler(f, protocol=2).dump({"tok_embeddings.weight": _Tensor(_Storage(key, numel))})
+
+
+def test_meta_unzipped_reads_a_crafted_pickle(tmp_path):
+    """The crafted pickle below is what torch.save writes: with a plain key it loads."""
+    from shardllama.loading.unzipped import load_unzipped
+
+    _write_unzipped(tmp_path / "ok", "0")
+    torch.arange(4, dtype=torch.float32).numpy().tofile(tmp_path / "ok" / "data" / "0")
+    assert torch.equal(load_unzipped(tmp_path / "ok")["tok_embeddings.weight"], torch.arange(4.0))
+
+
+@pytest.mark.parametrize("key", ["../../secret", "../secret", "/tmp/secret", "..", "a/../../secret", "link"])
+def test_meta_unzipped_storage_keys_stay_inside_data(tmp_path, key):
+    """A storage key that leaves data/ (.., an absolute path, a symlink out) would map any readable file."""
+    from shardllama.loading.unzipped import load_unzipped
+
+    secret = tmp_path / "secret"
+    torch.ones(64).numpy().tofile(secret)
+    folder = tmp_path / "m" / "consolidated.00"
+    _write_unzipped(folder, key)
+    (folder / "data" / "link").symlink_to(secret)
+    with pytest.raises(ModelFileError, match="storage key") as e:
+        load_unzipped(folder)
+    assert str(folder / "data.pkl") in str(e.value) and repr(key) in str(e.value)
 
 
 def test_load_weights_progress_bar_goes_to_stderr(tmp_path, capsys):

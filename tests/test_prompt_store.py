@@ -147,3 +147,82 @@ def test_an_unwritable_directory_is_a_usage_error(tmp_path, model_file):
     blocker.write_text("")
     with pytest.raises(UsageError, match="--prompt-cache-dir"):
         store(blocker / "cache", model_file)
+
+
+# ---- trust: the directory and its files must be this user's ---------------------------------------------
+
+NOBODY = 65534  # chown needs root; those checks are skipped otherwise
+
+
+def test_the_directory_is_made_0700_and_entries_0600(tmp_path, model_file):
+    d = tmp_path / "new" / "cache"
+    run(d, model_file, [PROMPT])
+    assert d.stat().st_mode & 0o777 == 0o700
+    [entry] = d.glob("*.safetensors")
+    assert entry.stat().st_mode & 0o777 == 0o600  # KV states reveal the prompt
+
+
+@pytest.mark.parametrize("case", ["writable", "other-user", "link-to-other-user"])
+def test_a_directory_others_control_is_refused(tmp_path, model_file, case):
+    from shardllama.errors import UsageError
+
+    d = tmp_path / "cache"
+    d.mkdir()
+    given = d
+    if case == "writable":
+        d.chmod(0o777)
+        fragment = "writable by others (mode 0777)"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("giving a directory to another user needs root")
+        os.chown(d, NOBODY, NOBODY)
+        fragment = f"owned by uid {NOBODY}"
+        if case == "link-to-other-user":
+            given = tmp_path / "link"
+            given.symlink_to(d)
+    with pytest.raises(UsageError, match="--prompt-cache-dir") as e:
+        store(given, model_file)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    assert os.listdir(d) == []  # not even the probe was written
+
+
+def test_entries_others_could_have_written_are_skipped_and_kept(tmp_path, model_file, caplog):
+    d = tmp_path / "cache"
+    run(d, model_file, [PROMPT])
+    [entry] = d.glob("*.safetensors")
+    data = entry.read_bytes()
+    cases = {"open": "writable by others (mode 0666)", "link": "not a regular file"}
+    (d / "open.safetensors").write_bytes(data)
+    (d / "open.safetensors").chmod(0o666)
+    (d / "link.safetensors").symlink_to(entry)
+    if os.geteuid() == 0:
+        (d / "chowned.safetensors").write_bytes(data)
+        os.chown(d / "chowned.safetensors", NOBODY, NOBODY)
+        cases["chowned"] = f"owned by uid {NOBODY}"
+    entry.unlink()  # else the good entry would shadow the others
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shardllama"):
+        [(_, stats)], counters = run(d, model_file, [PROMPT], n=2)
+    assert counters["cache_loaded"] == 0 and stats.cached_tokens == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    for name, fragment in cases.items():
+        [line] = [w for w in warnings if f"{name}.safetensors" in w]
+        assert fragment in line and "\n" not in line
+    assert all((d / f"{name}.safetensors").is_symlink() or (d / f"{name}.safetensors").exists() for name in cases)
+
+
+def test_model_identity_covers_every_part_of_a_split_model(tmp_path):
+    from shardllama.loading.gguf_split import part_name
+
+    parts = [tmp_path / part_name("m", i, 3) for i in (1, 2, 3)]
+    for i, p in enumerate(parts):
+        p.write_bytes(bytes([i]) * 100_000)
+    a = model_identity(parts[0], ARGS)
+    assert [f[0] for f in a.about["files"]] == [p.name for p in parts]
+    assert model_identity(parts[1], ARGS).about["files"] == a.about["files"]  # any part names the model
+    st = parts[2].stat()
+    with open(parts[2], "r+b") as f:  # same size, same mtime, other bytes in the last part
+        f.write(b"\xff" * 10)
+    os.utime(parts[2], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert parts[2].stat().st_mtime_ns == st.st_mtime_ns
+    assert model_identity(parts[0], ARGS).key != a.key

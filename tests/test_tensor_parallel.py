@@ -323,9 +323,16 @@ def test_kept_shards_outlive_the_run_and_are_mapped_again(tmp_path):
         def must_not_load(name):
             raise AssertionError(f"kept shards were rebuilt (asked for {name})")
 
-        with Coordinator(args, must_not_load, n_workers=2, max_seq_len=MAX_SEQ, model_path=model_file) as c:
+        with Coordinator(args, must_not_load, n_workers=2, max_seq_len=MAX_SEQ, keep_shards=True,
+                         model_path=model_file) as c:
+            assert not c.store.owned
             assert torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([0])), first)
         assert [i.key for i in list_kept() if i.key == key] == [key], "a run that did not make them keeps them"
+        # A run that does not ask for kept shards never maps them: it writes private ones, removed after it.
+        with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, model_path=model_file) as c:
+            assert c.store.owned and not c.store.kept
+            assert all(f"-{os.getpid()}-" in s.name for s in c.store.segments.values())
+        assert [len(i.segments) for i in list_kept() if i.key == key] == [3]
     finally:
         removed = clean_kept(key)
     assert len(removed) == 3 and not any(i.key == key for i in list_kept())

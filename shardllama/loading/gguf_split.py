@@ -14,6 +14,7 @@ parts stays in :mod:`.gguf_file`; this module only works on names and metadata v
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -93,3 +94,18 @@ def model_file(ggufs: Sequence[Path]) -> Path | None:
     if any(p is None for p in parsed) or len({p[0::2] for p in parsed if p is not None}) != 1:
         return None
     return min(ggufs, key=lambda p: _parse(p.name)[1])  # type: ignore[index]  # parsed above
+
+
+def named_parts(path: Path) -> list[Path]:
+    """``path`` and every existing file named as a part of the same split (``[path]`` for a file not named
+    like a part), first part first: the files a split model's identity covers, found without reading any
+    metadata (a file merely named like a part costs at most a few extra files in the identity)."""
+    parsed = _parse(path.name)
+    if parsed is None:
+        return [path]
+    try:
+        siblings = [path.with_name(name) for name in os.listdir(path.parent)]
+    except OSError:
+        return [path]
+    same = [p for p in siblings if (q := _parse(p.name)) and (q[0], q[2]) == (parsed[0], parsed[2]) and p.is_file()]
+    return sorted(set(same) | {path}, key=lambda p: _parse(p.name)[1])  # type: ignore[index]  # parsed above

@@ -2,7 +2,9 @@
 
 Such a directory holds ``data.pkl`` (the pickled state dict) and ``data/<key>``, one raw file per storage.
 The pickle is read with the standard library's unpickler, restricted to the few globals a state dict of
-plain tensors needs; storages are memory-mapped from ``data/<key>``, so nothing is read until used.
+plain tensors needs; storages are memory-mapped from ``data/<key>``, so nothing is read until used.  A key
+is a file name inside ``data/`` and nothing else: the pickle is as untrusted as the weights, and a key like
+``../../x`` or ``/etc/shadow`` would otherwise map any file the user can read into the model.
 """
 
 from __future__ import annotations
@@ -73,13 +75,22 @@ class _Unpickler(pickle.Unpickler):
         _, storage_type, key, _, numel = pid
         key = str(key)
         if key not in self.storages:
-            file = self.root / "data" / key
+            file = self._storage_file(key)
             need = int(numel) * storage_type.dtype.itemsize
             if not file.is_file() or file.stat().st_size < need:
                 raise ModelFileError(f"{file}: missing or shorter than the {need} bytes data.pkl expects")
             # shared=False maps the file privately: pages are read on first use, writes stay in memory.
             self.storages[key] = torch.from_file(str(file), shared=False, size=int(numel), dtype=storage_type.dtype)
         return self.storages[key]
+
+    def _storage_file(self, key: str) -> Path:
+        """``data/<key>``, refusing a key that names (or, through a link, resolves to) anything outside it."""
+        data = self.root / "data"
+        file = data / key
+        plain = key not in ("", ".", "..") and "/" not in key and "\\" not in key and "\0" not in key
+        if not plain or file.resolve().parent != data.resolve():
+            raise ModelFileError(f"{self.root / 'data.pkl'}: storage key {key!r} points outside {data}")
+        return file
 
 
 def load_unzipped(directory: Path) -> dict[str, torch.Tensor]:

@@ -14,11 +14,18 @@ One safetensors file per entry, named by a hash of the model and the token ids:
               tokens       the token ids, a JSON list; their count is the positions
               crc32        of k's bytes then v's: safetensors checks its header and sizes, not the data
 
-**Model identity** is what ``shm.shard_key`` trusts for the weight shards: the resolved model path, the
-name, size and modification time (ns) of each of its files, and the ModelArgs (without max_seq_len, which
-changes no KV value).  Moving, copying or touching the model invalidates the cache: a false match would
-continue prompts with another model's keys, silently; a false mismatch costs one prefill.  The dtype is
-checked on its own, so the warning can say that it is the dtype that differs.
+**Model identity** is what kept weight shards must match too (:func:`shardllama.fingerprint.fingerprint`):
+the resolved model path; the name, size, modification time (ns), inode and owner of each of its files (every
+part of a split GGUF, every file of a model directory) and a hash of each file's header and a few sampled
+blocks; and the ModelArgs (without max_seq_len, which changes no KV value).  Moving, copying, touching or
+rewriting the model invalidates the cache: a false match would continue prompts with another model's keys,
+silently; a false mismatch costs one prefill.  The dtype is checked on its own, so the warning can say that
+it is the dtype that differs.
+
+**Trust**: a file's KV states become the model's context, and they reveal the prompts they came from.  The
+directory is created with mode 0700 and must belong to this user and be writable by no one else (else a
+UsageError at start-up); files are written 0600; a file that is not a regular file of this user's, or that
+others may write, is skipped with a warning like any foreign file.
 
 **Writing** happens on a thread of its own (the scheduler only reads the slot, one round trip), to a
 temporary file in the directory and then ``os.replace``, so a crash leaves either the old file or the new
@@ -43,6 +50,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import zlib
@@ -54,6 +62,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import ShardllamaError, UsageError, one_line
+from ..fingerprint import fingerprint
 from ..model import DTYPES
 from ..quant import activation_dtype
 
@@ -80,18 +89,10 @@ class ModelIdentity:
 def model_identity(model_path: str | os.PathLike, args: ModelArgs, exclude: Path | None = None) -> ModelIdentity:
     """The identity of a model as files on disk (see the module docstring); ``exclude``: a directory inside
     the model's whose files are not the model's (a prompt cache kept beside the weights)."""
-    path = Path(model_path).resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if exclude is not None:
-        exclude = exclude.resolve()
-        files = [f for f in files if exclude not in f.parents]
-    listing = []
-    for f in files:
-        st = f.stat()
-        listing.append([str(f.relative_to(path)) if f != path else "", st.st_size, st.st_mtime_ns])
+    files = fingerprint(model_path, exclude)
     model_args = {k: v for k, v in args.to_dict().items() if k != "max_seq_len"}
-    about = {"path": str(path), "files": listing, "args": model_args}
-    return ModelIdentity(hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest(), str(path), about)
+    about = {"path": files["path"], "files": files["files"], "args": model_args}
+    return ModelIdentity(hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest(), files["path"], about)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +114,11 @@ class PromptStore:
 
     def __init__(self, directory: str | os.PathLike, identity: ModelIdentity, args: ModelArgs, dtype: torch.dtype,
                  max_seq_len: int):
-        self.dir = Path(directory)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
+            # The directory checked, not a link that someone may point elsewhere later.
+            self.dir = Path(directory).resolve()
+            _check_directory(self.dir, directory)
             probe = self.dir / f".probe.{os.getpid()}.tmp"
             probe.write_bytes(b"")
             probe.unlink()
@@ -160,7 +163,9 @@ class PromptStore:
         from safetensors import SafetensorError, safe_open
 
         try:
-            mtime = path.stat().st_mtime_ns
+            st = path.lstat()
+            _check_file(path, st)
+            mtime = st.st_mtime_ns
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
                 shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -216,7 +221,7 @@ class PromptStore:
                 pid = int(tmp.name.rsplit(".", 2)[-2])
             except (ValueError, IndexError):
                 continue
-            if pid != os.getpid() and not _alive(pid):
+            if pid != os.getpid() and not _alive(pid) and _mine(tmp):
                 _unlink(tmp)
 
     # ---- while serving (each queues work for the writer thread) -----------------------------------------
@@ -270,6 +275,8 @@ class PromptStore:
                     "model_path": self.identity.path, "dtype": _DTYPE_NAMES[self.dtype],
                     "tokens": json.dumps(list(tokens), separators=(",", ":")), "crc32": _crc(k, v)}
             try:
+                # Created 0600 before safetensors (re)opens it: KV states reveal the prompts they came from.
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600))
                 save_file({"k": k, "v": v}, str(tmp), metadata=meta)
                 os.replace(tmp, path)
             except BaseException:
@@ -310,6 +317,36 @@ class PromptStore:
 
 
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _check_directory(path: Path, given: str | os.PathLike) -> None:
+    """UsageError unless ``path`` is a directory of this user's that no one else may write."""
+    st = path.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"--prompt-cache-dir {given}: not a directory")
+    if st.st_uid != os.geteuid():
+        raise UsageError(f"--prompt-cache-dir {given}: owned by uid {st.st_uid}, not by this user (uid "
+                         f"{os.geteuid()}); use a directory of your own")
+    if st.st_mode & 0o022:
+        raise UsageError(f"--prompt-cache-dir {given}: writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                         f"chmod go-w it or use a directory of your own")
+
+
+def _check_file(path: Path, st: os.stat_result) -> None:
+    """StoreError unless ``st`` (lstat of ``path``) is a regular file of this user's that others cannot write."""
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: not a regular file")
+    if st.st_uid != os.geteuid():
+        raise StoreError(f"{path}: owned by uid {st.st_uid}, not by this user; not read")
+    if st.st_mode & 0o022:
+        raise StoreError(f"{path}: writable by others (mode {stat.S_IMODE(st.st_mode):04o}); not read")
+
+
+def _mine(path: Path) -> bool:
+    try:
+        return path.lstat().st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def _unlink(path: Path) -> None:
