@@ -101,22 +101,30 @@ def test_workers_give_the_reference_text_and_leave_no_segment(demo_gguf):
 
 
 def test_keep_shards_then_list_and_clean(demo_gguf):
-    r = run_cli("--model-path", demo_gguf, "--prompt", "Hi", "--max-new-tokens", "2", "--workers", "2",
-                "--keep-shards", "--dtype", "f32", "-q")
+    """Only this test's own kept set is looked at and removed: other runs may keep sets of their own."""
+    from shardllama.shm import shard_key
+
+    key = shard_key(demo_gguf, torch.float32, 2)
+    common = ["--model-path", demo_gguf, "--prompt", "Hi", "--max-new-tokens", "2", "--workers", "2",
+              "--keep-shards", "--dtype", "f32", "-q"]
+    r = run_cli(*common)
     assert r.returncode == 0, r.stderr
     try:
+        kept = {n for n in shm_segments() if n.startswith(f"shardllama-{key}-") and n.count("-") == 2}
+        assert kept
         listed = run_cli("shards", "list")
         assert listed.returncode == 0
-        assert "kept" in listed.stdout and str(demo_gguf) in listed.stdout and "2 workers" in listed.stdout
-        # The second run attaches to the kept shards.
-        again = run_cli("--model-path", demo_gguf, "--prompt", "Hi", "--max-new-tokens", "2", "--workers", "2",
-                        "--keep-shards", "--dtype", "f32", "-q")
+        [line] = [x for x in listed.stdout.splitlines() if x.startswith(key)]
+        assert "kept" in line and "float32  2 workers" in line and str(demo_gguf) in line
+        # The second run attaches to the kept shards rather than writing them again.
+        again = run_cli(*common)
         assert again.returncode == 0, again.stderr
+        assert {n for n in shm_segments() if n.startswith(f"shardllama-{key}-") and n.count("-") == 2} == kept
     finally:
-        cleaned = run_cli("shards", "clean")
+        cleaned = run_cli("shards", "clean", "--key", key)
     assert cleaned.returncode == 0 and "removed" in cleaned.stdout
-    assert not [n for n in shm_segments() if "anon" not in n]
-    assert "no shard sets" in run_cli("shards", "list").stdout
+    assert not [n for n in shm_segments() if n.startswith(f"shardllama-{key}-")]
+    assert key not in run_cli("shards", "list").stdout
 
 
 def test_too_many_workers_is_a_usage_error(demo_gguf):
