@@ -174,6 +174,23 @@ def test_error_shape_on_raw_http(server):
     assert r.status_code == 404 and "/v1/chat/completions" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/completions", b'{"prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", b'{"prompt": ["a\\udfff"]}', "prompt[0]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", "temperature"),
+    ("/v1/completions", b'{"prompt": "x", "seed": -1' + b"0" * 400 + b"}", "seed"),
+    ("/v1/chat/completions", b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", None),
+])
+def test_what_crashed_the_server_is_a_400(server, route, body, param):
+    # Once 500s: a lone surrogate reached the tokenizer, a huge integer float(), a 5000-digit one json.loads.
+    r = requests.post(server.base + route, data=body, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_both_apis_share_one_scheduler(server, client, model):
     before = server.wait_idle()["requests"]
     client.completions.create(model=model, prompt=PROMPT, temperature=0, max_tokens=2)

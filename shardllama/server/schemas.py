@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from typing import Any
 
 from ..errors import ShardllamaError
@@ -34,7 +35,12 @@ UNLABELLED = ("application/octet-stream", "text/plain", "application/x-www-form-
 
 
 class RequestError(ShardllamaError):
-    """A request the server cannot act on: bad JSON, a missing or ill-typed field, a value out of range."""
+    """A request the server cannot act on: bad JSON, a missing or ill-typed field, a value out of range.
+    ``param`` names the field at fault, where there is one (OpenAI's error body carries it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UnsupportedMediaType(RequestError):
@@ -85,9 +91,56 @@ def parse_json_object(body: bytes, *, required: str) -> dict[str, Any]:
         raise RequestError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise RequestError("invalid JSON: nested too deeply") from None
+    except ValueError:  # not a JSONDecodeError: Python's limit on the digits of an integer it converts
+        raise RequestError(f"invalid JSON: an integer of more than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(data, dict):
         raise RequestError(f"the request body must be a JSON object, got {_kind(data)}")
+    _check_unicode(data)
     return data
+
+
+def _check_unicode(data: dict[str, Any]) -> None:
+    """RequestError naming a string (or key) that is not valid Unicode: JSON's escape "\\ud800" decodes to
+    a lone surrogate, which UTF-8 and every tokenizer refuse.  Iterative: the body may be nested as deeply
+    as json.loads allows."""
+    stack: list[tuple[str | None, Any]] = [(None, data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if (at := _lone_surrogate(key)) is not None:
+                    inside = f'"{where}"' if where else "the body"
+                    raise RequestError(f"a key in {inside} is not valid Unicode (a lone surrogate at character {at})",
+                                       where)
+                stack.append((key if where is None else f"{where}.{key}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and (at := _lone_surrogate(value)) is not None:
+            raise RequestError(f'"{where}" is not valid Unicode (a lone surrogate at character {at})', where)
+
+
+def _lone_surrogate(text: str) -> int | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def finite(value: int | float) -> bool:
+    """A JSON number that a float holds: False for NaN, infinities and integers beyond float's range
+    (math.isfinite raises OverflowError on those)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def show(value: Any) -> str:
+    """A number for an error message: a huge integer by its digit count, so the message stays one line."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return str(value)
 
 
 def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
@@ -96,10 +149,6 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
     prompt = data["prompt"]
     if not isinstance(prompt, str):
         raise RequestError(f'"prompt" must be a string, got {_kind(prompt)}')
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise RequestError(f'"prompt" is not valid Unicode (lone surrogate at character {e.start})') from None
     fields: dict[str, Any] = {"prompt": prompt}
 
     def number(name: str) -> float | None:
@@ -108,10 +157,9 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(f'"{name}" must be a number, got {_kind(value)}')
-        value = float(value)  # a huge JSON integer becomes inf: caught just below
-        if not math.isfinite(value):
-            raise RequestError(f'"{name}" must be a finite number, got {value}')
-        fields[name] = value
+        if not finite(value):
+            raise RequestError(f'"{name}" must be a finite number, got {show(value)}')
+        fields[name] = value = float(value)
         return value
 
     def integer(name: str, minimum: int) -> int | None:
@@ -121,7 +169,7 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RequestError(f'"{name}" must be an integer, got {_kind(value)}')
         if value < minimum:
-            raise RequestError(f'"{name}" must be >= {minimum}, got {value}')
+            raise RequestError(f'"{name}" must be >= {minimum}, got {show(value)}')
         fields[name] = value
         return value
 
@@ -149,7 +197,7 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
     boolean("no_token_sampling")
     seed = integer("seed", 0)
     if seed is not None and seed >= 2**64:
-        raise RequestError(f'"seed" must be < 2**64, got {seed}')
+        raise RequestError(f'"seed" must be < 2**64, got {show(seed)}')
     return InferenceRequest(**fields)
 
 
