@@ -45,7 +45,8 @@ from ..errors import PromptTooLongError, ShardllamaError, UsageError, WorkerErro
 from ..tokenizer import Tokenizer
 from .jobs import Failed, Finished, Job, Token
 from .scheduler import QueueFull, Scheduler, ServerClosing
-from .schemas import RequestError, UnsupportedMediaType, check_content_type, parse_inference_request
+from .schemas import (RequestError, UnsupportedMediaType, check_content_type, parse_json_object,
+                      request_from_dict)
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ def create_app(state: ServerState, *, stats_path: str = DEFAULT_STATS_PATH) -> w
 
 async def inference(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    check_content_type(request.content_type)
-    req = parse_inference_request(await request.read())
+    req = request_from_dict(await read_json(request, required="prompt"))
     loop = asyncio.get_running_loop()
     ids = await loop.run_in_executor(None, state.tokenizer.encode, req.prompt)
     max_len = min(req.max_seq_len, state.max_seq_len)
@@ -139,6 +139,14 @@ async def inference(request: web.Request) -> web.StreamResponse:
     finally:
         state.scheduler.cancel(job)  # a no-op unless the client went away
         state.request_done()
+
+
+async def read_json(request: web.Request, *, required: str) -> dict[str, Any]:
+    """The request's body, declared and parsed as a JSON object (``schemas``); ``required`` is the field an
+    empty body is told to send.  Every API's POST handler reads its body here."""
+    declared = request.content_type if "Content-Type" in request.headers else None
+    check_content_type(declared, request.charset)
+    return parse_json_object(await request.read(), required=required)
 
 
 async def _stream(request: web.Request, state: ServerState, job: Job, queue: asyncio.Queue,

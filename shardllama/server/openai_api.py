@@ -42,10 +42,9 @@ import torch
 from aiohttp import web
 
 from ..stops import StopScanner
-from .app import STATE, ServerState, _message, error_middleware, status_for
+from .app import STATE, ServerState, _message, error_middleware, read_json, status_for
 from .jobs import Failed, Finished, Job, Token
 from .openai_schemas import ParamError, Generation, chat_messages, parse_generation, prompt_ids, render_chat
-from .schemas import check_content_type, parse_json_object
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +192,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    check_content_type(request.content_type)
-    data = parse_json_object(await request.read(), required="prompt")
+    data = await read_json(request, required="prompt")
     gen = parse_generation(data, default_max_tokens=16)
     if data.get("echo") not in (None, False):
         raise ParamError('"echo" must be false: echoing the prompt is not supported', "echo")
@@ -213,8 +211,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    check_content_type(request.content_type)
-    data = parse_json_object(await request.read(), required="messages")
+    data = await read_json(request, required="messages")
     gen = parse_generation(data, default_max_tokens=None)
     text = render_chat(state.tokenizer, chat_messages(data))
     bos_text = state.tokenizer.token_text(state.tokenizer.bos_id) if state.tokenizer.bos_id is not None else ""

@@ -28,10 +28,7 @@ from typing import Any
 from ..errors import ShardllamaError
 from ..sampling import SamplingParams
 
-CONTENT_TYPES = ("application/json", "text/jsonl", "application/jsonl", "application/x-ndjson")
-# Labels that say nothing about the body, taken as JSON as rllama did (it never looked): none at all
-# (aiohttp reports application/octet-stream), text/plain, and what `curl -d` sends.
-UNLABELLED = ("application/octet-stream", "text/plain", "application/x-www-form-urlencoded")
+JSON_TYPE = "application/json"
 
 
 class RequestError(ShardllamaError):
@@ -65,15 +62,15 @@ class InferenceRequest:
                               repetition_penalty=self.repetition_penalty)
 
 
-def check_content_type(content_type: str) -> None:
-    """JSON in any of its usual names, or a body labelled as nothing in particular; else 415."""
-    if content_type and content_type not in CONTENT_TYPES and content_type not in UNLABELLED:
-        raise UnsupportedMediaType(f"Content-Type must be application/json or text/jsonl, got {content_type}")
-
-
-def parse_inference_request(body: bytes) -> InferenceRequest:
-    """The request in ``body`` (UTF-8 JSON), validated; RequestError naming what is wrong."""
-    return request_from_dict(parse_json_object(body, required="prompt"))
+def check_content_type(content_type: str | None, charset: str | None) -> None:
+    """A body must be declared ``application/json`` (UTF-8, if a charset is named), as rllama's example client
+    and every JSON client send it; anything else is UnsupportedMediaType (415).  Taking text/plain or a form
+    as JSON would let any web page POST to the server: those "simple" types need no CORS preflight."""
+    if content_type != JSON_TYPE:
+        raise UnsupportedMediaType(f"Content-Type must be {JSON_TYPE}, got {content_type or 'none'}: send the JSON "
+                                   f"body with the header 'Content-Type: {JSON_TYPE}'")
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(f"the body must be UTF-8 JSON, Content-Type says charset={charset}")
 
 
 def parse_json_object(body: bytes, *, required: str) -> dict[str, Any]:
