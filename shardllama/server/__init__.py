@@ -4,7 +4,9 @@
 - :mod:`.scheduler`: the thread that owns the backend and decodes every running request together;
 - :mod:`.prompt_cache`: which KV-cache slots hold which token sequences (longest-prefix reuse, LRU);
 - :mod:`.prompt_store`: those entries on disk (``--prompt-cache-dir``), so they survive a restart;
-- :mod:`.app`: the aiohttp application, its handlers and the exception -> status table.
+- :mod:`.app`: the aiohttp application, its handlers and the exception -> status table;
+- :mod:`.access`: the Host-header check, the API key and CORS (``--allowed-hosts``, ``--api-key``,
+  ``--cors-origin``).
 
 This module is the entry: :func:`add_server_args` (the ``--inference-server-*`` flags), :func:`serve`
 (run the server on an opened model until stopped) and :func:`serve_from_args` (size the KV cache, open
@@ -19,8 +21,9 @@ import asyncio
 import logging
 import signal
 import sys
+import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
 
@@ -38,6 +41,7 @@ DEFAULT_MAX_CONCURRENT = 5
 DEFAULT_PROMPT_CACHE_SIZE = 50
 DEFAULT_PROMPT_CACHE_MEMORY_MIB = 2048
 DEFAULT_MAX_QUEUE = 32
+API_KEY_ENV = "SHARDLLAMA_API_KEY"
 SHUTDOWN_GRACE_S = 5.0  # how long running responses get to finish when the server stops
 
 
@@ -80,6 +84,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "least recently used deleted first")
     g.add_argument("--inference-server-exit-after-one-query", action="store_true",
                    help="exit (code 0) after the first inference request has been answered")
+    g.add_argument("--allowed-hosts", action="append", metavar="HOST[,HOST...]",
+                   help="Host header names the server answers (any port; '*' = any), besides localhost, 127.0.0.1 "
+                        "and [::1]. Default: on a loopback bind only those three (against DNS rebinding); on any "
+                        "other bind any name")
+    g.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let web pages from ORIGIN (scheme://host[:port], or '*') call both APIs from a browser; "
+                        "repeatable. Default: none (CORS off)")
+    g.add_argument("--api-key", metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on every route of both APIs (401 otherwise); "
+                        f"default: ${API_KEY_ENV} if set (an argument is visible to other users in ps)")
 
 
 def kv_bytes_per_slot(args: "ModelArgs", dtype: "torch.dtype", max_seq_len: int, n_workers: int | None = 0) -> int:
@@ -106,14 +120,17 @@ def plan_slots(bytes_per_slot: int, *, max_concurrent: int, prompt_cache_size: i
 def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path: str = DEFAULT_API_PATH,
           max_concurrent: int = DEFAULT_MAX_CONCURRENT, prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE,
           exit_after_one_query: bool = False, max_queue: int = DEFAULT_MAX_QUEUE, quiet: bool = False,
-          prompt_cache_dir: str | None = None) -> int:
+          prompt_cache_dir: str | None = None, allowed_hosts: Sequence[str] = (), cors_origins: Sequence[str] = (),
+          api_key: str | None = None) -> int:
     """Serve rllama's API for ``model`` (a :class:`~shardllama.runtime.Model`) until SIGINT/SIGTERM, or until
     the first query is answered with ``exit_after_one_query``; returns the exit code (0).
 
     The prompt cache uses the backend's slots beyond the first ``max_concurrent`` (at most
     ``prompt_cache_size`` of them); with ``prompt_cache_dir`` its entries are also kept on disk and loaded
-    from there at start-up (:mod:`.prompt_store`).  The caller keeps ownership of the model.
+    from there at start-up (:mod:`.prompt_store`).  ``allowed_hosts``, ``cors_origins`` and ``api_key`` are
+    the access rules of :mod:`.access`.  The caller keeps ownership of the model.
     """
+    from .access import Access, is_loopback
     from .app import ServerState, create_app
     from .scheduler import Scheduler
 
@@ -123,6 +140,9 @@ def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path
         raise UsageError(f"--inference-server-port must be in 0..65535, got {port}")
     if max_concurrent < 1:
         raise UsageError(f"--inference-server-max-concurrent-inferences must be >= 1, got {max_concurrent}")
+    access = Access.build(host, allowed_hosts=allowed_hosts, api_key=api_key, cors_origins=cors_origins)
+    if api_key is None and not is_loopback(host):
+        log.warning("listening on %s without --api-key: whoever can reach it can use the server", host)
     backend = model.backend
     if backend.n_slots < max_concurrent:
         raise UsageError(f"the model was opened with {backend.n_slots} KV-cache slot(s), fewer than "
@@ -143,7 +163,8 @@ def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path
         log.info("prompt cache: %d of %d entries fit in the KV cache's spare slots", cache, prompt_cache_size)
     name = model.path.stem if model.path.suffix else model.path.name  # x.gguf -> x; a directory: its name
     state = ServerState(tokenizer=model.tokenizer, scheduler=scheduler, max_seq_len=backend.max_seq_len,
-                        api_path=api_path, model_name=name, exit_after_one_query=exit_after_one_query)
+                        api_path=api_path, model_name=name, exit_after_one_query=exit_after_one_query,
+                        access=access)
     summary = (f"{max_concurrent} concurrent, queue {max_queue}, context {backend.max_seq_len}; prompt cache "
                f"{cache} entries x {per_slot / 2**20:.1f} MiB = {cache * per_slot / 2**20:.0f} MiB of KV cache"
                + (f", kept in {prompt_cache_dir}" if scheduler.store is not None else ""))
@@ -190,8 +211,14 @@ def serve_from_args(args: argparse.Namespace) -> int:
     from ..cli import prepare_from_args, start_from_args
     from ..coordinator import default_workers
 
+    from .access import Access
+
     quiet = getattr(args, "quiet", False)
     progress = not quiet and sys.stderr.isatty()
+    access = dict(allowed_hosts=[h for entry in args.allowed_hosts or () for h in entry.split(",") if h.strip()],
+                  cors_origins=args.cors_origin or (),
+                  api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
+    Access.build(args.inference_server_host, **access)  # a bad value fails now, not after the model loads
     with prepare_from_args(args, progress=progress) as prepared:
         n_workers = args.workers if args.workers is not None else default_workers(prepared.args)
         per_slot = kv_bytes_per_slot(prepared.args, prepared.dtype, prepared.max_seq_len, n_workers)
@@ -205,4 +232,5 @@ def serve_from_args(args: argparse.Namespace) -> int:
                      api_path=args.inference_server_api_path, max_concurrent=max_concurrent,
                      prompt_cache_size=args.inference_server_prompt_cache_size,
                      exit_after_one_query=args.inference_server_exit_after_one_query,
-                     max_queue=args.inference_server_max_queue, quiet=quiet, prompt_cache_dir=args.prompt_cache_dir)
+                     max_queue=args.inference_server_max_queue, quiet=quiet, prompt_cache_dir=args.prompt_cache_dir,
+                     **access)

@@ -43,6 +43,7 @@ from aiohttp import web
 
 from ..errors import PromptTooLongError, ShardllamaError, UsageError, WorkerError
 from ..tokenizer import Tokenizer
+from .access import Access, HostNotAllowed, Unauthorized, enable_cors, guard_middleware
 from .jobs import Failed, Finished, Job, Token
 from .scheduler import QueueFull, Scheduler, ServerClosing
 from .schemas import (RequestError, UnsupportedMediaType, check_content_type, parse_json_object,
@@ -55,6 +56,8 @@ MAX_BODY_BYTES = 1 << 20
 
 # Exception type -> HTTP status, first match wins.  The one place errors become codes.
 ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (Unauthorized, 401),
+    (HostNotAllowed, 403),
     (UnsupportedMediaType, 415),
     (RequestError, 400),
     (PromptTooLongError, 400),
@@ -82,6 +85,7 @@ class ServerState:
     model_name: str = "model"  # what /v1/models and OpenAI responses call it: the model file's stem
     exit_after_one_query: bool = False
     max_body_bytes: int = MAX_BODY_BYTES  # larger bodies are refused (400)
+    access: Access = Access()  # Host names, API key, CORS origins (``access``)
     stop: asyncio.Event | None = None  # set to shut the server down (serve() waits on it)
     _vocab_text: list[str] | None = dataclasses.field(default=None, init=False, repr=False)
 
@@ -101,10 +105,11 @@ STATE = web.AppKey("shardllama", ServerState)
 
 
 def create_app(state: ServerState, *, stats_path: str = DEFAULT_STATS_PATH) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=state.max_body_bytes)
+    app = web.Application(middlewares=[_errors, guard_middleware(state.access)], client_max_size=state.max_body_bytes)
     app[STATE] = state
     app.router.add_post(state.api_path, inference)
     app.router.add_get(stats_path, stats)
+    enable_cors(app, state.access)
     from .openai_api import create_openai_app  # here: it imports this module
 
     app.add_subapp("/v1", create_openai_app(state))
@@ -237,7 +242,7 @@ def _content_type(request: web.Request) -> str:
 # ---- errors --------------------------------------------------------------------------------------------
 
 
-def _message(error: BaseException) -> str:
+def _message(error: BaseException | str) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
@@ -271,13 +276,14 @@ def error_middleware(respond: Respond, not_found_hint: Callable[[ServerState], s
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            return respond(e.status, e.reason, None, None)
+            told = e.text is not None and not e.text.startswith(f"{e.status}: ")  # more than the default text
+            return respond(e.status, _message(e.text) if told else e.reason, None, None)
         except Exception as e:  # (a cancelled handler's CancelledError is no Exception: it goes through)
             status = status_for(e)
             if status >= 500 and not isinstance(e, ShardllamaError):
                 log.exception("request to %s failed", request.path)
                 return respond(status, f"internal error: {_message(e)}", e, None)
-            return respond(status, _message(e), e, None)
+            return respond(status, _message(e), e, getattr(e, "headers", None))
 
     return errors
 

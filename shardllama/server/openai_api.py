@@ -42,6 +42,7 @@ import torch
 from aiohttp import web
 
 from ..stops import StopScanner
+from .access import enable_cors, guard_middleware
 from .app import STATE, ServerState, _message, error_middleware, read_json, status_for
 from .jobs import Failed, Finished, Job, Token
 from .openai_schemas import ParamError, Generation, chat_messages, parse_generation, prompt_ids, render_chat
@@ -54,11 +55,12 @@ ROUTES = "GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
 def create_openai_app(state: ServerState) -> web.Application:
     """The /v1 routes as a sub-application (mounted by ``create_app``), with its own error middleware so
     that every /v1 error, 404 and 405 included, has OpenAI's shape."""
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_errors, guard_middleware(state.access)])
     app[STATE] = state
     app.router.add_get("/models", models)
     app.router.add_post("/completions", completions)
     app.router.add_post("/chat/completions", chat_completions)
+    enable_cors(app, state.access)
     return app
 
 
@@ -238,18 +240,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 # ---- errors ---------------------------------------------------------------------------------------------
 
 
-def _body(status: int, message: str, param: str | None) -> dict:
+def _body(status: int, message: str, error: BaseException | None) -> dict:
     kind = "invalid_request_error" if status < 500 else ("server_busy" if status == 503 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": getattr(error, "param", None),
+                      "code": getattr(error, "code", None)}}
 
 
 def _error_body(error: BaseException) -> dict:
     """OpenAI's error shape for ``error`` (also sent as the last event of a stream that failed)."""
-    return _body(status_for(error), _message(error), getattr(error, "param", None))
+    return _body(status_for(error), _message(error), error)
 
 
 def _error(status: int, message: str, error: BaseException | None, headers: dict[str, str] | None) -> web.Response:
-    return web.json_response(_body(status, message, getattr(error, "param", None)), status=status, headers=headers)
+    return web.json_response(_body(status, message, error), status=status, headers=headers)
 
 
 _errors = error_middleware(_error, lambda state: f"the OpenAI API has {ROUTES}")
