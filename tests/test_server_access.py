@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import openai
 import pytest
 import requests
 
 from shardllama.errors import UsageError
+from shardllama.server import app
 from shardllama.server.access import Access, host_name, is_loopback
 
 from .test_server import CLI_LAUNCHER, LAUNCHER, Server
 
+IDLE = 1.5  # the plain server's idle-connection limit (30 s by default)
 KEY = "s3cret-key"
 ORIGIN = "http://localhost:3000"
 ROUTES = [("POST", "/rllama/v1/inference", {"prompt": "Hi", "max_new_tokens": 1}),
@@ -29,7 +32,7 @@ ROUTES = [("POST", "/rllama/v1/inference", {"prompt": "Hi", "max_new_tokens": 1}
 @pytest.fixture(scope="module")
 def plain(demo_gguf):
     cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": 64, "n_slots": 2 + 2,
-           "serve": {"max_concurrent": 2, "prompt_cache_size": 2}}
+           "serve": {"max_concurrent": 2, "prompt_cache_size": 2, "idle_timeout": IDLE}}
     s = Server(LAUNCHER, json.dumps(cfg))
     yield s
     s.stop()
@@ -205,3 +208,47 @@ def test_cors_origin_lets_that_origin_in(guarded):
     assert r.status_code == 401 and r.headers["Access-Control-Allow-Origin"] == ORIGIN
     r = call(guarded, "GET", "/v1/models", Origin="https://evil.example", Authorization=f"Bearer {KEY}")
     assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+
+
+# ---- connections that send no complete request -------------------------------------------------------------
+
+
+def exchange(server: Server, data: bytes) -> tuple[bytes, float]:
+    """Send ``data`` on a raw connection, read until the server closes it: (what came back, seconds it took)."""
+    port = int(server.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        start = time.monotonic()
+        answer = b"".join(iter(lambda: s.recv(65536), b""))  # a socket.timeout here: never closed
+        return answer, time.monotonic() - start
+
+
+HEAD = b"POST /rllama/v1/inference HTTP/1.1\r\nHost: localhost\r\n"
+
+
+@pytest.mark.parametrize("sent", [
+    b"",  # connected, silent
+    b"POST /rllama/v1/inf",  # half a request line
+    HEAD + b"Content-Type: application/json\r\n",  # half the headers
+])
+def test_a_connection_without_a_complete_request_is_closed(plain, sent):
+    answer, took = exchange(plain, sent)
+    assert answer == b"" and IDLE - 0.5 < took < IDLE + 10
+
+
+def test_a_body_that_does_not_arrive_gets_408_and_the_connection_closes(plain):
+    answer, took = exchange(plain, HEAD + b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"prompt"')
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+    # Answered after IDLE; closed after at most IDLE more spent waiting for the rest of the body (lingering).
+    assert b"did not arrive within 1.5 s" in answer and IDLE - 0.5 < took < 2 * IDLE + 5
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_its_answers(plain):
+    get = b"GET /rllama/v1/stats HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    answer, took = exchange(plain, get + get)  # two requests answered, then nothing more: closed
+    assert answer.count(b"HTTP/1.1 200 OK") == 2 and IDLE - 0.5 < took < IDLE + 10
+    assert call(plain, "GET", "/rllama/v1/stats").status_code == 200  # and the server serves on
+
+
+def test_the_default_limit_is_30_seconds():
+    assert app.IDLE_TIMEOUT_S == 30

@@ -121,17 +121,18 @@ def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path
           max_concurrent: int = DEFAULT_MAX_CONCURRENT, prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE,
           exit_after_one_query: bool = False, max_queue: int = DEFAULT_MAX_QUEUE, quiet: bool = False,
           prompt_cache_dir: str | None = None, allowed_hosts: Sequence[str] = (), cors_origins: Sequence[str] = (),
-          api_key: str | None = None) -> int:
+          api_key: str | None = None, idle_timeout: float | None = None) -> int:
     """Serve rllama's API for ``model`` (a :class:`~shardllama.runtime.Model`) until SIGINT/SIGTERM, or until
     the first query is answered with ``exit_after_one_query``; returns the exit code (0).
 
     The prompt cache uses the backend's slots beyond the first ``max_concurrent`` (at most
     ``prompt_cache_size`` of them); with ``prompt_cache_dir`` its entries are also kept on disk and loaded
     from there at start-up (:mod:`.prompt_store`).  ``allowed_hosts``, ``cors_origins`` and ``api_key`` are
-    the access rules of :mod:`.access`.  The caller keeps ownership of the model.
+    the access rules of :mod:`.access`.  A connection that sends no complete request within ``idle_timeout``
+    seconds (default ``app.IDLE_TIMEOUT_S``, 30) is closed.  The caller keeps ownership of the model.
     """
     from .access import Access, is_loopback
-    from .app import ServerState, create_app
+    from .app import IDLE_TIMEOUT_S, ServerState, create_app
     from .scheduler import Scheduler
 
     if not api_path.startswith("/"):
@@ -140,6 +141,8 @@ def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path
         raise UsageError(f"--inference-server-port must be in 0..65535, got {port}")
     if max_concurrent < 1:
         raise UsageError(f"--inference-server-max-concurrent-inferences must be >= 1, got {max_concurrent}")
+    if idle_timeout is not None and not idle_timeout > 0:
+        raise UsageError(f"idle_timeout must be > 0 seconds, got {idle_timeout}")
     access = Access.build(host, allowed_hosts=allowed_hosts, api_key=api_key, cors_origins=cors_origins)
     if api_key is None and not is_loopback(host):
         log.warning("listening on %s without --api-key: whoever can reach it can use the server", host)
@@ -164,7 +167,7 @@ def serve(model, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_path
     name = model.path.stem if model.path.suffix else model.path.name  # x.gguf -> x; a directory: its name
     state = ServerState(tokenizer=model.tokenizer, scheduler=scheduler, max_seq_len=backend.max_seq_len,
                         api_path=api_path, model_name=name, exit_after_one_query=exit_after_one_query,
-                        access=access)
+                        access=access, idle_timeout=IDLE_TIMEOUT_S if idle_timeout is None else idle_timeout)
     summary = (f"{max_concurrent} concurrent, queue {max_queue}, context {backend.max_seq_len}; prompt cache "
                f"{cache} entries x {per_slot / 2**20:.1f} MiB = {cache * per_slot / 2**20:.0f} MiB of KV cache"
                + (f", kept in {prompt_cache_dir}" if scheduler.store is not None else ""))
@@ -182,7 +185,11 @@ async def _run(app, state, host: str, port: int, summary: str, quiet: bool) -> i
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, state.stop.set)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None)
+    # keepalive_timeout closes a connection idle before its first request (aiohttp >= 3.14.4) or between two,
+    # also one that sent half a request line or header.  After an answer that left a body unread (an error, a
+    # 408), aiohttp reads and drops the rest for lingering_time before it closes: 10 s, at most that limit too.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None,
+                           keepalive_timeout=state.idle_timeout, lingering_time=min(10.0, state.idle_timeout))
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

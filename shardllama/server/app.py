@@ -53,11 +53,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATS_PATH = "/rllama/v1/stats"
 MAX_BODY_BYTES = 1 << 20
+# A connection that has not sent a complete request within this long is closed: idle before its first
+# request or between two (aiohttp's keepalive_timeout), or still sending a body (read_json).
+IDLE_TIMEOUT_S = 30.0
+
+
+class BodyTimeout(RequestError):
+    """The request's body did not arrive within IDLE_TIMEOUT_S (HTTP 408, and the connection is closed)."""
+
+    close_connection = True
 
 # Exception type -> HTTP status, first match wins.  The one place errors become codes.
 ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (Unauthorized, 401),
     (HostNotAllowed, 403),
+    (BodyTimeout, 408),
     (UnsupportedMediaType, 415),
     (RequestError, 400),
     (PromptTooLongError, 400),
@@ -86,6 +96,7 @@ class ServerState:
     exit_after_one_query: bool = False
     max_body_bytes: int = MAX_BODY_BYTES  # larger bodies are refused (400)
     access: Access = Access()  # Host names, API key, CORS origins (``access``)
+    idle_timeout: float = IDLE_TIMEOUT_S
     stop: asyncio.Event | None = None  # set to shut the server down (serve() waits on it)
     _vocab_text: list[str] | None = dataclasses.field(default=None, init=False, repr=False)
 
@@ -151,7 +162,13 @@ async def read_json(request: web.Request, *, required: str) -> dict[str, Any]:
     empty body is told to send.  Every API's POST handler reads its body here."""
     declared = request.content_type if "Content-Type" in request.headers else None
     check_content_type(declared, request.charset)
-    return parse_json_object(await request.read(), required=required)
+    timeout = request.app[STATE].idle_timeout
+    try:
+        async with asyncio.timeout(timeout):  # a body sent a byte at a time must not hold the handler forever
+            body = await request.read()
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g} s") from None
+    return parse_json_object(body, required=required)
 
 
 async def _stream(request: web.Request, state: ServerState, job: Job, queue: asyncio.Queue,
@@ -283,7 +300,10 @@ def error_middleware(respond: Respond, not_found_hint: Callable[[ServerState], s
             if status >= 500 and not isinstance(e, ShardllamaError):
                 log.exception("request to %s failed", request.path)
                 return respond(status, f"internal error: {_message(e)}", e, None)
-            return respond(status, _message(e), e, getattr(e, "headers", None))
+            response = respond(status, _message(e), e, getattr(e, "headers", None))
+            if getattr(e, "close_connection", False):
+                response.force_close()
+            return response
 
     return errors
 
