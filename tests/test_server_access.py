@@ -1,5 +1,6 @@
-"""Who may use the server, through real HTTP clients (requests, the official openai client, raw sockets):
-the Host header (DNS rebinding), the API key and CORS, on both APIs and the stats.  Two servers on the
+"""What one client may learn of or do to the server and its other clients, through real HTTP clients
+(requests, the official openai client, raw sockets): the Host header (DNS rebinding), the API key and CORS
+on both APIs and the stats, cache_salt, and connections that send no complete request.  Two servers on the
 demo model in-process: one as `serve()` starts by default (loopback, no key, no CORS), one from the command
 line with --api-key, --cors-origin and --allowed-hosts."""
 
@@ -31,8 +32,8 @@ ROUTES = [("POST", "/rllama/v1/inference", {"prompt": "Hi", "max_new_tokens": 1}
 
 @pytest.fixture(scope="module")
 def plain(demo_gguf):
-    cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": 64, "n_slots": 2 + 2,
-           "serve": {"max_concurrent": 2, "prompt_cache_size": 2, "idle_timeout": IDLE}}
+    cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": 64, "n_slots": 2 + 4,
+           "serve": {"max_concurrent": 2, "prompt_cache_size": 4, "idle_timeout": IDLE}}
     s = Server(LAUNCHER, json.dumps(cfg))
     yield s
     s.stop()
@@ -208,6 +209,53 @@ def test_cors_origin_lets_that_origin_in(guarded):
     assert r.status_code == 401 and r.headers["Access-Control-Allow-Origin"] == ORIGIN
     r = call(guarded, "GET", "/v1/models", Origin="https://evil.example", Authorization=f"Bearer {KEY}")
     assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+
+
+# ---- cache_salt ------------------------------------------------------------------------------------------
+
+
+SECRET = "A system prompt that only Alice knows: the password is swordfish, and"
+
+
+def rllama_cached(server: Server, salt: str | None) -> int:
+    body = {"prompt": SECRET, "temperature": 0, "max_new_tokens": 1, **({"cache_salt": salt} if salt else {})}
+    r = call(server, "POST", "/rllama/v1/inference", body)
+    assert r.status_code == 200, r.text
+    [line] = [json.loads(x) for x in r.text.splitlines()]
+    return next(iter(line.values()))["cached_tokens"]
+
+
+def test_cache_salt_shares_cached_prompts_only_within_a_salt(plain):
+    assert rllama_cached(plain, "alice") == 0
+    # Mallory guesses Alice's whole prompt: cached_tokens would tell her how much of it she got right.
+    assert rllama_cached(plain, "mallory") == 0
+    assert rllama_cached(plain, None) == 0
+    n = rllama_cached(plain, "alice")
+    assert n > 10  # Alice's own prompt: all but its last token reused
+    assert rllama_cached(plain, None) == n  # requests without a salt share one cache, as before
+
+    # The OpenAI API, same cache, same rule (its usage has no cached count: the server's counters tell).
+    client = openai.OpenAI(base_url=plain.base + "/v1", api_key="none", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+
+    def openai_cached(salt: str) -> int:
+        before = call(plain, "GET", "/rllama/v1/stats").json()["cached_tokens"]
+        client.completions.create(model=model, prompt=SECRET, temperature=0, max_tokens=1,
+                                  extra_body={"cache_salt": salt})
+        return call(plain, "GET", "/rllama/v1/stats").json()["cached_tokens"] - before
+
+    assert openai_cached("carol") == 0 and openai_cached("dave") == 0
+    assert openai_cached("carol") == n and openai_cached("alice") == n
+
+
+@pytest.mark.parametrize("salt", ["", 5, ["a"], "x" * 257])
+def test_a_bad_cache_salt_is_a_400(plain, salt):
+    r = call(plain, "POST", "/rllama/v1/inference", {"prompt": "Hi", "cache_salt": salt})
+    assert r.status_code == 400 and '"cache_salt"' in message(r)
+    for path, body in [("/v1/completions", {"prompt": "Hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]:
+        r = call(plain, "POST", path, {**body, "cache_salt": salt})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
 
 
 # ---- connections that send no complete request -------------------------------------------------------------

@@ -57,7 +57,8 @@ def _int_at_least(minimum: int, what: str):
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    """rllama's ``--inference-server-*`` flags (and two of ours: the cache's memory budget, the queue)."""
+    """rllama's ``--inference-server-*`` flags, and ours: the cache's memory budget and directory, the queue,
+    the access rules (:mod:`.access`)."""
     g = p.add_argument_group("inference server (rllama's HTTP API)")
     g.add_argument("--inference-server-host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     g.add_argument("--inference-server-port", type=_int_at_least(0, "port"), default=DEFAULT_PORT,

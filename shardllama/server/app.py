@@ -148,6 +148,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
         stop_ids=state.tokenizer.stop_ids if req.stop_at_end_token else frozenset(),
         full_distribution=req.no_token_sampling,
         generator=torch.Generator().manual_seed(req.seed if req.seed is not None else secrets.randbits(63)),
+        cache_salt=req.cache_salt,
     )
     state.scheduler.submit(job)
     try:

@@ -18,6 +18,8 @@ Request fields (others are ignored, as servers beside OpenAI's do; ``null`` mean
     seed                integer: reproducible sampling
     stream              bool: server-sent events, ``data: {chunk}`` ... ``data: [DONE]``
     stream_options      {"include_usage": bool}: a last chunk with the usage
+    cache_salt          string (vLLM's name): shares cached prompt prefixes only with requests of the same
+                        salt (``prompt_cache``)
     n, best_of          1 only;  echo  false only;  logprobs, logit_bias, suffix  not supported
 
 Chat renders ``messages`` with the tokenizer's ``chat_template`` (GGUF ``tokenizer.chat_template`` or
@@ -86,7 +88,8 @@ async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome
     job = Job(prompt=ids, params=gen.params, emit=functools.partial(loop.call_soon_threadsafe, queue.put_nowait),
               max_new_tokens=state.max_seq_len if gen.max_tokens is None else gen.max_tokens,
               max_len=state.max_seq_len, stop_ids=state.tokenizer.stop_ids,
-              generator=torch.Generator().manual_seed(gen.seed if gen.seed is not None else secrets.randbits(63)))
+              generator=torch.Generator().manual_seed(gen.seed if gen.seed is not None else secrets.randbits(63)),
+              cache_salt=gen.cache_salt)
     state.scheduler.submit(job)
     decoder, stops = state.tokenizer.stream(), StopScanner(gen.stop)
     try:

@@ -11,7 +11,7 @@ from ..chat_template import render_for
 from ..errors import ShardllamaError
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
-from .schemas import RequestError, _kind, finite, show
+from .schemas import RequestError, _kind, cache_salt, finite, show
 
 MAX_STOP_STRINGS = 4
 
@@ -30,6 +30,7 @@ class Generation:
     seed: int | None
     stream: bool
     include_usage: bool
+    cache_salt: str | None
 
 
 def parse_generation(data: dict[str, Any], *, default_max_tokens: int | None) -> Generation:
@@ -89,7 +90,8 @@ def parse_generation(data: dict[str, Any], *, default_max_tokens: int | None) ->
         raise ParamError(f'"stream_options" must be an object, got {_kind(options)}', "stream_options")
     return Generation(params=params, max_tokens=default_max_tokens if max_tokens is None else max_tokens,
                       stop=tuple(s for s in stop if s), seed=integer("seed", -(2**63)), stream=stream,
-                      include_usage=stream and bool((options or {}).get("include_usage")))
+                      include_usage=stream and bool((options or {}).get("include_usage")),
+                      cache_salt=cache_salt(data))
 
 
 def prompt_ids(data: dict[str, Any], tokenizer: Tokenizer) -> list[int] | str:

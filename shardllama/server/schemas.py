@@ -12,6 +12,9 @@ rllama's API (``POST /rllama/v1/inference``) takes one JSON object::
     max_new_tokens      integer >= 0, default 1024
     no_token_sampling   bool, default false
     seed                integer in [0, 2**64), optional (ours): reproducible sampling
+    cache_salt          string of 1 to 256 characters, optional (vLLM's name): shares cached prompt prefixes
+                        (and ``cached_tokens``) only with requests of the same salt; without one, with every
+                        request that has none (``prompt_cache``)
 
 ``null`` means the default (rllama's fields were ``Option``s); unknown fields are ignored, as rllama's
 serde did.  Every mistake raises :class:`RequestError` with a one-line message naming the field.
@@ -29,6 +32,7 @@ from ..errors import ShardllamaError
 from ..sampling import SamplingParams
 
 JSON_TYPE = "application/json"
+MAX_CACHE_SALT = 256  # characters
 
 
 class RequestError(ShardllamaError):
@@ -56,6 +60,7 @@ class InferenceRequest:
     max_new_tokens: int = 1024
     no_token_sampling: bool = False
     seed: int | None = None
+    cache_salt: str | None = None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -195,7 +200,21 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
     seed = integer("seed", 0)
     if seed is not None and seed >= 2**64:
         raise RequestError(f'"seed" must be < 2**64, got {show(seed)}')
-    return InferenceRequest(**fields)
+    return InferenceRequest(**fields, cache_salt=cache_salt(data))
+
+
+def cache_salt(data: dict[str, Any]) -> str | None:
+    """The request's ``cache_salt`` (both APIs): a string of 1 to MAX_CACHE_SALT characters, or None."""
+    salt = data.get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        got = "an empty one" if salt == "" else _kind(salt)
+        raise RequestError(f'"cache_salt" must be a non-empty string, got {got}', "cache_salt")
+    if len(salt) > MAX_CACHE_SALT:
+        raise RequestError(f'"cache_salt" is {len(salt)} characters long, at most {MAX_CACHE_SALT} are allowed',
+                           "cache_salt")
+    return salt
 
 
 def _kind(value: Any) -> str:
