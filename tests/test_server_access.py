@@ -133,6 +133,23 @@ def test_a_bad_access_flag_fails_before_the_model_is_opened(demo_gguf, monkeypat
 # ---- the API key -----------------------------------------------------------------------------------------
 
 
+def test_the_api_key_may_come_from_the_environment(demo_gguf, monkeypatch):
+    import shardllama.cli
+
+    seen = []
+
+    def build(bind, **kw):
+        seen.append(kw["api_key"])
+        raise UsageError("seen")
+
+    monkeypatch.setattr(Access, "build", staticmethod(build))
+    for env, argv, key in [("from-env", [], "from-env"), ("", [], None), ("from-env", ["--api-key", KEY], KEY)]:
+        monkeypatch.setenv("SHARDLLAMA_API_KEY", env)
+        assert shardllama.cli.main(["serve", "--model-path", str(demo_gguf), *argv]) == 2
+        assert seen.pop() == key
+
+
+
 def test_no_key_is_needed_without_api_key(plain):
     assert call(plain, "GET", "/v1/models").status_code == 200
 

@@ -225,7 +225,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
     progress = not quiet and sys.stderr.isatty()
     access = dict(allowed_hosts=[h for entry in args.allowed_hosts or () for h in entry.split(",") if h.strip()],
                   cors_origins=args.cors_origin or (),
-                  api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
+                  api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None)
     Access.build(args.inference_server_host, **access)  # a bad value fails now, not after the model loads
     with prepare_from_args(args, progress=progress) as prepared:
         n_workers = args.workers if args.workers is not None else default_workers(prepared.args)
