@@ -3,7 +3,9 @@
 ``create_app`` builds the application; the tokenizer and the scheduler live on its state (``app[STATE]``),
 never in module globals.  Handlers parse and validate (``schemas``), tokenize, hand a job to the scheduler
 and stream its events back as JSONL; every exception type maps to an HTTP status in one table
-(:data:`ERROR_STATUS`), answered as ``{"error": "<one line>"}``.
+(:data:`ERROR_STATUS`), answered as ``{"error": "<one line>"}``.  Every request of both APIs first passes
+the access rules (:mod:`.access`: Host header, API key), and every body is read by :func:`read_json`
+(declared application/json, arrived within :data:`IDLE_TIMEOUT_S`).
 
 Response lines (``Content-Type: text/jsonl``), one per generated token, written as soon as it exists::
 
@@ -116,7 +118,8 @@ STATE = web.AppKey("shardllama", ServerState)
 
 
 def create_app(state: ServerState, *, stats_path: str = DEFAULT_STATS_PATH) -> web.Application:
-    app = web.Application(middlewares=[_errors, guard_middleware(state.access)], client_max_size=state.max_body_bytes)
+    app = web.Application(middlewares=[_errors, guard_middleware(state.access)],
+                          client_max_size=state.max_body_bytes)
     app[STATE] = state
     app.router.add_post(state.api_path, inference)
     app.router.add_get(stats_path, stats)
