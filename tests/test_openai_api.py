@@ -17,7 +17,7 @@ from shardllama.loading import open_checkpoint
 from shardllama.server.openai_api import ParamError, render_chat
 from shardllama.tokenizer import load_tokenizer
 
-from .test_server import JSON_VALUES, LAUNCHER, Server
+from .test_server import JSON, JSON_VALUES, LAUNCHER, LONE_SURROGATES, NOT_JSON, Server
 
 PROMPT = "The meaning of life is"
 
@@ -165,13 +165,34 @@ def test_bad_chat_requests_get_openai_400s(client, model, messages, param):
 
 
 def test_error_shape_on_raw_http(server):
-    r = requests.post(server.base + "/v1/completions", data=b"{not json", timeout=10)
+    r = requests.post(server.base + "/v1/completions", data=b"{not json", timeout=10,
+                      headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    for headers in ({}, {"Content-Type": "text/plain"}):  # a body not declared JSON: OpenAI's shape too
+        r = requests.post(server.base + "/v1/chat/completions", data=b'{"messages": []}', headers=headers, timeout=10)
+        assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]["message"]
     r = requests.get(server.base + "/v1/completions", timeout=10)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     r = requests.post(server.base + "/v1/embeddings", json={}, timeout=10)
     assert r.status_code == 404 and "/v1/chat/completions" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/completions", b'{"prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", b'{"prompt": ["a\\udfff"]}', "prompt[0]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", "temperature"),
+    ("/v1/completions", b'{"prompt": "x", "seed": -1' + b"0" * 400 + b"}", "seed"),
+    ("/v1/chat/completions", b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", None),
+])
+def test_what_crashed_the_server_is_a_400(server, route, body, param):
+    # Once 500s: a lone surrogate reached the tokenizer, a huge integer float(), a 5000-digit one json.loads.
+    r = requests.post(server.base + route, data=body, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_both_apis_share_one_scheduler(server, client, model):
@@ -189,7 +210,8 @@ def test_missing_template_is_a_400_naming_the_model():
 OPENAI_FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream",
                  "stream_options", "n", "echo", "logprobs", "model"]
 MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
-                                           "content": st.text(max_size=10) | JSON_VALUES}), max_size=3)
+                                           "content": st.text(max_size=10) | LONE_SURROGATES | JSON_VALUES}),
+                    max_size=3)
 OPENAI_BODIES = st.one_of(
     st.fixed_dictionaries({"prompt": st.text(max_size=20) | JSON_VALUES, "max_tokens": st.integers(0, 3)},
                           optional={f: JSON_VALUES for f in OPENAI_FIELDS[3:]}),
@@ -200,13 +222,16 @@ OPENAI_BODIES = st.one_of(
 
 
 @settings(settings.get_profile("server"), max_examples=40)
-@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=OPENAI_BODIES)
-def test_fuzzed_bodies_never_get_a_5xx(server, route, body):
+@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=OPENAI_BODIES,
+       ctype=st.sampled_from(JSON * 3 + NOT_JSON))
+def test_fuzzed_bodies_never_get_a_5xx(server, route, body, ctype):
     body.setdefault("max_tokens", 2)
-    # json.dumps writes NaN / Infinity as Python does: the server must refuse them too, not crash.
-    with requests.post(server.base + route, data=json.dumps(body), headers={"Content-Type": "application/json"},
-                       stream=True, timeout=60) as r:
+    # json.dumps writes NaN / Infinity as Python does, and lone surrogates as "\\ud800": the server must
+    # refuse them too, not crash.
+    headers = {"Content-Type": ctype} if ctype else {}
+    with requests.post(server.base + route, data=json.dumps(body), headers=headers, stream=True, timeout=60) as r:
         assert r.status_code < 500, r.content[:300]
+        assert r.status_code == 415 if ctype not in JSON else r.status_code != 415
         if r.status_code != 200:
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     server.wait_idle()

@@ -1,10 +1,10 @@
-"""The prompt cache's bookkeeping: longest common prefix, subsumed entries, LRU eviction."""
+"""The prompt cache's bookkeeping: longest common prefix, subsumed entries, LRU eviction, salts."""
 
 from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from shardllama.server.prompt_cache import PromptCache, common_prefix
+from shardllama.server.prompt_cache import PromptCache, cache_key, common_prefix, positions, salt_id, split_key
 
 
 @given(st.lists(st.integers(0, 3), max_size=40), st.lists(st.integers(0, 3), max_size=40))
@@ -31,7 +31,7 @@ def test_an_entry_that_another_covers_is_dropped():
     cache.insert(0, [1, 2])
     assert cache.insert(1, [1, 2, 3]) == [0]  # the longer sequence answers everything [1, 2] did
     assert cache.insert(2, [1, 2]) == [2]  # already covered: its own slot comes back free
-    assert cache.slots == [1] and cache.tokens(1) == (1, 2, 3)
+    assert cache.slots == [1] and cache.key(1) == (1, 2, 3)
     assert cache.insert(3, []) == [3]
 
 
@@ -45,3 +45,35 @@ def test_lru_eviction_and_capacity():
     assert cache.evict(keep=0) is None
     assert cache.clear() == [0] and len(cache) == 0
     assert PromptCache(0).insert(5, [1, 2]) == [5]
+
+
+A, B = salt_id("tenant A"), salt_id("tenant B")
+
+
+def test_salted_keys_never_share_a_prefix_across_salts():
+    assert A != B and len(A) == 32 and salt_id(None) is None
+    cache = PromptCache(4)
+    cache.insert(0, cache_key([1, 2, 3, 4]))  # unsalted
+    cache.insert(1, cache_key([1, 2, 3], A))
+    assert cache.longest_prefix(cache_key([1, 2, 3, 9], B)) == (None, 0)  # B matches neither
+    assert cache.longest_prefix(cache_key([1, 2, 3, 9])) == (0, 3)  # no salt: the unsalted entry, not A's
+    assert cache.longest_prefix(cache_key([1, 2, 9], A)) == (1, 2)  # positions, not key elements
+    assert cache.longest_prefix(cache_key([1, 2, 3, 4], A), limit=3) == (1, 3)
+    assert cache.longest_prefix(cache_key([7], A)) == (None, 0)  # the salt alone is no match
+    assert cache.n_tokens() == 4 + 3
+
+
+def test_salted_entries_cover_and_extend_within_their_salt_only():
+    cache = PromptCache(4)
+    cache.insert(0, cache_key([1, 2], A))
+    assert cache.insert(1, cache_key([1, 2, 3], B)) == []  # B's entry does not replace A's
+    assert cache.insert(2, cache_key([1, 2, 3], A)) == [0]  # A's longer entry does
+    assert cache.insert(3, cache_key([1], A)) == [3]  # covered by A's entry
+    assert cache.insert(4, cache_key([1])) == []  # an unsalted one is not
+    assert cache.insert(5, cache_key([], A)) == [5]  # a salt with no token holds no position
+
+
+@given(st.lists(st.integers(0, 2**31), max_size=8), st.sampled_from([None, A, B]))
+def test_split_key_inverts_cache_key(tokens, salt):
+    key = cache_key(tokens, salt)
+    assert split_key(key) == (salt, tuple(tokens)) and positions(key) == len(tokens)

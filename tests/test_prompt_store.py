@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from shardllama.backend import LocalBackend
+from shardllama.server.prompt_cache import salt_id
 from shardllama.server.prompt_store import PromptStore, model_identity
 from shardllama.server.scheduler import Scheduler
 from tests.test_scheduler import ARGS, WEIGHTS, job, reference
@@ -30,16 +31,17 @@ def store(directory, model_file, dtype=torch.float32, max_seq_len=32) -> PromptS
     return PromptStore(directory, model_identity(model_file, ARGS), ARGS, dtype, max_seq_len)
 
 
-def run(directory, model_file, prompts, n=4, cache_size=4, **kw) -> tuple[list, dict]:
-    """A scheduler on a fresh backend with a store on ``directory``: each prompt in turn, then closed (which
-    waits for the writes).  Returns each job's (tokens, stats) and the scheduler's counters."""
+def run(directory, model_file, prompts, n=4, cache_size=4, salt=None, **kw) -> tuple[list, dict]:
+    """A scheduler on a fresh backend with a store on ``directory``: each prompt in turn (with cache_salt
+    ``salt``), then closed (which waits for the writes).  Returns each job's (tokens, stats) and the
+    scheduler's counters."""
     backend = LocalBackend(ARGS, WEIGHTS, max_seq_len=32, n_slots=2 + cache_size)
     s = Scheduler(backend, max_concurrent=2, max_queue=4, cache_size=cache_size,
                   store=store(directory, model_file, **kw))
     try:
         out = []
         for p in prompts:
-            j, c = job(p, n)
+            j, c = job(p, n, cache_salt=salt)
             s.submit(j)
             out.append((c.tokens(), c.stats))
         return out, s.stats()
@@ -64,6 +66,20 @@ def test_entries_survive_a_restart(tmp_path, model_file):
     [(tokens, stats)], _ = run(d, model_file, [follow])
     assert stats.cached_tokens == len(PROMPT) + 3 and tokens == reference(follow, 4)
     assert len(files(d)) == 1  # the longer entry replaced the one it extends
+
+
+def test_salted_entries_survive_a_restart_and_stay_salted(tmp_path, model_file):
+    d = tmp_path / "cache"
+    [(first, stats)], _ = run(d, model_file, [PROMPT], salt="tenant A")
+    [meta] = [_meta(p) for p in d.glob("*.safetensors")]
+    assert meta["version"] == "2" and meta["salt"] == salt_id("tenant A")  # a hash of it, not the salt
+    assert "tenant A" not in json.dumps(meta)
+    [(_, other)], _ = run(d, model_file, [PROMPT], salt="tenant B")
+    [(_, unsalted)], _ = run(d, model_file, [PROMPT])
+    assert other.cached_tokens == unsalted.cached_tokens == 0 and len(files(d)) == 3
+    assert sorted(_meta(p)["version"] for p in d.glob("*.safetensors")) == ["1", "2", "2"]
+    [(again, same)], counters = run(d, model_file, [PROMPT], salt="tenant A")
+    assert counters["cache_loaded"] == 3 and same.cached_tokens == len(PROMPT) - 1 and again == first
 
 
 def test_the_directory_keeps_the_most_recently_used_entries(tmp_path, model_file):

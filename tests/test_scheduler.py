@@ -103,6 +103,22 @@ def test_prompt_cache_reuses_the_longest_prefix(make_scheduler):
     assert s.stats()["cache_hits"] == 2
 
 
+def test_salted_jobs_share_cached_prefixes_only_within_their_salt(make_scheduler):
+    s = make_scheduler()
+
+    def run(salt):
+        j, c = job(PROMPTS[2], 3, cache_salt=salt)
+        s.submit(j)
+        return c.tokens(), c.stats.cached_tokens
+
+    assert run("tenant A") == (reference(PROMPTS[2], 3), 0)
+    assert run("tenant B")[1] == 0  # another client guessing the whole prompt learns nothing from the cache
+    assert run(None)[1] == 0  # nor does one without a salt
+    assert run("tenant A") == (reference(PROMPTS[2], 3), len(PROMPTS[2]) - 1)  # its own: reused
+    assert run(None)[1] == len(PROMPTS[2]) - 1  # requests without a salt share one cache, as before
+    assert s.stats()["cache_entries"] == 3
+
+
 def test_zero_new_tokens_and_end_tokens(make_scheduler):
     s = make_scheduler()
     j, c = job(PROMPTS[0], 0)

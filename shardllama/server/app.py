@@ -3,7 +3,9 @@
 ``create_app`` builds the application; the tokenizer and the scheduler live on its state (``app[STATE]``),
 never in module globals.  Handlers parse and validate (``schemas``), tokenize, hand a job to the scheduler
 and stream its events back as JSONL; every exception type maps to an HTTP status in one table
-(:data:`ERROR_STATUS`), answered as ``{"error": "<one line>"}``.
+(:data:`ERROR_STATUS`), answered as ``{"error": "<one line>"}``.  Every request of both APIs first passes
+the access rules (:mod:`.access`: Host header, API key), and every body is read by :func:`read_json`
+(declared application/json, arrived within :data:`IDLE_TIMEOUT_S`).
 
 Response lines (``Content-Type: text/jsonl``), one per generated token, written as soon as it exists::
 
@@ -43,17 +45,31 @@ from aiohttp import web
 
 from ..errors import PromptTooLongError, ShardllamaError, UsageError, WorkerError
 from ..tokenizer import Tokenizer
+from .access import Access, HostNotAllowed, Unauthorized, enable_cors, guard_middleware
 from .jobs import Failed, Finished, Job, Token
 from .scheduler import QueueFull, Scheduler, ServerClosing
-from .schemas import RequestError, UnsupportedMediaType, check_content_type, parse_inference_request
+from .schemas import (RequestError, UnsupportedMediaType, check_content_type, parse_json_object,
+                      request_from_dict)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATS_PATH = "/rllama/v1/stats"
 MAX_BODY_BYTES = 1 << 20
+# A connection that has not sent a complete request within this long is closed: idle before its first
+# request or between two (aiohttp's keepalive_timeout), or still sending a body (read_json).
+IDLE_TIMEOUT_S = 30.0
+
+
+class BodyTimeout(RequestError):
+    """The request's body did not arrive within IDLE_TIMEOUT_S (HTTP 408, and the connection is closed)."""
+
+    close_connection = True
 
 # Exception type -> HTTP status, first match wins.  The one place errors become codes.
 ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (Unauthorized, 401),
+    (HostNotAllowed, 403),
+    (BodyTimeout, 408),
     (UnsupportedMediaType, 415),
     (RequestError, 400),
     (PromptTooLongError, 400),
@@ -81,6 +97,8 @@ class ServerState:
     model_name: str = "model"  # what /v1/models and OpenAI responses call it: the model file's stem
     exit_after_one_query: bool = False
     max_body_bytes: int = MAX_BODY_BYTES  # larger bodies are refused (400)
+    access: Access = Access()  # Host names, API key, CORS origins (``access``)
+    idle_timeout: float = IDLE_TIMEOUT_S
     stop: asyncio.Event | None = None  # set to shut the server down (serve() waits on it)
     _vocab_text: list[str] | None = dataclasses.field(default=None, init=False, repr=False)
 
@@ -100,10 +118,12 @@ STATE = web.AppKey("shardllama", ServerState)
 
 
 def create_app(state: ServerState, *, stats_path: str = DEFAULT_STATS_PATH) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=state.max_body_bytes)
+    app = web.Application(middlewares=[_errors, guard_middleware(state.access)],
+                          client_max_size=state.max_body_bytes)
     app[STATE] = state
     app.router.add_post(state.api_path, inference)
     app.router.add_get(stats_path, stats)
+    enable_cors(app, state.access)
     from .openai_api import create_openai_app  # here: it imports this module
 
     app.add_subapp("/v1", create_openai_app(state))
@@ -115,8 +135,7 @@ def create_app(state: ServerState, *, stats_path: str = DEFAULT_STATS_PATH) -> w
 
 async def inference(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    check_content_type(request.content_type)
-    req = parse_inference_request(await request.read())
+    req = request_from_dict(await read_json(request, required="prompt"))
     loop = asyncio.get_running_loop()
     ids = await loop.run_in_executor(None, state.tokenizer.encode, req.prompt)
     max_len = min(req.max_seq_len, state.max_seq_len)
@@ -132,6 +151,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
         stop_ids=state.tokenizer.stop_ids if req.stop_at_end_token else frozenset(),
         full_distribution=req.no_token_sampling,
         generator=torch.Generator().manual_seed(req.seed if req.seed is not None else secrets.randbits(63)),
+        cache_salt=req.cache_salt,
     )
     state.scheduler.submit(job)
     try:
@@ -139,6 +159,20 @@ async def inference(request: web.Request) -> web.StreamResponse:
     finally:
         state.scheduler.cancel(job)  # a no-op unless the client went away
         state.request_done()
+
+
+async def read_json(request: web.Request, *, required: str) -> dict[str, Any]:
+    """The request's body, declared and parsed as a JSON object (``schemas``); ``required`` is the field an
+    empty body is told to send.  Every API's POST handler reads its body here."""
+    declared = request.content_type if "Content-Type" in request.headers else None
+    check_content_type(declared, request.charset)
+    timeout = request.app[STATE].idle_timeout
+    try:
+        async with asyncio.timeout(timeout):  # a body sent a byte at a time must not hold the handler forever
+            body = await request.read()
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g} s") from None
+    return parse_json_object(body, required=required)
 
 
 async def _stream(request: web.Request, state: ServerState, job: Job, queue: asyncio.Queue,
@@ -229,7 +263,7 @@ def _content_type(request: web.Request) -> str:
 # ---- errors --------------------------------------------------------------------------------------------
 
 
-def _message(error: BaseException) -> str:
+def _message(error: BaseException | str) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
@@ -263,13 +297,17 @@ def error_middleware(respond: Respond, not_found_hint: Callable[[ServerState], s
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            return respond(e.status, e.reason, None, None)
+            told = e.text is not None and not e.text.startswith(f"{e.status}: ")  # more than the default text
+            return respond(e.status, _message(e.text) if told else e.reason, None, None)
         except Exception as e:  # (a cancelled handler's CancelledError is no Exception: it goes through)
             status = status_for(e)
             if status >= 500 and not isinstance(e, ShardllamaError):
                 log.exception("request to %s failed", request.path)
                 return respond(status, f"internal error: {_message(e)}", e, None)
-            return respond(status, _message(e), e, None)
+            response = respond(status, _message(e), e, getattr(e, "headers", None))
+            if getattr(e, "close_connection", False):
+                response.force_close()
+            return response
 
     return errors
 

@@ -15,6 +15,7 @@ import torch
 
 from ..engine import Sequence
 from ..sampling import SamplingParams
+from .prompt_cache import Key, cache_key, salt_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Job:
     stop_ids: frozenset[int] = frozenset()  # tokens that end the generation
     full_distribution: bool = False
     generator: torch.Generator | None = None
+    cache_salt: str | None = None  # shares cached prefixes only with jobs of the same salt (``prompt_cache``)
     # State, owned by the scheduler thread:
     seq: Sequence | None = None
     budget: int = 0
@@ -74,6 +76,10 @@ class Job:
     def pending(self) -> int:
         """Tokens the slot lacks."""
         return len(self.seq.tokens) - self.seq.n_cached
+
+    def key(self, tokens: list[int]) -> Key:
+        """The prompt cache's key for ``tokens`` of this job."""
+        return cache_key(tokens, salt_id(self.cache_salt))
 
     def stats(self) -> JobStats:
         return JobStats(len(self.prompt), self.cached_tokens, self.computed_tokens, self.generated)

@@ -18,6 +18,8 @@ Request fields (others are ignored, as servers beside OpenAI's do; ``null`` mean
     seed                integer: reproducible sampling
     stream              bool: server-sent events, ``data: {chunk}`` ... ``data: [DONE]``
     stream_options      {"include_usage": bool}: a last chunk with the usage
+    cache_salt          string (vLLM's name): shares cached prompt prefixes only with requests of the same
+                        salt (``prompt_cache``)
     n, best_of          1 only;  echo  false only;  logprobs, logit_bias, suffix  not supported
 
 Chat renders ``messages`` with the tokenizer's ``chat_template`` (GGUF ``tokenizer.chat_template`` or
@@ -34,7 +36,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import secrets
 import time
 from typing import Any, AsyncIterator, Callable
@@ -42,165 +43,27 @@ from typing import Any, AsyncIterator, Callable
 import torch
 from aiohttp import web
 
-from ..chat_template import render_for
-from ..errors import ShardllamaError
-from ..sampling import SamplingParams
 from ..stops import StopScanner
-from ..tokenizer import Tokenizer
-from .app import STATE, ServerState, _message, error_middleware, status_for
+from .access import enable_cors, guard_middleware
+from .app import STATE, ServerState, _message, error_middleware, read_json, status_for
 from .jobs import Failed, Finished, Job, Token
-from .schemas import RequestError, _kind, check_content_type, parse_json_object
+from .openai_schemas import ParamError, Generation, chat_messages, parse_generation, prompt_ids, render_chat
 
 log = logging.getLogger(__name__)
 
-MAX_STOP_STRINGS = 4
 ROUTES = "GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
-
-
-class ParamError(RequestError):
-    """A bad request field; ``param`` names it in the error body."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 def create_openai_app(state: ServerState) -> web.Application:
     """The /v1 routes as a sub-application (mounted by ``create_app``), with its own error middleware so
     that every /v1 error, 404 and 405 included, has OpenAI's shape."""
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_errors, guard_middleware(state.access)])
     app[STATE] = state
     app.router.add_get("/models", models)
     app.router.add_post("/completions", completions)
     app.router.add_post("/chat/completions", chat_completions)
+    enable_cors(app, state.access)
     return app
-
-
-# ---- requests -------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """What both routes share, validated."""
-
-    params: SamplingParams
-    max_tokens: int | None
-    stop: tuple[str, ...]
-    seed: int | None
-    stream: bool
-    include_usage: bool
-
-
-def _parse_common(data: dict[str, Any], *, default_max_tokens: int | None) -> Generation:
-    def number(name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-        value = data.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ParamError(f'"{name}" must be a finite number, got {_kind(value)}', name)
-        if not (lo < value if lo_open else lo <= value) or value > hi:
-            raise ParamError(f'"{name}" must be in {"(" if lo_open else "["}{lo:g}, {hi:g}], got {value}', name)
-        return float(value)
-
-    def integer(name: str, lo: int, hi: int = 2**64 - 1) -> int | None:
-        value = data.get(name)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamError(f'"{name}" must be an integer, got {_kind(value)}', name)
-        if not lo <= value <= hi:
-            raise ParamError(f'"{name}" must be in [{lo}, {hi}], got {value}', name)
-        return value
-
-    def boolean(name: str) -> bool:
-        value = data.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise ParamError(f'"{name}" must be true or false, got {_kind(value)}', name)
-        return bool(value)
-
-    if data.get("model") is not None and not isinstance(data["model"], str):
-        raise ParamError(f'"model" must be a string, got {_kind(data["model"])}', "model")
-    for name in ("n", "best_of"):
-        if integer(name, 1) not in (None, 1):
-            raise ParamError(f'"{name}" must be 1: one choice per request is supported', name)
-    for name in ("logprobs", "top_logprobs", "logit_bias", "suffix"):
-        if data.get(name) not in (None, False, 0, {}, ""):
-            raise ParamError(f'"{name}" is not supported by this server', name)
-    params = SamplingParams(temperature=number("temperature", 1.0, 0, 2), top_k=integer("top_k", 0, 2**31) or 0,
-                            top_p=number("top_p", 1.0, 0, 1, lo_open=True))
-    max_tokens = integer("max_tokens", 0, 2**31)
-    if max_tokens is None:
-        max_tokens = integer("max_completion_tokens", 0, 2**31)
-    stop = data.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise ParamError(f'"stop" must be a string or a list of strings, got {_kind(stop)}', "stop")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ParamError(f'"stop" has {len(stop)} strings, at most {MAX_STOP_STRINGS} are allowed', "stop")
-    stream = boolean("stream")
-    options = data.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ParamError(f'"stream_options" must be an object, got {_kind(options)}', "stream_options")
-    return Generation(params=params, max_tokens=default_max_tokens if max_tokens is None else max_tokens,
-                      stop=tuple(s for s in stop if s), seed=integer("seed", -(2**63)), stream=stream,
-                      include_usage=stream and bool((options or {}).get("include_usage")))
-
-
-def _prompt_ids(data: dict[str, Any], tokenizer: Tokenizer) -> list[int] | str:
-    """``prompt`` as text to encode, or as the token ids it already is."""
-    prompt = data.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-        bad = [i for i in prompt if not 0 <= i < tokenizer.vocab_size]
-        if bad:
-            raise ParamError(f'"prompt" holds token id {bad[0]}, outside the vocabulary (size '
-                             f'{tokenizer.vocab_size})', "prompt")
-        return list(prompt)
-    if prompt is None:
-        raise ParamError('"prompt" is required (a string)', "prompt")
-    raise ParamError(f'"prompt" must be a string, a list of one string or a token array, got {_kind(prompt)}'
-                     + (f" of {len(prompt)}" if isinstance(prompt, list) and len(prompt) > 1 else ""), "prompt")
-
-
-def _messages(data: dict[str, Any]) -> list[dict[str, str]]:
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ParamError(f'"messages" must be a non-empty list of messages, got {_kind(messages)}', "messages")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ParamError(f'"{where}" must be an object, got {_kind(m)}', where)
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or not role:
-            raise ParamError(f'"{where}.role" must be a string, got {_kind(role)}', f"{where}.role")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ParamError(f'"{where}.content" parts must be {{"type": "text", "text": ...}}: '
-                                 "only text is supported", f"{where}.content")
-            content = "".join(p["text"] for p in content)
-        if content is None and role == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise ParamError(f'"{where}.content" must be a string, got {_kind(content)}', f"{where}.content")
-        out.append({"role": role, "content": content})
-    return out
-
-
-def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
-    """``messages`` through the model's chat template, ending with the assistant's turn opened."""
-    try:
-        return render_for(tokenizer, messages)
-    except ShardllamaError as e:  # no template, or the template refused these messages: the request's fault
-        hint = ": use /v1/completions" if not tokenizer.chat_template else ""
-        raise ParamError(f"{e}{hint}", "messages") from None
 
 
 # ---- generation -----------------------------------------------------------------------------------------
@@ -225,7 +88,8 @@ async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome
     job = Job(prompt=ids, params=gen.params, emit=functools.partial(loop.call_soon_threadsafe, queue.put_nowait),
               max_new_tokens=state.max_seq_len if gen.max_tokens is None else gen.max_tokens,
               max_len=state.max_seq_len, stop_ids=state.tokenizer.stop_ids,
-              generator=torch.Generator().manual_seed(gen.seed if gen.seed is not None else secrets.randbits(63)))
+              generator=torch.Generator().manual_seed(gen.seed if gen.seed is not None else secrets.randbits(63)),
+              cache_salt=gen.cache_salt)
     state.scheduler.submit(job)
     decoder, stops = state.tokenizer.stream(), StopScanner(gen.stop)
     try:
@@ -333,12 +197,11 @@ async def models(request: web.Request) -> web.Response:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    check_content_type(request.content_type)
-    data = parse_json_object(await request.read(), required="prompt")
-    gen = _parse_common(data, default_max_tokens=16)
+    data = await read_json(request, required="prompt")
+    gen = parse_generation(data, default_max_tokens=16)
     if data.get("echo") not in (None, False):
         raise ParamError('"echo" must be false: echoing the prompt is not supported', "echo")
-    ids = await _encode(state, _prompt_ids(data, state.tokenizer), bos=None, param="prompt")
+    ids = await _encode(state, prompt_ids(data, state.tokenizer), bos=None, param="prompt")
     head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
 
@@ -353,10 +216,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    check_content_type(request.content_type)
-    data = parse_json_object(await request.read(), required="messages")
-    gen = _parse_common(data, default_max_tokens=None)
-    text = render_chat(state.tokenizer, _messages(data))
+    data = await read_json(request, required="messages")
+    gen = parse_generation(data, default_max_tokens=None)
+    text = render_chat(state.tokenizer, chat_messages(data))
     bos_text = state.tokenizer.token_text(state.tokenizer.bos_id) if state.tokenizer.bos_id is not None else ""
     # The template writes BOS itself when the model wants one; add it only where it did not (as llama.cpp).
     bos = state.tokenizer.add_bos and not (bos_text and text.startswith(bos_text))
@@ -381,18 +243,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 # ---- errors ---------------------------------------------------------------------------------------------
 
 
-def _body(status: int, message: str, param: str | None) -> dict:
+def _body(status: int, message: str, error: BaseException | None) -> dict:
     kind = "invalid_request_error" if status < 500 else ("server_busy" if status == 503 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": getattr(error, "param", None),
+                      "code": getattr(error, "code", None)}}
 
 
 def _error_body(error: BaseException) -> dict:
     """OpenAI's error shape for ``error`` (also sent as the last event of a stream that failed)."""
-    return _body(status_for(error), _message(error), getattr(error, "param", None))
+    return _body(status_for(error), _message(error), error)
 
 
 def _error(status: int, message: str, error: BaseException | None, headers: dict[str, str] | None) -> web.Response:
-    return web.json_response(_body(status, message, getattr(error, "param", None)), status=status, headers=headers)
+    return web.json_response(_body(status, message, error), status=status, headers=headers)
 
 
 _errors = error_middleware(_error, lambda state: f"the OpenAI API has {ROUTES}")

@@ -10,12 +10,45 @@ that shares only a priming preamble all compute only what is new.  rllama matche
 Entries are kept in least-recently-used order; an entry that is a prefix of another one is redundant (the
 longer one answers every lookup it would) and is dropped, so a conversation that grows turn by turn holds
 one entry, not one per turn.
+
+**Salts** (a request's ``cache_salt``, vLLM's name): without one, every request shares one cache, so a
+request's ``cached_tokens`` tells its client how much of its prompt some earlier request — anyone's — had
+sent.  Requests with a salt share cached prefixes only with requests of the same salt.  An entry's key is
+its tokens, preceded for a salted request by one negative number made of the salt's hash
+(:func:`cache_key`).  Token ids are never negative, so no two keys of different salts (or a salted and an
+unsalted one) share even a first element, and the longest-prefix match never crosses salts; a key's
+positions are its tokens (:func:`positions`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Sequence
+
+Key = tuple[int, ...]
+
+
+def salt_id(salt: str | None) -> str | None:
+    """What the cache keeps of a ``cache_salt``: the first 32 hex digits of its SHA-256 (None: no salt)."""
+    return None if salt is None else hashlib.sha256(salt.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def cache_key(tokens: Sequence[int], salt: str | None = None) -> Key:
+    """The key of ``tokens`` for requests of the salt id ``salt`` (see the module docstring)."""
+    return tuple(tokens) if salt is None else (-1 - int(salt, 16), *tokens)
+
+
+def split_key(key: Key) -> tuple[str | None, Key]:
+    """(salt id or None, tokens) of a key: the inverse of :func:`cache_key`."""
+    if key and key[0] < 0:
+        return f"{-1 - key[0]:032x}", key[1:]
+    return None, key
+
+
+def positions(key: Sequence[int]) -> int:
+    """KV-cache positions a key stands for: its tokens, not its salt."""
+    return len(key) - (1 if key and key[0] < 0 else 0)
 
 
 def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -34,12 +67,12 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 
 class PromptCache:
-    """Up to ``capacity`` (slot -> token sequence) entries, least recently used first."""
+    """Up to ``capacity`` (slot -> key) entries, least recently used first."""
 
     def __init__(self, capacity: int):
         assert capacity >= 0, capacity
         self.capacity = capacity
-        self._entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self._entries: OrderedDict[int, Key] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -51,21 +84,23 @@ class PromptCache:
     def slots(self) -> list[int]:
         return list(self._entries)
 
-    def tokens(self, slot: int) -> tuple[int, ...]:
+    def key(self, slot: int) -> Key:
         return self._entries[slot]
 
     def n_tokens(self) -> int:
         """Positions held by all entries together."""
-        return sum(len(t) for t in self._entries.values())
+        return sum(positions(k) for k in self._entries.values())
 
-    def longest_prefix(self, tokens: Sequence[int], limit: int | None = None) -> tuple[int | None, int]:
-        """The entry sharing the longest prefix with ``tokens`` (at most ``limit`` tokens of it):
-        (its slot, the shared length), or (None, 0).  Ties go to the most recently used entry."""
-        limit = len(tokens) if limit is None else min(limit, len(tokens))
-        tokens = tuple(tokens[:limit])  # entries are tuples: a list never equals one
+    def longest_prefix(self, key: Sequence[int], limit: int | None = None) -> tuple[int | None, int]:
+        """The entry sharing the longest prefix with ``key`` (at most ``limit`` of its positions):
+        (its slot, the shared positions), or (None, 0).  Ties go to the most recently used entry."""
+        n_positions = positions(key)
+        salt = len(key) - n_positions  # a salted key's first element: matched, but no position
+        limit = n_positions if limit is None else min(limit, n_positions)
+        key = tuple(key[: salt + limit])  # entries are tuples: a list never equals one
         best_slot, best = None, 0
         for slot, cached in reversed(self._entries.items()):  # most recent first
-            n = common_prefix(cached, tokens)
+            n = common_prefix(cached, key) - salt
             if n > best:
                 best_slot, best = slot, n
         return best_slot, best
@@ -73,22 +108,22 @@ class PromptCache:
     def touch(self, slot: int) -> None:
         self._entries.move_to_end(slot)
 
-    def insert(self, slot: int, tokens: Sequence[int]) -> list[int]:
-        """Make ``slot`` an entry holding ``tokens``; returns the slots this frees (possibly ``slot`` itself:
-        an empty sequence, one that an entry already covers, or a cache of capacity 0)."""
-        tokens = tuple(tokens)
+    def insert(self, slot: int, key: Sequence[int]) -> list[int]:
+        """Make ``slot`` the entry of ``key``; returns the slots this frees (possibly ``slot`` itself: no
+        positions, a key that an entry already covers, or a cache of capacity 0)."""
+        key = tuple(key)
         assert slot not in self._entries, slot
-        if not tokens or self.capacity == 0:
+        if not positions(key) or self.capacity == 0:
             return [slot]
         freed = []
         for other, cached in list(self._entries.items()):
-            if len(cached) >= len(tokens) and cached[: len(tokens)] == tokens:
+            if len(cached) >= len(key) and cached[: len(key)] == key:
                 self.touch(other)  # it answers everything this one would, and more
                 return [slot]
-            if cached == tokens[: len(cached)]:
+            if cached == key[: len(cached)]:
                 del self._entries[other]
                 freed.append(other)
-        self._entries[slot] = tokens
+        self._entries[slot] = key
         while len(self._entries) > self.capacity:
             freed.append(self._entries.popitem(last=False)[0])
         return freed

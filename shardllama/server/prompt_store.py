@@ -1,12 +1,14 @@
 """The prompt cache on disk (``--prompt-cache-dir``): the KV states of cached prompts survive a restart.
 
-One safetensors file per entry, named by a hash of the model and the token ids:
+One safetensors file per entry, named by a hash of the model, the token ids and the salt:
 
     tensors   k, v         (n_layers, positions, n_kv_heads, head_dim) in the model's dtype: every KV head
                            (``Backend.read_slot``), so a file written with N workers loads with any other N
                            or in-process
     metadata  format       "shardllama-prompt-cache"
-              version      "1"
+              version      "1" for an entry without a salt, "2" for one with a salt: a reader that knows
+                           no salts skips a salted file rather than serve it to every request
+              salt         (version 2 only) the salt's id, ``prompt_cache.salt_id``: a hash, never the salt
               model        hex digest of the model's identity (below)
               model_path   the model file or directory, for people reading the file
               dtype        "f32" | "f16" | "bf16" | "int8": the weights' (int8 weights keep f32 k and v, which
@@ -50,6 +52,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -65,11 +68,12 @@ from ..errors import ShardllamaError, UsageError, one_line
 from ..fingerprint import fingerprint
 from ..model import DTYPES
 from ..quant import activation_dtype
+from .prompt_cache import Key, cache_key, split_key
 
 log = logging.getLogger(__name__)
 
 FORMAT = "shardllama-prompt-cache"
-VERSION = "1"
+VERSIONS = {"1": False, "2": True}  # version -> the entry has a salt
 SUFFIX = ".safetensors"
 MAX_PENDING = 2  # writes queued before save() waits: each holds a copy of an entry's KV state
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -100,6 +104,11 @@ class StoredEntry:
     path: Path
     tokens: tuple[int, ...]
     mtime_ns: int
+    salt: str | None = None  # the salt id
+
+    @property
+    def key(self) -> Key:
+        return cache_key(self.tokens, self.salt)
 
 
 def _crc(k: torch.Tensor, v: torch.Tensor) -> str:
@@ -130,9 +139,9 @@ class PromptStore:
         self.kv_dtype = activation_dtype(dtype)  # what k and v are
         self.max_seq_len = max_seq_len
         self.keep = 0
-        # This model's entries on disk, least recently used first (the writer thread's after open).  Each write
-        # or use also sets the file's mtime, strictly increasing, so the order survives a restart.
-        self._index: OrderedDict[tuple[int, ...], Path] = OrderedDict()
+        # This model's entries on disk by cache key, least recently used first (the writer thread's after open).
+        # Each write or use also sets the file's mtime, strictly increasing, so the order survives a restart.
+        self._index: OrderedDict[Key, Path] = OrderedDict()
         self._last_ns = 0
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardllama-prompt-store")
@@ -154,7 +163,7 @@ class PromptStore:
         for old in entries[keep:]:
             _unlink(old.path)
         entries = entries[:keep]
-        self._index = OrderedDict((e.tokens, e.path) for e in reversed(entries))
+        self._index = OrderedDict((e.key, e.path) for e in reversed(entries))
         self._last_ns = max((e.mtime_ns for e in entries), default=0)
         return entries
 
@@ -174,8 +183,13 @@ class PromptStore:
             raise StoreError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
         if meta.get("format") != FORMAT:
             raise StoreError(f"{path}: not a shardllama prompt-cache file")
-        if meta.get("version") != VERSION:
-            raise StoreError(f"{path}: format version {meta.get('version')!r}, this shardllama reads {VERSION!r}")
+        salted = VERSIONS.get(meta.get("version"))
+        if salted is None:
+            raise StoreError(f"{path}: format version {meta.get('version')!r}, this shardllama reads "
+                             + " or ".join(map(repr, VERSIONS)))
+        salt = meta.get("salt")
+        if salted != (salt is not None) or (salted and not re.fullmatch(r"[0-9a-f]{32}", salt)):
+            raise StoreError(f"{path}: bad salt {salt!r} for format version {meta.get('version')!r}")
         if meta.get("model") != self.identity.key:
             raise StoreError(f"{path}: saved for another model or another version of its files "
                              f"({meta.get('model_path')}; this server runs {self.identity.path})")
@@ -197,7 +211,7 @@ class PromptStore:
         if set(dtypes.values()) != {_SAFETENSORS_DTYPE[self.kv_dtype]}:
             raise StoreError(f"{path}: tensors of dtype {sorted(set(dtypes.values()))}, "
                              f"expected {_SAFETENSORS_DTYPE[self.kv_dtype]}")
-        return StoredEntry(path, tokens, mtime)
+        return StoredEntry(path, tokens, mtime, salt)
 
     def load(self, entry: StoredEntry) -> tuple[torch.Tensor, torch.Tensor]:
         """k and v of an entry that :meth:`open` returned, checked again (header and checksum)."""
@@ -226,22 +240,22 @@ class PromptStore:
 
     # ---- while serving (each queues work for the writer thread) -----------------------------------------
 
-    def save(self, tokens: Sequence[int], k: torch.Tensor, v: torch.Tensor,
+    def save(self, key: Sequence[int], k: torch.Tensor, v: torch.Tensor,
              replaces: Iterable[Sequence[int]] = ()) -> None:
-        """Write an entry (k and v from ``Backend.read_slot``) and delete the files of ``replaces``, entries
-        that it extends."""
+        """Write the entry of cache key ``key`` (k and v from ``Backend.read_slot``) and delete the files of
+        ``replaces``, the keys of entries that it extends."""
         self._pending.acquire()
         try:
-            self._writer.submit(self._write, tuple(tokens), k, v, [tuple(t) for t in replaces])
+            self._writer.submit(self._write, tuple(key), k, v, [tuple(t) for t in replaces])
         except RuntimeError:  # closed
             self._pending.release()
 
-    def touch(self, tokens: Sequence[int]) -> None:
+    def touch(self, key: Sequence[int]) -> None:
         """An entry was used: it becomes the most recently used file."""
-        self._submit(self._touch, tuple(tokens))
+        self._submit(self._touch, tuple(key))
 
     def forget(self, entries: Iterable[Sequence[int]]) -> None:
-        """Delete the files of entries that another one extends."""
+        """Delete the files of entries (keys) that another one extends."""
         entries = [tuple(t) for t in entries]
         if entries:
             self._submit(self._forget, entries)
@@ -257,23 +271,28 @@ class PromptStore:
 
     # ---- the writer thread ------------------------------------------------------------------------------
 
-    def _name(self, tokens: tuple[int, ...]) -> str:
+    def _name(self, key: Key) -> str:
+        salt, tokens = split_key(key)
         digest = hashlib.sha256(self.identity.key.encode())
         digest.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
+        if salt is not None:
+            digest.update(b"salt:" + salt.encode())
         return digest.hexdigest()[:32] + SUFFIX
 
-    def _write(self, tokens: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
-               replaces: list[tuple[int, ...]]) -> None:
+    def _write(self, key: Key, k: torch.Tensor, v: torch.Tensor, replaces: list[Key]) -> None:
         from safetensors.torch import save_file
 
+        salt, tokens = split_key(key)
         try:
-            path = self.dir / self._name(tokens)
+            path = self.dir / self._name(key)
             tmp = self.dir / f".{path.stem}.{os.getpid()}.tmp"
             k, v = k.contiguous(), v.contiguous()
             assert k.dtype == v.dtype == self.kv_dtype, (k.dtype, v.dtype, self.kv_dtype)
-            meta = {"format": FORMAT, "version": VERSION, "model": self.identity.key,
+            meta = {"format": FORMAT, "version": "1" if salt is None else "2", "model": self.identity.key,
                     "model_path": self.identity.path, "dtype": _DTYPE_NAMES[self.dtype],
                     "tokens": json.dumps(list(tokens), separators=(",", ":")), "crc32": _crc(k, v)}
+            if salt is not None:
+                meta["salt"] = salt
             try:
                 # Created 0600 before safetensors (re)opens it: KV states reveal the prompts they came from.
                 os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600))
@@ -282,8 +301,8 @@ class PromptStore:
             except BaseException:
                 _unlink(tmp)
                 raise
-            self._index[tokens] = path
-            self._used(tokens)
+            self._index[key] = path
+            self._used(key)
             self._forget(replaces)
             self._prune()
         except Exception as e:
@@ -291,22 +310,22 @@ class PromptStore:
         finally:
             self._pending.release()
 
-    def _touch(self, tokens: tuple[int, ...]) -> None:
-        if tokens in self._index:
-            self._used(tokens)
+    def _touch(self, key: Key) -> None:
+        if key in self._index:
+            self._used(key)
 
-    def _used(self, tokens: tuple[int, ...]) -> None:
+    def _used(self, key: Key) -> None:
         """The entry becomes the most recently used, in the index and by its file's mtime."""
-        self._index.move_to_end(tokens)
+        self._index.move_to_end(key)
         self._last_ns = max(time.time_ns(), self._last_ns + 1)
         try:
-            os.utime(self._index[tokens], ns=(self._last_ns, self._last_ns))
+            os.utime(self._index[key], ns=(self._last_ns, self._last_ns))
         except OSError:
-            self._index.pop(tokens, None)  # someone removed it
+            self._index.pop(key, None)  # someone removed it
 
-    def _forget(self, entries: list[tuple[int, ...]]) -> None:
-        for tokens in entries:
-            path = self._index.pop(tokens, None)
+    def _forget(self, entries: list[Key]) -> None:
+        for key in entries:
+            path = self._index.pop(key, None)
             if path is not None:
                 _unlink(path)
 

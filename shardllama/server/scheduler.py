@@ -20,9 +20,10 @@ loop:
    ``PAD_SLACK`` positions or an eighth of the pass (:func:`prefill_width`) and longer rows go on next round.
 
 A job's slot is handed to the prompt cache when it ends (finished, stopped, or its client went away):
-its cached positions stay valid for whoever continues them.  With a :class:`~.prompt_store.PromptStore`
-(``--prompt-cache-dir``) each new entry is also written to disk (read from its slot here, written by the
-store's thread), and before serving anything the loop fills free slots with the entries saved there.
+its cached positions stay valid for whoever continues them (with the same ``cache_salt``, if it had one).
+With a :class:`~.prompt_store.PromptStore` (``--prompt-cache-dir``) each new entry is also written to disk
+(read from its slot here, written by the store's thread), and before serving anything the loop fills free
+slots with the entries saved there.
 
 When the backend's ``cache_epoch`` changes (a worker was replaced, every slot's contents are gone) the cache
 is emptied and the running jobs are fed again from position 0 — their tokens are known, so their streams
@@ -43,7 +44,7 @@ from ..engine import Sequence
 from ..errors import ShardllamaError
 from ..sampling import choose
 from .jobs import Event, Failed, Finished, Job, Token
-from .prompt_cache import PromptCache
+from .prompt_cache import Key, PromptCache, positions
 from .prompt_store import PromptStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -235,35 +236,35 @@ class Scheduler:
                 if self._check_epoch():
                     return
                 continue
-            self._add_entry(slot, entry.tokens, save=False)
+            self._add_entry(slot, entry.key, save=False)
             loaded += 1
         self.counters.cache_loaded = loaded
         if loaded:
             log.info("prompt cache: %d entries loaded from %s", loaded, self.store.dir)
 
-    def _add_entry(self, slot: int, tokens: list[int] | tuple[int, ...], save: bool = True) -> None:
-        """Hand ``slot`` (holding ``tokens``) to the prompt cache and mirror the change on disk: a new entry is
-        written (``save``), entries it extends are deleted, an entry that covers it is marked used."""
-        before = {s: self.cache.tokens(s) for s in self.cache.slots} if self.store is not None else {}
-        freed = self.cache.insert(slot, tokens)
+    def _add_entry(self, slot: int, key: Key, save: bool = True) -> None:
+        """Hand ``slot`` (holding the tokens of ``key``) to the prompt cache and mirror the change on disk: a new
+        entry is written (``save``), entries it extends are deleted, an entry that covers it is marked used."""
+        before = {s: self.cache.key(s) for s in self.cache.slots} if self.store is not None else {}
+        freed = self.cache.insert(slot, key)
         self._free.extend(freed)
-        if self.store is None or not tokens:
+        if self.store is None or not positions(key):
             return
         if slot not in self.cache:  # an entry covers it (insert made that one the most recent)
             if self.cache.capacity:
-                self.store.touch(self.cache.tokens(self.cache.slots[-1]))
+                self.store.touch(self.cache.key(self.cache.slots[-1]))
             return
-        tokens = self.cache.tokens(slot)
-        extended = [before[s] for s in freed if tokens[: len(before[s])] == before[s]]
+        key = self.cache.key(slot)
+        extended = [before[s] for s in freed if key[: len(before[s])] == before[s]]
         if not save:
             self.store.forget(extended)
             return
         try:
-            k, v = self.backend.read_slot(slot, len(tokens))
+            k, v = self.backend.read_slot(slot, positions(key))
         except Exception as e:
             log.warning("prompt cache: cannot read slot %d to save it: %s", slot, e)
             return
-        self.store.save(tokens, k, v, replaces=extended)
+        self.store.save(key, k, v, replaces=extended)
         self.counters.cache_saved += 1
 
     def _start(self, job: Job) -> None:
@@ -276,7 +277,7 @@ class Scheduler:
             self._end(job, Finished(job.stats()), slot=None)
             return
         try:
-            slot, reused = self._slot_for(job.prompt)
+            slot, reused = self._slot_for(job.key(job.prompt))
         except Exception as e:
             if not self._check_epoch():  # else the copy found its source lost: start from scratch
                 self._fail(job, e, slot=None)
@@ -288,10 +289,10 @@ class Scheduler:
         self.counters.cached_tokens += reused
         self.counters.cache_hits += reused > 0
 
-    def _slot_for(self, tokens: list[int]) -> tuple[int, int]:
-        """A slot for a new sequence and how many of its tokens it already holds.  At least the last token is
-        always fed: its logits are the first prediction."""
-        src, n = self.cache.longest_prefix(tokens, limit=len(tokens) - 1)
+    def _slot_for(self, key: Key) -> tuple[int, int]:
+        """A slot for a new sequence (of cache key ``key``) and how many of its tokens it already holds.  At
+        least the last token is always fed: its logits are the first prediction."""
+        src, n = self.cache.longest_prefix(key, limit=positions(key) - 1)
         if src is None:
             return self._take_slot(), 0
         if not self._free and len(self.cache) == 1:  # the entry's slot is the only one left: take it over
@@ -305,7 +306,7 @@ class Scheduler:
             raise
         self.cache.touch(src)
         if self.store is not None:
-            self.store.touch(self.cache.tokens(src))
+            self.store.touch(self.cache.key(src))
         return dst, n
 
     def _take_slot(self, keep: int | None = None) -> int:
@@ -439,7 +440,7 @@ class Scheduler:
         if slot is True and job.seq is not None and job.seq.slot >= 0:
             s = job.seq.slot
             if keep:
-                self._add_entry(s, job.seq.tokens[: job.seq.n_cached])
+                self._add_entry(s, job.key(job.seq.tokens[: job.seq.n_cached]))
             else:
                 self._free.append(s)
             job.seq.slot = -1

@@ -12,6 +12,9 @@ rllama's API (``POST /rllama/v1/inference``) takes one JSON object::
     max_new_tokens      integer >= 0, default 1024
     no_token_sampling   bool, default false
     seed                integer in [0, 2**64), optional (ours): reproducible sampling
+    cache_salt          string of 1 to 256 characters, optional (vLLM's name): shares cached prompt prefixes
+                        (and ``cached_tokens``) only with requests of the same salt; without one, with every
+                        request that has none (``prompt_cache``)
 
 ``null`` means the default (rllama's fields were ``Option``s); unknown fields are ignored, as rllama's
 serde did.  Every mistake raises :class:`RequestError` with a one-line message naming the field.
@@ -22,19 +25,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from typing import Any
 
 from ..errors import ShardllamaError
 from ..sampling import SamplingParams
 
-CONTENT_TYPES = ("application/json", "text/jsonl", "application/jsonl", "application/x-ndjson")
-# Labels that say nothing about the body, taken as JSON as rllama did (it never looked): none at all
-# (aiohttp reports application/octet-stream), text/plain, and what `curl -d` sends.
-UNLABELLED = ("application/octet-stream", "text/plain", "application/x-www-form-urlencoded")
+JSON_TYPE = "application/json"
+MAX_CACHE_SALT = 256  # characters
 
 
 class RequestError(ShardllamaError):
-    """A request the server cannot act on: bad JSON, a missing or ill-typed field, a value out of range."""
+    """A request the server cannot act on: bad JSON, a missing or ill-typed field, a value out of range.
+    ``param`` names the field at fault, where there is one (OpenAI's error body carries it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UnsupportedMediaType(RequestError):
@@ -53,21 +60,22 @@ class InferenceRequest:
     max_new_tokens: int = 1024
     no_token_sampling: bool = False
     seed: int | None = None
+    cache_salt: str | None = None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               repetition_penalty=self.repetition_penalty)
 
 
-def check_content_type(content_type: str) -> None:
-    """JSON in any of its usual names, or a body labelled as nothing in particular; else 415."""
-    if content_type and content_type not in CONTENT_TYPES and content_type not in UNLABELLED:
-        raise UnsupportedMediaType(f"Content-Type must be application/json or text/jsonl, got {content_type}")
-
-
-def parse_inference_request(body: bytes) -> InferenceRequest:
-    """The request in ``body`` (UTF-8 JSON), validated; RequestError naming what is wrong."""
-    return request_from_dict(parse_json_object(body, required="prompt"))
+def check_content_type(content_type: str | None, charset: str | None) -> None:
+    """A body must be declared ``application/json`` (UTF-8, if a charset is named), as rllama's example client
+    and every JSON client send it; anything else is UnsupportedMediaType (415).  Taking text/plain or a form
+    as JSON would let any web page POST to the server: those "simple" types need no CORS preflight."""
+    if content_type != JSON_TYPE:
+        raise UnsupportedMediaType(f"Content-Type must be {JSON_TYPE}, got {content_type or 'none'}: send the JSON "
+                                   f"body with the header 'Content-Type: {JSON_TYPE}'")
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(f"the body must be UTF-8 JSON, Content-Type says charset={charset}")
 
 
 def parse_json_object(body: bytes, *, required: str) -> dict[str, Any]:
@@ -85,9 +93,56 @@ def parse_json_object(body: bytes, *, required: str) -> dict[str, Any]:
         raise RequestError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise RequestError("invalid JSON: nested too deeply") from None
+    except ValueError:  # not a JSONDecodeError: Python's limit on the digits of an integer it converts
+        raise RequestError(f"invalid JSON: an integer of more than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(data, dict):
         raise RequestError(f"the request body must be a JSON object, got {_kind(data)}")
+    _check_unicode(data)
     return data
+
+
+def _check_unicode(data: dict[str, Any]) -> None:
+    """RequestError naming a string (or key) that is not valid Unicode: JSON's escape "\\ud800" decodes to
+    a lone surrogate, which UTF-8 and every tokenizer refuse.  Iterative: the body may be nested as deeply
+    as json.loads allows."""
+    stack: list[tuple[str | None, Any]] = [(None, data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if (at := _lone_surrogate(key)) is not None:
+                    inside = f'"{where}"' if where else "the body"
+                    raise RequestError(f"a key in {inside} is not valid Unicode (a lone surrogate at character {at})",
+                                       where)
+                stack.append((key if where is None else f"{where}.{key}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and (at := _lone_surrogate(value)) is not None:
+            raise RequestError(f'"{where}" is not valid Unicode (a lone surrogate at character {at})', where)
+
+
+def _lone_surrogate(text: str) -> int | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def finite(value: int | float) -> bool:
+    """A JSON number that a float holds: False for NaN, infinities and integers beyond float's range
+    (math.isfinite raises OverflowError on those)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def show(value: Any) -> str:
+    """A number for an error message: a huge integer by its digit count, so the message stays one line."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return str(value)
 
 
 def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
@@ -96,10 +151,6 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
     prompt = data["prompt"]
     if not isinstance(prompt, str):
         raise RequestError(f'"prompt" must be a string, got {_kind(prompt)}')
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise RequestError(f'"prompt" is not valid Unicode (lone surrogate at character {e.start})') from None
     fields: dict[str, Any] = {"prompt": prompt}
 
     def number(name: str) -> float | None:
@@ -108,10 +159,9 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(f'"{name}" must be a number, got {_kind(value)}')
-        value = float(value)  # a huge JSON integer becomes inf: caught just below
-        if not math.isfinite(value):
-            raise RequestError(f'"{name}" must be a finite number, got {value}')
-        fields[name] = value
+        if not finite(value):
+            raise RequestError(f'"{name}" must be a finite number, got {show(value)}')
+        fields[name] = value = float(value)
         return value
 
     def integer(name: str, minimum: int) -> int | None:
@@ -121,7 +171,7 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RequestError(f'"{name}" must be an integer, got {_kind(value)}')
         if value < minimum:
-            raise RequestError(f'"{name}" must be >= {minimum}, got {value}')
+            raise RequestError(f'"{name}" must be >= {minimum}, got {show(value)}')
         fields[name] = value
         return value
 
@@ -149,8 +199,22 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
     boolean("no_token_sampling")
     seed = integer("seed", 0)
     if seed is not None and seed >= 2**64:
-        raise RequestError(f'"seed" must be < 2**64, got {seed}')
-    return InferenceRequest(**fields)
+        raise RequestError(f'"seed" must be < 2**64, got {show(seed)}')
+    return InferenceRequest(**fields, cache_salt=cache_salt(data))
+
+
+def cache_salt(data: dict[str, Any]) -> str | None:
+    """The request's ``cache_salt`` (both APIs): a string of 1 to MAX_CACHE_SALT characters, or None."""
+    salt = data.get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        got = "an empty one" if salt == "" else _kind(salt)
+        raise RequestError(f'"cache_salt" must be a non-empty string, got {got}', "cache_salt")
+    if len(salt) > MAX_CACHE_SALT:
+        raise RequestError(f'"cache_salt" is {len(salt)} characters long, at most {MAX_CACHE_SALT} are allowed',
+                           "cache_salt")
+    return salt
 
 
 def _kind(value: Any) -> str:
