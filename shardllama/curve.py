@@ -150,10 +150,13 @@ class _Denials(logging.LoggerAdapter):
     """zmq.auth reports a refused key at debug level; a worker turned away deserves a warning."""
 
     def debug(self, msg, *args, **kwargs):
-        if isinstance(msg, str) and msg.startswith("DENIED"):
-            key = args[-1] if args else b"?"
-            self.logger.warning("refused a connection: its CurveZMQ key %s is not in %s",
-                                key.decode(errors="replace") if isinstance(key, bytes) else key, AUTHORIZED)
+        try:
+            text = msg % args if args else str(msg)
+        except (TypeError, ValueError):
+            text = str(msg)
+        if text.startswith("DENIED (CURVE)"):  # "DENIED (CURVE) domain=* client_key=b'...'"
+            key = args[-1].decode(errors="replace") if args and isinstance(args[-1], bytes) else text
+            self.logger.warning("refused a connection: its CurveZMQ key %s is not in %s", key, AUTHORIZED)
         else:
             self.logger.debug(msg, *args, **kwargs)
 
@@ -180,6 +183,6 @@ def _check(path: Path, *, others_may_read: bool) -> None:
         raise KeyFileError(f"{path}: owned by uid {st.st_uid}, not by this user (uid {me}); refusing it")
     mode = stat.S_IMODE(st.st_mode)
     if mode & (0o022 if others_may_read else 0o077):
-        what = "changed" if mode & 0o022 else "read"
+        what = "change" if mode & 0o022 else "read"
         fix = "go-w" if others_may_read else "go-rwx"
         raise KeyFileError(f"{path}: others can {what} it (mode {mode:o}); refusing it (chmod {fix} {path})")
