@@ -497,11 +497,12 @@ class Coordinator(SlotTransfer):
             raise self._fail(w.rank, f"cannot be reached ({e})") from None
 
     def _reachable(self, w: _Worker) -> bool:
+        """False when ZeroMQ no longer has a connection to ``w`` (a full queue only means it is slow)."""
         try:
             self.router.send(w.ident, P.control(P.PING), block=False)
-            return True
-        except zmq.ZMQError:
-            return False
+        except zmq.ZMQError as e:
+            return e.errno != zmq.EHOSTUNREACH
+        return True
 
     def _gather(self, kind: int, layer: int = 0, phase: int = 0, whole: bool = False,
                 check: Callable[[int, P.Header, memoryview], None] | None = None) -> list[tuple[int, P.Header, memoryview]]:

@@ -75,10 +75,10 @@ ERROR = 6  # worker -> coordinator: {"message"}; the worker carries on
 COPY_SLOT = 7  # coordinator -> worker: {"src", "dst", "length"}
 ACK = 8  # worker -> coordinator: a control request is done
 STOP = 9  # coordinator -> worker: exit now
-PING = 10  # coordinator -> remote worker while waiting on it: fails at once if its connection is gone
-READ_SLOT = 11  # coordinator -> worker: send the first T positions of cache slot ``layer`` (see above)
-SLOT_DATA = 12  # worker -> coordinator: those positions, keys and values of its KV heads
-WRITE_SLOT = 13  # coordinator -> worker: fill the first T positions of slot ``layer``; answered by ACK
+PING = 10  # coordinator -> remote worker, before a request and while waiting: refused at once if it is gone
+READ_SLOT = 11  # coordinator -> worker: send a chunk (positions x layers) of cache slot ``layer`` (see above)
+SLOT_DATA = 12  # worker -> coordinator: that chunk, keys and values of its KV heads
+WRITE_SLOT = 13  # coordinator -> worker: fill a chunk of slot ``layer``; answered by ACK
 KIND_NAMES = {HELLO: "HELLO", CONFIG: "CONFIG", READY: "READY", COMPUTE: "COMPUTE", RESULT: "RESULT", ERROR: "ERROR",
               COPY_SLOT: "COPY_SLOT", ACK: "ACK", STOP: "STOP", PING: "PING", READ_SLOT: "READ_SLOT",
               SLOT_DATA: "SLOT_DATA", WRITE_SLOT: "WRITE_SLOT"}

@@ -34,10 +34,12 @@ class SlotTransfer:
             for w in self._workers:
                 self._send(w, request)
 
-            def check(rank: int, h: P.Header, frame) -> None:
-                if h.B != len(self.specs[rank].kv_heads) or P.read_slot_range(frame, h, a.n_layers, self.max_seq_len) != (layers, positions):
-                    raise P.BadFrame(f"SLOT_DATA of {h.B} heads for another chunk")
-                P.read_slot_payload(frame, h, layers, a.head_dim, self.dtype)
+            def check(rank: int, h: P.Header, frame, chunk=(layers, positions)) -> None:
+                if h.B != len(self.specs[rank].kv_heads):
+                    raise P.BadFrame(f"SLOT_DATA of {h.B} KV heads from a worker holding {len(self.specs[rank].kv_heads)}")
+                if P.read_slot_range(frame, h, a.n_layers, self.max_seq_len) != chunk:
+                    raise P.BadFrame("SLOT_DATA of another chunk than the one asked for")
+                P.read_slot_payload(frame, h, chunk[0], a.head_dim, self.dtype)
 
             covered = 0  # heads [0, covered) are filled
             for rank, h, frame in sorted(self._gather(P.SLOT_DATA, slot, P.SLOT_IO, check=check), key=lambda x: x[0]):
