@@ -412,7 +412,11 @@ class Coordinator(SlotTransfer):
                     self._hello(ident, body, unassigned)
                 elif rank in ranks and rank not in ready and header.kind in (P.READY, P.ERROR):
                     if header.kind == P.ERROR:
-                        raise self._fail(rank, f"could not build its shard: {body['message'][:500]}")
+                        why = f"could not build its shard: {body['message'][:500]}"
+                        if self.local:
+                            raise self._fail(rank, why)
+                        self._give_back(rank, unassigned, why)  # else any peer could end the wait with an ERROR
+                        continue
                     ready.add(rank)
                     self._broken.pop(rank, None)
                     log.info("%s ready: %.1f MB", self._workers[rank].name(), body["nbytes"] / 1e6)
@@ -422,11 +426,15 @@ class Coordinator(SlotTransfer):
                 if rank is None:  # a stranger's bad HELLO: it does not become a worker
                     self._turn_away(ident, str(e))
                     continue
-                err = self._drop(rank, f"sent a malformed message ({e})")
                 if self.local:
-                    raise err from None
-                unassigned.append(rank)  # a remote rank goes to the next worker that connects
-                self._workers[rank] = _Worker(rank)
+                    raise self._drop(rank, f"sent a malformed message ({e})") from None
+                self._give_back(rank, unassigned, f"sent a malformed message ({e})")
+
+    def _give_back(self, rank: int, unassigned: list[int], why: str) -> None:
+        """Drop a remote worker that failed its admission; its rank goes to the next worker that connects."""
+        self._drop(rank, why)
+        unassigned.append(rank)
+        self._workers[rank] = _Worker(rank)
 
     def _hello(self, ident: bytes, hello: dict, unassigned: list[int]) -> None:
         rank = hello["rank"]
@@ -577,7 +585,8 @@ class Coordinator(SlotTransfer):
                 ranks = sorted(waiting, key=deadline.laggard_key)
                 if starting:
                     raise WorkerError(f"workers {ranks} did not start within {self.connect_timeout:.0f} s"
-                                      + ("" if self.local else f" (nothing connected to {self.endpoint})"))
+                                      + ("" if self.local else f" (none connected to {self.endpoint} and built "
+                                                               "its shard)"))
                 raise self._fail(ranks[0], f"did not answer within {self.timeout:.0f} s")
 
     def _drop(self, rank: int, why: str) -> WorkerError:

@@ -140,9 +140,9 @@ def recv(sock: zmq.Socket, timeout: float) -> bytes | None:
     return sock.recv() if sock.poll(int(timeout * 1000)) else None
 
 
-def rogue_worker(ctx: zmq.Context, endpoint: str, ready_body: bytes, answer: bytes | None, seen: list) -> None:
-    """Connect, say HELLO, answer CONFIG with ``ready_body`` and the first COMPUTE with ``answer``; record
-    the kinds received until STOP."""
+def rogue_worker(ctx: zmq.Context, endpoint: str, reply: bytes, answer: bytes | None, seen: list) -> None:
+    """Connect, say HELLO, answer CONFIG with the frame ``reply`` and COMPUTE with a RESULT of ``answer``;
+    record the kinds received until STOP."""
     s = dealer(ctx, endpoint)
     try:
         s.send(frame(P.HELLO, json.dumps(HELLO).encode()))
@@ -150,7 +150,7 @@ def rogue_worker(ctx: zmq.Context, endpoint: str, ready_body: bytes, answer: byt
             kind = P.Header.unpack(msg).kind
             seen.append(kind)
             if kind == P.CONFIG:
-                s.send(frame(P.READY, ready_body))
+                s.send(reply)
             elif kind == P.COMPUTE and answer is not None:
                 h = P.Header.unpack(msg)
                 s.send(frame(P.RESULT, answer, phase=h.phase, dtype=h.dtype, step=h.step, layer=h.layer, B=h.B, T=h.T))
@@ -177,9 +177,13 @@ def test_rogue_peers_on_an_insecure_port_cost_nothing(model, env):
         rogue.send_multipart([frame(P.HELLO, json.dumps(HELLO).encode()), b"second frame"])
         assert P.Header.unpack(recv(rogue, 60)).kind == P.STOP  # a malformed HELLO is turned away
         rogue.send(b"\x00" * (100 << 20))  # 100 MB: ZeroMQ drops the connection before storing it
+        seen: list = []  # a peer that says HELLO, then that it failed, gives its rank back: it cannot end the wait
+        rogue_worker(ctx, endpoint, frame(P.ERROR, b'{"message": "boom"}'), None, seen)
+        assert seen == [P.CONFIG, P.STOP]
         workers += [start_worker(model, endpoint, env, "--insecure") for _ in range(2)]
         address = url(server)
         assert "--insecure: " in server.log and "ignoring a peer at 127.0.0.1 that is not a worker" in server.log, server.log
+        assert "dropping worker 0 (pid 4242 on rogue): could not build its shard: boom" in server.log, server.log
         want = text(generate(address))
 
         # Idle and serving alike, a flood of garbage costs at most RCVHWM frames of memory.
@@ -205,7 +209,8 @@ def test_rogue_peers_on_an_insecure_port_cost_nothing(model, env):
         victim.kill()
         victim.wait()
         seen_ready: list = []
-        r2 = threading.Thread(target=rogue_worker, args=(ctx, endpoint, b'{"nbytes": "lots"}', None, seen_ready))
+        r2 = threading.Thread(target=rogue_worker, args=(ctx, endpoint, frame(P.READY, b'{"nbytes": "lots"}'), None,
+                                                      seen_ready))
         r2.start()
         time.sleep(1)
         answer: dict = {}
@@ -214,7 +219,7 @@ def test_rogue_peers_on_an_insecure_port_cost_nothing(model, env):
         r2.join(150)
         assert seen_ready == [P.CONFIG, P.STOP]
         seen_result: list = []
-        rogue_worker(ctx, endpoint, b'{"nbytes": 1}', b"\x00" * 3, seen_result)
+        rogue_worker(ctx, endpoint, frame(P.READY, b'{"nbytes": 1}'), b"\x00" * 3, seen_result)
         assert seen_result[0] == P.CONFIG and P.COMPUTE in seen_result and seen_result[-1] == P.STOP
         request.join(180)
         assert answer["r"].status_code == 503, answer["r"].text  # one line naming it; no 500, no traceback
