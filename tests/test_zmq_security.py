@@ -256,8 +256,8 @@ def test_curve_lets_in_only_authorized_workers_that_pin_the_coordinator(model, e
         keyed = dealer(ctx, endpoint, curve_publickey=theirs[0], curve_secretkey=theirs[1], curve_serverkey=mine[0])
         for s in (plain, keyed):
             s.send(frame(P.HELLO, json.dumps(HELLO).encode()))
-        refused = start_worker(model, endpoint, env, "--keys-dir", str(stranger), "--server-key", mine[0].decode())
-        wrong_server = start_worker(model, endpoint, env, "--server-key", theirs[0].decode())
+        refused = start_worker(model, endpoint, env, "--keys-dir", str(stranger), f"--server-key={mine[0].decode()}")
+        wrong_server = start_worker(model, endpoint, env, f"--server-key={theirs[0].decode()}")  # (a key may start with '-')
         assert refused.proc.wait(120) == 1 and "refused this worker's CurveZMQ key" in refused.log, refused.log
         assert wrong_server.proc.wait(120) == 1 and "handshake" in wrong_server.log, wrong_server.log
         workers += [start_worker(model, endpoint, env) for _ in range(2)]

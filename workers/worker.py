@@ -343,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys-dir", type=Path, default=curve.default_dir(os.environ),
                         help="this worker's CurveZMQ keypair (`shardllama keys`; default %(default)s)")
     parser.add_argument("--server-key", metavar="KEY|FILE",
-                        help="the coordinator's public key, or its shardllama.key file (default: this worker's own "
-                             "public key, for a coordinator sharing the keypair)")
+                        help="the coordinator's public key (--server-key=KEY: a key may start with '-'), or its "
+                             "shardllama.key file (default: this worker's own public key, for a coordinator sharing "
+                             "the keypair)")
     parser.add_argument("--insecure", action="store_true",
                         help="tcp without CurveZMQ, for a coordinator started with --insecure on a trusted network")
     parser.add_argument("--log-level", default="WARNING")
