@@ -19,7 +19,7 @@ from .server import add_server_args
 
 log = logging.getLogger("shardllama")
 
-SUBCOMMANDS = ("generate", "chat", "serve", "worker", "shards")
+SUBCOMMANDS = ("generate", "chat", "serve", "worker", "shards", "keys")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +77,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "starting local ones")
     w.add_argument("--worker-timeout", type=float, default=60.0,
                    help="seconds a worker may take for one step before the run fails naming it (default 60)")
+    add_keys_dir_arg(w)
+    w.add_argument("--insecure", action="store_true",
+                   help="--listen without CurveZMQ: any peer that reaches the port may join as a worker and the "
+                        "activations travel unencrypted (only on a network you trust)")
+
+
+def add_keys_dir_arg(p) -> None:
+    from .curve import default_dir
+
+    p.add_argument("--keys-dir", type=Path, default=default_dir(os.environ),
+                   help="CurveZMQ keypair and authorized_workers/ for --listen (default %(default)s)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -136,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("action", choices=("list", "clean"))
     shards.add_argument("--key", help="clean only this set (default: every kept set of yours; other users' sets "
                                       "are never removed)")
+
+    keys = sub.add_parser("keys", help="make this user's CurveZMQ keypair for --listen and remote workers (once), "
+                          "print its public key")
+    add_keys_dir_arg(keys)
+    keys.add_argument("--authorize", type=Path, metavar="FILE",
+                      help="also accept the worker whose public key file (its shardllama.key) this is")
     return parser
 
 
@@ -259,7 +276,8 @@ def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, pro
 
         threads_per_worker = max(1, args.max_threads // (args.workers or default_workers()))
     return start(prepared, n_slots=n_slots, workers=args.workers, keep_shards=args.keep_shards, listen=args.listen,
-                 worker_timeout=args.worker_timeout, threads_per_worker=threads_per_worker, progress=progress)
+                 worker_timeout=args.worker_timeout, threads_per_worker=threads_per_worker, progress=progress,
+                 keys_dir=args.keys_dir, insecure=args.insecure)
 
 
 def open_model_from_args(args: argparse.Namespace, *, progress: bool = False):
@@ -307,6 +325,20 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .curve import AUTHORIZED, authorize, make_keys
+
+    public, made = make_keys(args.keys_dir)
+    print(f"{'made' if made else 'found'} the CurveZMQ keypair in {args.keys_dir}; public key:", file=sys.stderr)
+    print(public.decode())
+    if args.authorize is not None:
+        print(f"authorized {authorize(args.keys_dir, args.authorize)}", file=sys.stderr)
+    elif made:
+        print(f"workers with this keypair are accepted; accept another with `shardllama keys --authorize FILE` "
+              f"(its shardllama.key), which lands in {args.keys_dir / AUTHORIZED}", file=sys.stderr)
+    return 0
+
+
 def _print_stats(stats) -> None:
     print(
         f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_s * 1000:.1f} ms ({stats.prefill_tok_s:.1f} tok/s); "
@@ -316,7 +348,8 @@ def _print_stats(stats) -> None:
     )
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "worker": cmd_worker, "shards": cmd_shards}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "worker": cmd_worker, "shards": cmd_shards,
+            "keys": cmd_keys}
 
 
 class _Terminated(BaseException):

@@ -18,11 +18,17 @@ same order and precision as the star), and each returns its logits slice: one ro
 Prefills of more rows than the reduction buffers hold take the star (their round trips are noise there).
 
 Local workers (``endpoint="ipc"``) are started here with ``python -m workers`` and map their shards from
-shared memory (``shm``); remote workers (``endpoint="tcp://HOST:PORT"``) connect by themselves and load
-their own slices.  Every receive has a deadline and checks, in short slices, that local workers are still
-alive: a dead or silent worker raises :class:`WorkerError` naming it; the next forward (or
-``restart_worker``) replaces it, and the KV caches then hold nothing valid (``cache_epoch`` counts that;
-continuing a sequence across the replacement raises instead of computing garbage).
+shared memory (``shm``); remote workers (``endpoint="tcp://HOST:PORT"``, CurveZMQ unless ``insecure``:
+``transport``, ``curve``) connect by themselves and load their own slices.  Every frame a peer sends is
+checked before use (``protocol``); one that does not fit drops its peer, never the coordinator.
+
+Workers fail.  Before each request the coordinator replaces those known to be gone without a round trip
+(a local process that ended, a remote connection ZeroMQ dropped); while it waits on them, every receive
+has a deadline and checks, in short slices, that they are alive (``liveness``): a worker that dies or goes
+silent for ``timeout`` raises :class:`WorkerError` naming it, and the next request replaces it.  The KV
+caches then hold nothing valid (``cache_epoch`` counts that; continuing a sequence across the replacement
+raises instead of computing garbage).  Passes and slot transfers too big for one frame go in pieces
+(``chunked``, ``slot_transfer``).
 
 Latency: a round costs ~150-250 us on top of the compute (ZeroMQ wakes an I/O thread on each side of each
 hop; on a VM every wake of a sleeping CPU is expensive), so when every process has a core of its own, both
@@ -34,11 +40,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import weakref
@@ -49,15 +52,18 @@ import psutil
 import torch
 import zmq
 
-from . import allreduce
+from . import allreduce, chunked
 from . import protocol as P
 from .config import ModelArgs
 from .errors import UsageError, WorkerError
 from .fingerprint import fingerprint
+from .liveness import Deadline, exit_reason, stop
 from .model import DTYPES, last_positions
 from .quant import activation_dtype
 from .sharding import plan
 from .shm import Segment, ShardStore, shard_key
+from .slot_transfer import SlotTransfer
+from .transport import Router
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +109,7 @@ def _dtype(dtype: torch.dtype | str) -> tuple[torch.dtype, str]:
     return dtype, names[dtype]
 
 
-class Coordinator:
+class Coordinator(SlotTransfer):
     """A :class:`~shardllama.backend.Backend` that runs every layer split over ``n_workers`` processes."""
 
     def __init__(
@@ -122,6 +128,8 @@ class Coordinator:
         endpoint: str = "ipc",  # or "tcp://HOST:PORT": wait for N remote workers there
         spin_us: float | None = None,  # busy-wait before sleeping on a receive; None: SPIN_US if cores allow
         whole_pass: bool | None = None,  # workers reduce among themselves; None: wherever they can
+        keys_dir: str | os.PathLike | None = None,  # tcp: CurveZMQ keys and authorized_workers (``curve``)
+        insecure: bool = False,  # tcp without CurveZMQ: any peer may connect, nothing is encrypted
     ):
         self.args = args
         self.weight_dtype, self.dtype_name = _dtype(dtype)
@@ -140,33 +148,32 @@ class Coordinator:
             cores = len(os.sched_getaffinity(0))
             spin_us = SPIN_US if self.local and self.n_workers * threads_per_worker + 1 <= cores else 0.0
         self.spin_s = spin_us * 1e-6
-        if not self.local and not endpoint.startswith("tcp://"):
-            raise UsageError(f"endpoint must be 'ipc' or tcp://HOST:PORT, got {endpoint!r}")
         if keep_shards and model_path is None:
             raise UsageError("keeping shards needs the model's path (it names them)")
         self.cache_epoch = 0  # +1 whenever a worker is replaced: every cached sequence is then invalid
         self._lost_slots: set[int] = set()  # slots whose cache a replaced worker no longer holds
+        self._lost_why = ""  # which worker was replaced, and why
         self.store: ShardStore | None = None
         self.embeddings: torch.Tensor | None = None  # (vocab, dim)
         self._workers = [_Worker(r) for r in range(self.n_workers)]
         self._rank_of: dict[bytes, int] = {}
-        self._broken: set[int] = set()
+        self._broken: dict[int, str] = {}  # rank -> why it failed
         self._step = 0
         self._pass = 0  # whole passes so far: numbers the reductions' tickets (never wraps)
         self._reduce_seg: Segment | None = None  # the workers' reduction segment (local workers)
         self._procs: list[subprocess.Popen] = []  # every process started, for the finalizer
-        self._ipc_dir: str | None = None
-        self._owned: list = []  # what the finalizer releases: ipc directory, shard store
+        self._owned: list = []  # what the finalizer releases: the socket, shard store, reduction segment
         self._closed = False
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self._poller = zmq.Poller()
-        self._poller.register(self.sock, zmq.POLLIN)
         # Also runs at interpreter exit if close() was never called.
-        self._finalizer = weakref.finalize(self, _release, self._procs, self.ctx, self.sock, self._owned)
+        self._finalizer = weakref.finalize(self, _release, self._procs, self._owned)
         try:
+            # The largest frame a worker sends is a batch's logits slice (one row per slot); the rest is cut
+            # to fit MAX_FRAME (``chunked``, ``slot_transfer``).
+            head = P.HEADER_BYTES + n_slots * max(len(s.vocab) for s in self.specs) * self.dtype.itemsize
+            self.router = Router(endpoint, max_frame=max(P.MAX_FRAME, head),
+                                 keys_dir=Path(keys_dir) if keys_dir is not None else None, insecure=insecure)
+            self._owned.append(self.router)
             load = weights.__getitem__ if isinstance(weights, Mapping) else weights
-            self._bind(endpoint)
             if self.local:
                 key = f"anon{uuid.uuid4().hex[:12]}"  # shards of weights that no file names are never reused
                 if model_path is not None:
@@ -213,10 +220,18 @@ class Coordinator:
                              f"({self.max_seq_len} positions)")
         if int(slots.min()) < 0 or int(slots.max()) >= self.n_slots:
             raise ValueError(f"slots {slots.tolist()} outside the cache's {self.n_slots} slots")
-        if self._broken:
-            self.restart_workers()
+        self._ready()
+        width = max(self.args.dim, *(len(s.vocab) for s in self.specs)) if all_logits else self.args.dim
+        rows, positions = chunked.piece_shape(B, T, width, self.dtype.itemsize, min(P.MAX_ROWS, self.n_slots))
+        if rows < B or positions < T:
+            return chunked.forward(self._forward, tokens, start, slots, lengths, all_logits, rows, positions)
+        return self._forward(tokens, start, slots, lengths, all_logits)
+
+    def _forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor,
+                 lengths: torch.Tensor | None, all_logits: bool) -> torch.Tensor:
+        B, T = tokens.shape
         self._check_slots(start, slots)
-        self._step = step = (self._step + 1) & 0xFFFFFFFF
+        step = self._next_step()
         code, dim, n_layers = P.DTYPE_CODES[self.dtype], self.args.dim, self.args.n_layers
         if self.whole_pass and (self.n_workers == 1 or B * T <= WHOLE_PASS_ROWS):
             return self._whole_pass(tokens, start, slots, lengths, all_logits)
@@ -228,14 +243,14 @@ class Coordinator:
         msg, h = P.tensor_message(header(P.ATTN, 0, P.NEW_STEP), (B, T, dim), self.dtype, start, slots)
         torch.index_select(self.embeddings, 0, tokens.reshape(-1), out=h.view(B * T, dim))  # the embedding
         for i in range(n_layers):
-            msg, h = self._reduce(h, self._round(msg, i, P.ATTN), header(P.FFN, i))
-            msg, h = self._reduce(h, self._round(msg, i, P.FFN), header(P.ATTN if i + 1 < n_layers else P.HEAD, i + 1))
+            msg, h = self._reduce(h, self._round(msg, i, P.ATTN, B, T), header(P.FFN, i))
+            msg, h = self._reduce(h, self._round(msg, i, P.FFN, B, T), header(P.ATTN if i + 1 < n_layers else P.HEAD, i + 1))
         if not all_logits:
             last = last_positions(h, lengths)  # (B, dim)
             msg, h = P.tensor_message(header(P.HEAD, n_layers, rows=1), (B, 1, dim), self.dtype)
             h.copy_(last.unsqueeze(1))
-        logits = torch.cat(self._round(msg, n_layers, P.HEAD), dim=-1).float()  # (B, T or 1, vocab)
-        return logits if all_logits else logits.squeeze(1)
+        logits = torch.cat(self._round(msg, n_layers, P.HEAD, B, T if all_logits else 1), dim=-1).float()
+        return logits if all_logits else logits.squeeze(1)  # (B, T, vocab) or (B, vocab)
 
     def _whole_pass(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor,
                     lengths: torch.Tensor | None, all_logits: bool) -> torch.Tensor:
@@ -247,7 +262,7 @@ class Coordinator:
         msg, h = P.tensor_message(header, (B, T, self.args.dim), self.dtype, start, slots, lengths, self._pass)
         torch.index_select(self.embeddings, 0, tokens.reshape(-1), out=h.view(B * T, -1))
         try:
-            parts = self._round(msg, self.args.n_layers, P.WHOLE)
+            parts = self._round(msg, self.args.n_layers, P.WHOLE, B, T if all_logits else 1)
         except BaseException:
             if self._reduce_seg is not None:  # workers waiting on a failed peer must not wait for the timeout
                 allreduce.abort(self._reduce_seg, self._pass)
@@ -258,82 +273,26 @@ class Coordinator:
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Every worker copies the first ``length`` positions of its cache slot ``src`` to ``dst``."""
         self._check_open()
-        if self._broken:
-            self.restart_workers()
+        self._ready()
         if length > 0 and src in self._lost_slots:
             raise WorkerError(f"slot {src} was lost when a worker was replaced; start its sequence again")
         self._lost_slots.discard(dst)
-        self._step = (self._step + 1) & 0xFFFFFFFF
-        body = P.control(P.COPY_SLOT, {"src": int(src), "dst": int(dst), "length": int(length)}, step=self._step)
+        body = P.control(P.COPY_SLOT, {"src": int(src), "dst": int(dst), "length": int(length)}, step=self._next_step())
         for w in self._workers:
             self._send(w, body)
         self._gather(P.ACK)
-
-    def read_slot(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``length`` positions of ``slot``, every KV head: k and v, each (n_layers, length,
-        n_kv_heads, head_dim), assembled from the workers' ``kv_heads`` ranges (a head that two workers
-        hold is taken once, from the lower rank)."""
-        a = self.args
-        self._check_slot_io(slot, length)
-        if length > 0 and slot in self._lost_slots:
-            raise WorkerError(f"slot {slot} was lost when a worker was replaced; start its sequence again")
-        k = torch.empty((a.n_layers, length, a.n_kv_heads, a.head_dim), dtype=self.dtype)
-        v = torch.empty_like(k)
-        if length == 0:
-            return k, v
-        self._step = (self._step + 1) & 0xFFFFFFFF
-        request = P.slot_request(self._step, slot, length)
-        for w in self._workers:
-            self._send(w, request)
-        covered = 0  # heads [0, covered) are filled
-        for rank, h, frame in sorted(self._gather(P.SLOT_DATA, slot, P.SLOT_IO), key=lambda answer: answer[0]):
-            heads = self.specs[rank].kv_heads
-            assert h.B == len(heads) and h.T == length, (h, heads)
-            part_k, part_v = P.read_slot_payload(frame, h, a.n_layers, a.head_dim)  # (n_layers, length, B, hd)
-            first = max(covered, heads.start) - heads.start
-            k[:, :, heads.start + first : heads.stop] = part_k[:, :, first:]
-            v[:, :, heads.start + first : heads.stop] = part_v[:, :, first:]
-            covered = max(covered, heads.stop)
-        assert covered == a.n_kv_heads, (covered, a.n_kv_heads)
-        return k, v
-
-    def write_slot(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Fill the first ``k.shape[1]`` positions of ``slot``: each worker gets its ``kv_heads`` of k and v
-        (each (n_layers, length, n_kv_heads, head_dim), as :meth:`read_slot` gives them)."""
-        a = self.args
-        want = (a.n_layers, k.shape[1] if k.dim() == 4 else -1, a.n_kv_heads, a.head_dim)
-        if tuple(k.shape) != want or tuple(v.shape) != want or k.dtype != self.dtype or v.dtype != self.dtype:
-            raise ValueError(f"KV of shapes {tuple(k.shape)} / {tuple(v.shape)} and dtypes {k.dtype} / {v.dtype} do "
-                             f"not fit a slot of (layers, positions, kv heads, head dim) = "
-                             f"({a.n_layers}, <= {self.max_seq_len}, {a.n_kv_heads}, {a.head_dim}) {self.dtype}")
-        self._check_slot_io(slot, k.shape[1])
-        self._step = (self._step + 1) & 0xFFFFFFFF
-        for w, spec in zip(self._workers, self.specs):
-            heads = slice(spec.kv_heads.start, spec.kv_heads.stop)
-            self._send(w, P.slot_message(P.WRITE_SLOT, self._step, slot, k[:, :, heads], v[:, :, heads]).numpy())
-        self._gather(P.ACK)
-        self._lost_slots.discard(slot)
-
-    def _check_slot_io(self, slot: int, length: int) -> None:
-        self._check_open()
-        if not 0 <= slot < self.n_slots:
-            raise ValueError(f"slot {slot} outside the cache's {self.n_slots} slots")
-        if not 0 <= length <= self.max_seq_len:
-            raise ValueError(f"{length} positions do not fit a slot of {self.max_seq_len}")
-        if self._broken:
-            self.restart_workers()
 
     def _check_slots(self, start: torch.Tensor, slots: torch.Tensor) -> None:
         """After a worker was replaced, a sequence must start again at position 0 before it continues."""
         if self._lost_slots:
             for s, p in zip(slots.tolist(), start.tolist()):
                 if p > 0 and s in self._lost_slots:
-                    raise WorkerError(f"the KV cache of slot {s} was lost when a worker was replaced; "
+                    raise WorkerError(f"the KV cache of slot {s} was lost when {self._lost_why}; "
                                       "start its sequence again from position 0")
             self._lost_slots.difference_update(slots.tolist())
 
     def close(self) -> None:
-        """Stop the workers, close the sockets, remove the ipc files and unlink the shards (unless kept)."""
+        """Stop the workers, close the socket, remove the ipc files and unlink the shards (unless kept)."""
         if self._closed:
             return
         self._closed = True
@@ -341,15 +300,15 @@ class Coordinator:
             for w in self._workers:
                 if w.ident is not None:
                     try:
-                        self.sock.send_multipart([w.ident, P.control(P.STOP)], zmq.NOBLOCK)
+                        self.router.send(w.ident, P.control(P.STOP), block=False)
                     except zmq.ZMQError:
                         pass
                 elif w.proc is not None:
                     w.proc.kill()  # still starting: nothing to say goodbye to
-            _stop(self._procs, STOP_GRACE_S)
+            stop(self._procs, STOP_GRACE_S)
         finally:
             self.embeddings = None  # a view of the shards
-            self._finalizer()  # kills what is left, closes the sockets, removes the rest
+            self._finalizer()  # kills what is left, closes the socket, removes the rest
 
     def __enter__(self) -> "Coordinator":
         return self
@@ -366,7 +325,22 @@ class Coordinator:
     @property
     def endpoint(self) -> str:
         """Where workers connect (with the port filled in when tcp was given port 0)."""
-        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.router.endpoint
+
+    def _ready(self) -> None:
+        """Before a request: replace every worker that failed or is known to be gone -- a local one whose
+        process ended (its state: no round trip), a remote one whose connection ZeroMQ dropped (a PING to it
+        is refused at once; heartbeats drop the connection of a host that went silent)."""
+        for w in self._workers:
+            if w.rank in self._broken:
+                continue
+            if w.proc is not None and w.proc.poll() is not None:
+                self._fail(w.rank, f"died ({exit_reason(w.proc.returncode)})")
+            elif w.proc is None and w.ident is not None and not self._reachable(w):
+                self._fail(w.rank, "lost its connection")
+            if w.rank in self._broken:
+                log.warning("%s %s while idle; replacing it", w.name(), self._broken[w.rank])
+        self.restart_workers()
 
     def restart_workers(self) -> None:
         """Replace every worker that failed; the KV caches hold nothing valid afterwards."""
@@ -382,26 +356,12 @@ class Coordinator:
             w.proc.wait()
         self._rank_of.pop(w.ident, None)
         self._workers[rank] = _Worker(rank)
-        self._broken.add(rank)
+        self._lost_why = f"{w.name()} was replaced ({self._broken.get(rank, 'restarted')})"
+        self._broken.setdefault(rank, "restarted")
         self.cache_epoch += 1
         self._lost_slots = set(range(self.n_slots))
         self._admit([rank])
-        self._broken.discard(rank)
-
-    def _bind(self, endpoint: str) -> None:
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker fails, not drops
-        if not self.local:  # drop the connection of a remote host that vanished without closing it
-            self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-            self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
-        if self.local:
-            self._ipc_dir = tempfile.mkdtemp(prefix="shardllama-")  # 0700: only this user reaches the socket
-            self._owned.append(self._ipc_dir)
-            endpoint = f"ipc://{self._ipc_dir}/workers"
-        try:
-            self.sock.bind(endpoint)
-        except zmq.ZMQError as e:
-            raise UsageError(f"cannot listen on {endpoint}: {e}") from None
+        self._broken.pop(rank, None)
 
     def _spawn(self, rank: int) -> subprocess.Popen:
         env = dict(os.environ)
@@ -434,7 +394,8 @@ class Coordinator:
         }
 
     def _admit(self, ranks: Iterable[int]) -> None:
-        """Start (local) or wait for (remote) the workers of ``ranks`` and hand each its shard."""
+        """Start (local) or wait for (remote) the workers of ``ranks`` and hand each its shard.  A peer
+        becomes a worker only with a well-formed HELLO (and, over tcp, an authorized CurveZMQ key)."""
         ranks = list(ranks)
         for r in ranks:
             w = self._workers[r]
@@ -443,43 +404,80 @@ class Coordinator:
                 w.pid = w.proc.pid
         unassigned = list(ranks)
         ready: set[int] = set()
-        deadline = _Deadline(self.connect_timeout)
+        deadline = Deadline(self.connect_timeout)
         while len(ready) < len(ranks):
             ident, header, buf = self._recv(deadline, ranks, starting=True)
-            if header.kind == P.HELLO:
-                hello = P.read_control(buf)
-                rank = hello.get("rank")
-                if rank is None and not self.local and unassigned:
-                    rank = unassigned[0]  # a remote worker takes the next free rank
-                if rank not in unassigned or (self.local and hello.get("pid") != self._workers[rank].pid):
-                    log.warning("turning away worker pid %s on %s: no rank for it", hello.get("pid"), hello.get("host"))
-                    self.sock.send_multipart([ident, P.control(P.STOP)])
+            rank = self._rank_of.get(ident)
+            try:
+                body = P.read_body(buf, header) if header.kind in (P.HELLO, P.READY, P.ERROR) else None
+                if rank is None and header.kind == P.HELLO:
+                    self._hello(ident, body, unassigned)
+                elif rank in ranks and rank not in ready and header.kind in (P.READY, P.ERROR):
+                    if header.kind == P.ERROR:
+                        why = f"could not build its shard: {body['message'][:500]}"
+                        if self.local:
+                            raise self._fail(rank, why)
+                        self._give_back(rank, unassigned, why)  # else any peer could end the wait with an ERROR
+                        continue
+                    ready.add(rank)
+                    self._broken.pop(rank, None)
+                    log.info("%s ready: %.1f MB", self._workers[rank].name(), body["nbytes"] / 1e6)
+                elif rank in ranks:
+                    raise P.BadFrame(f"{header.name()} while it was being admitted")
+            except P.BadFrame as e:
+                if rank is None:  # a stranger's bad HELLO: it does not become a worker
+                    self._turn_away(ident, str(e))
                     continue
-                unassigned.remove(rank)
-                w = self._workers[rank]
-                w.ident, w.pid, w.host = ident, hello["pid"], hello["host"]
-                self._rank_of[ident] = rank
-                self.sock.send_multipart([ident, P.control(P.CONFIG, self._config(rank))])
-            elif header.kind in (P.READY, P.ERROR) and self._rank_of.get(ident) in ranks:
-                rank = self._rank_of[ident]
-                if header.kind == P.ERROR:
-                    self._broken.add(rank)
-                    raise WorkerError(f"{self._workers[rank].name()} could not build its shard: "
-                                      f"{P.read_control(buf)['message']}")
-                ready.add(rank)
-                log.info("%s ready: %.1f MB", self._workers[rank].name(), P.read_control(buf)["nbytes"] / 1e6)
+                if self.local:
+                    raise self._drop(rank, f"sent a malformed message ({e})") from None
+                self._give_back(rank, unassigned, f"sent a malformed message ({e})")
+
+    def _give_back(self, rank: int, unassigned: list[int], why: str) -> None:
+        """Drop a remote worker that failed its admission; its rank goes to the next worker that connects."""
+        self._drop(rank, why)
+        unassigned.append(rank)
+        self._workers[rank] = _Worker(rank)
+
+    def _hello(self, ident: bytes, hello: dict, unassigned: list[int]) -> None:
+        rank = hello["rank"]
+        if rank is None and not self.local and unassigned:
+            rank = unassigned[0]  # a remote worker takes the next free rank
+        if rank not in unassigned or (self.local and hello["pid"] != self._workers[rank].pid):
+            self._turn_away(ident, f"no rank for worker pid {hello['pid']} on {hello['host'][:100]}")
+            return
+        unassigned.remove(rank)
+        w = self._workers[rank]
+        w.ident, w.pid, w.host = ident, hello["pid"], hello["host"][:100]
+        self._rank_of[ident] = rank
+        self.router.send(ident, P.control(P.CONFIG, self._config(rank)))
+
+    def _turn_away(self, ident: bytes, why: str) -> None:
+        if self.router.first_from(ident):
+            log.warning("turning away a peer: %s", why)
+        try:
+            self.router.send(ident, P.control(P.STOP), block=False)
+        except zmq.ZMQError:
+            pass
 
     # ---- the hot path -----------------------------------------------------------------------------
 
-    def _round(self, msg: torch.Tensor, layer: int, phase: int) -> list[torch.Tensor]:
+    def _round(self, msg: torch.Tensor, layer: int, phase: int, B: int, T: int) -> list[torch.Tensor]:
         """Send one COMPUTE message to every worker; their answers (B, T, width) in rank order."""
         buf = msg.numpy()
         for w in self._workers:
             self._send(w, buf)
+
+        def width(rank: int) -> int:
+            return self.args.dim if phase in (P.ATTN, P.FFN) else len(self.specs[rank].vocab)
+
+        def check(rank: int, h: P.Header, frame) -> None:
+            if h.flags:
+                raise P.BadFrame(f"RESULT with flags {h.flags}")
+            P.check_tensor(frame, h, B, T, width(rank), self.dtype)
+
         out: list[torch.Tensor] = [None] * self.n_workers  # type: ignore[list-item]
-        for rank, h, frame in self._gather(P.RESULT, layer, phase, whole=phase == P.WHOLE):
-            width = self.args.dim if phase in (P.ATTN, P.FFN) else len(self.specs[rank].vocab)
-            out[rank] = P.read_tensor(frame, h, width)
+        for rank, h, frame in self._gather(P.RESULT, layer, phase, whole=phase == P.WHOLE, check=check):
+            out[rank] = P.read_tensor(frame, h, width(rank))
         return out
 
     def _reduce(
@@ -498,78 +496,114 @@ class Coordinator:
             torch.add(h, acc, out=out)  # computed in f32, rounded to h's dtype
         return msg, out
 
+    def _next_step(self) -> int:
+        self._step = (self._step + 1) & 0xFFFFFFFF
+        return self._step
+
     def _send(self, w: _Worker, buf) -> None:
         try:
-            self.sock.send_multipart([w.ident, buf], copy=False)
+            self.router.send(w.ident, buf)
         except zmq.ZMQError as e:
             raise self._fail(w.rank, f"cannot be reached ({e})") from None
 
-    def _gather(self, kind: int, layer: int = 0, phase: int = 0,
-                whole: bool = False) -> list[tuple[int, P.Header, memoryview]]:
+    def _reachable(self, w: _Worker) -> bool:
+        """False when ZeroMQ no longer has a connection to ``w`` (a full queue only means it is slow)."""
+        try:
+            self.router.send(w.ident, P.control(P.PING), block=False)
+        except zmq.ZMQError as e:
+            return e.errno != zmq.EHOSTUNREACH
+        return True
+
+    def _gather(self, kind: int, layer: int = 0, phase: int = 0, whole: bool = False,
+                check: Callable[[int, P.Header, memoryview], None] | None = None) -> list[tuple[int, P.Header, memoryview]]:
         """One answer of ``kind`` to the current step from every worker, as (rank, header, frame buffer).
-        Answers to an abandoned step are dropped; a worker's ERROR raises.
+        Answers to an abandoned step are dropped; a worker's ERROR raises; an answer that is not what was
+        asked for (``check`` raises BadFrame) drops its worker.
 
         The timeout is per layer: in a whole pass the deadline moves on while the workers publish
         reductions (without a reduction segment, a remote single worker gets a pass's worth of layers)."""
         pending = set(range(self.n_workers))
         answers = []
         if not whole:
-            deadline = _Deadline(self.timeout)
+            deadline = Deadline(self.timeout)
         elif self._reduce_seg is not None:
             flags = self._reduce_seg.tensor("flags")[:, 0]
-            deadline = _Deadline(self.timeout, progress=lambda: flags.tolist())
+            deadline = Deadline(self.timeout, progress=lambda: flags.tolist())
         else:
-            deadline = _Deadline(self.timeout * (2 * self.args.n_layers + 1))
+            deadline = Deadline(self.timeout * (2 * self.args.n_layers + 1))
         while pending:
             ident, h, buf = self._recv(deadline, pending)
             rank = self._rank_of.get(ident)
             if rank not in pending or h.step != self._step:
                 continue  # a late answer to a pass given up on
-            if h.kind == P.ERROR:
-                raise WorkerError(f"{self._workers[rank].name()} failed in layer {h.layer} "
-                                  f"({P.PHASE_NAMES.get(h.phase, h.phase)}): {P.read_control(buf)['message']}")
-            assert h.kind == kind and h.layer == layer and h.phase == phase, (h, kind, layer, phase)
+            try:
+                if h.kind == P.ERROR:
+                    raise WorkerError(f"{self._workers[rank].name()} failed in layer {h.layer} "
+                                      f"({P.PHASE_NAMES.get(h.phase, h.phase)}): {P.read_body(buf, h)['message'][:500]}")
+                if (h.kind, h.layer, h.phase) != (kind, layer, phase):
+                    raise P.BadFrame(f"{h.name()} for layer {h.layer}, phase {h.phase} instead of "
+                                     f"{P.KIND_NAMES[kind]} for layer {layer}, phase {phase}")
+                if check is not None:
+                    check(rank, h, buf)
+            except P.BadFrame as e:
+                raise self._drop(rank, f"sent a malformed answer ({e})") from None
             pending.discard(rank)
             answers.append((rank, h, buf))
         return answers
 
     def _recv(
-        self, deadline: "_Deadline", waiting: Iterable[int], starting: bool = False
+        self, deadline: Deadline, waiting: Iterable[int], starting: bool = False
     ) -> tuple[bytes, P.Header, memoryview]:
-        """The next message (routing id, header, frame buffer), polling in slices; WorkerError when a worker
-        we wait on dies or the deadline passes."""
-        if self.spin_s and _spin(self.sock, self.spin_s):
-            frames = self.sock.recv_multipart(copy=False)
-            if len(frames) == 2 and len(frames[1]) >= P.HEADER_BYTES:
-                return frames[0].bytes, P.Header.unpack(frames[1].buffer), frames[1].buffer
+        """The next frame from a worker (or, while ``starting``, a HELLO from anyone), polling in slices; a
+        frame that is not this protocol's drops its peer.  WorkerError when a worker we wait on dies, sends
+        such a frame, or the deadline passes."""
+        spin = self.spin_s
         next_ping = time.monotonic() + PING_S
         while True:
-            if self._poller.poll(POLL_SLICE_MS):
-                frames = self.sock.recv_multipart(copy=False)
-                if len(frames) == 2 and len(frames[1]) >= P.HEADER_BYTES:
-                    return frames[0].bytes, P.Header.unpack(frames[1].buffer), frames[1].buffer
-                continue  # not one of ours
+            if (spin and self.router.spin(spin)) or self.router.wait(POLL_SLICE_MS):
+                got = self.router.recv()
+                rank = self._rank_of.get(got.ident)
+                if got.header is None and rank is not None:
+                    err = self._drop(rank, f"sent a malformed message ({got.error})")
+                    if rank in waiting:
+                        raise err
+                elif got.header is None:
+                    self.router.ignore(got, got.error)
+                elif rank is not None or (starting and got.header.kind == P.HELLO):
+                    return got.ident, got.header, got.buf
+                else:
+                    self.router.ignore(got, f"a {got.header.name()} message")
+            spin = 0.0
             now = time.monotonic()
             for rank in waiting:
                 w = self._workers[rank]
                 if w.proc is not None and w.proc.poll() is not None:
-                    raise self._fail(rank, f"died ({_exit_reason(w.proc.returncode)})")
-                if w.proc is None and w.ident is not None and now > next_ping:
-                    try:  # a remote worker whose connection dropped is no longer routable
-                        self.sock.send_multipart([w.ident, P.control(P.PING)], zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        raise self._fail(rank, "lost its connection") from None
+                    raise self._fail(rank, f"died ({exit_reason(w.proc.returncode)})")
+                if w.proc is None and w.ident is not None and now > next_ping and not self._reachable(w):
+                    raise self._fail(rank, "lost its connection")  # a remote worker's connection dropped
             if now > next_ping:
                 next_ping = now + PING_S
             if deadline.passed(now):
                 ranks = sorted(waiting, key=deadline.laggard_key)
                 if starting:
                     raise WorkerError(f"workers {ranks} did not start within {self.connect_timeout:.0f} s"
-                                      + ("" if self.local else f" (nothing connected to {self.endpoint})"))
+                                      + ("" if self.local else f" (none connected to {self.endpoint} and built "
+                                                               "its shard)"))
                 raise self._fail(ranks[0], f"did not answer within {self.timeout:.0f} s")
 
+    def _drop(self, rank: int, why: str) -> WorkerError:
+        """Stop listening to worker ``rank`` (told to stop; its later frames are a stranger's)."""
+        w = self._workers[rank]
+        log.warning("dropping %s: %s", w.name(), why)
+        try:
+            self.router.send(w.ident, P.control(P.STOP), block=False)
+        except zmq.ZMQError:
+            pass
+        self._rank_of.pop(w.ident, None)
+        return self._fail(rank, why)
+
     def _fail(self, rank: int, why: str) -> WorkerError:
-        self._broken.add(rank)
+        self._broken[rank] = why
         return WorkerError(f"{self._workers[rank].name()} {why}")
 
     def _check_open(self) -> None:
@@ -577,58 +611,7 @@ class Coordinator:
             raise RuntimeError("the coordinator is closed")
 
 
-class _Deadline:
-    """``seconds`` from now, moved on whenever ``progress()`` (e.g. the workers' published tickets) changes."""
-
-    def __init__(self, seconds: float, progress: Callable[[], list] | None = None):
-        self.seconds = seconds
-        self.at = time.monotonic() + seconds
-        self.progress = progress
-        self.seen = progress() if progress is not None else None
-
-    def passed(self, now: float) -> bool:
-        if now <= self.at:
-            return False
-        if self.progress is not None and (seen := self.progress()) != self.seen:
-            self.seen, self.at = seen, now + self.seconds
-            return False
-        return True
-
-    def laggard_key(self, rank: int) -> tuple:
-        """Sorts the worker that fell behind first: the one with the oldest published ticket."""
-        return (self.seen[rank] if self.seen is not None else 0, rank)
-
-
-def _spin(sock: zmq.Socket, seconds: float) -> bool:
-    """Busy-wait up to ``seconds`` for a message on ``sock``; True when one is there."""
-    end = time.perf_counter() + seconds
-    while not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-        if time.perf_counter() > end:
-            return False
-    return True
-
-
-def _exit_reason(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-def _stop(procs: list[subprocess.Popen], grace: float) -> None:
-    """Wait up to ``grace`` seconds for processes to exit, then kill the rest."""
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def _release(procs: list[subprocess.Popen], ctx: zmq.Context, sock: zmq.Socket, owned: list) -> None:
+def _release(procs: list[subprocess.Popen], owned: list) -> None:
     """Last-resort cleanup (also run by close()): no worker process, socket, socket file or shard outlives
     the coordinator."""
     for p in procs:
@@ -636,13 +619,9 @@ def _release(procs: list[subprocess.Popen], ctx: zmq.Context, sock: zmq.Socket, 
             p.kill()
     for p in procs:
         p.wait()
-    sock.close(linger=0)
-    ctx.term()
     for thing in owned:
-        if isinstance(thing, ShardStore):
-            thing.close()
-        elif isinstance(thing, Segment):
+        if isinstance(thing, Segment):
             thing.close()
             thing.unlink()
-        else:
-            shutil.rmtree(thing, ignore_errors=True)
+        else:  # Router, ShardStore
+            thing.close()

@@ -34,6 +34,10 @@ class WorkerError(ShardllamaError):
     """A worker process died, stopped answering, or reported a failure."""
 
 
+class KeyFileError(ShardllamaError):
+    """CurveZMQ keys are missing, malformed, or not safely this user's (owner, permissions)."""
+
+
 def one_line(e: BaseException) -> str:
     """A library's exception as a short single line, for wrapping into one of our messages."""
     text = str(e).strip().splitlines()

@@ -141,12 +141,15 @@ def start(
     worker_timeout: float = 60.0,
     threads_per_worker: int = 1,
     progress: bool = False,
+    keys_dir: str | Path | None = None,
+    insecure: bool = False,
 ) -> Model:
     """Load the weights of a prepared checkpoint and start its backend (closes the checkpoint).
 
     ``workers`` N >= 1 runs the tensor-parallel engine on N worker processes (default: one per physical
     core); 0 runs the single-process reference model.  ``listen`` (tcp://HOST:PORT) waits for N remote
-    workers (``shardllama worker --connect``) instead of starting local ones.
+    workers (``shardllama worker --connect``) instead of starting local ones, authenticated by the CurveZMQ
+    keys in ``keys_dir`` (``shardllama.curve``) unless ``insecure``.
     """
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
@@ -163,7 +166,8 @@ def start(
             backend = Coordinator(
                 p.args, load, n_workers=workers, dtype=p.dtype, max_seq_len=p.max_seq_len, n_slots=n_slots,
                 keep_shards=keep_shards, model_path=p.path, timeout=worker_timeout,
-                threads_per_worker=threads_per_worker, endpoint=listen or "ipc",
+                threads_per_worker=threads_per_worker, endpoint=listen or "ipc", keys_dir=keys_dir,
+                insecure=insecure,
             )
     return Model(args=p.args, tokenizer=p.tokenizer, backend=backend, path=p.path, dtype=p.dtype)
 

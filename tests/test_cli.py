@@ -191,7 +191,8 @@ def test_checkpoint_errors_exit_1_with_one_line(kind, tmp_path):
 
 def test_listen_with_remote_workers_gives_the_ipc_tokens(tmp_path):
     """`shardllama --listen tcp://...` and two `shardllama worker --connect` processes that load their own
-    slices from the model file: the same greedy text as local ipc workers."""
+    slices from the model file: the same greedy text as local ipc workers.  CurveZMQ is on by default: one
+    `shardllama keys` makes the keypair that both ends (sharing the config directory) use."""
     import socket
 
     from tests.test_loading import ARGS, write_gguf
@@ -203,14 +204,18 @@ def test_listen_with_remote_workers_gives_the_ipc_tokens(tmp_path):
     local = run_cli(*common, timeout=120)
     assert local.returncode == 0, local.stderr
 
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    keys = run_cli("keys", env=env, timeout=60)
+    assert keys.returncode == 0 and len(keys.stdout.strip()) == 40, keys.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     endpoint = f"tcp://127.0.0.1:{port}"
     coordinator = subprocess.Popen([sys.executable, "-m", "shardllama", *map(str, common), "--listen", endpoint],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                   env=env)
     workers = [subprocess.Popen([sys.executable, "-m", "shardllama", "worker", "--connect", endpoint, "--model-path",
-                                 str(model)], stdin=subprocess.DEVNULL) for _ in range(2)]
+                                 str(model)], stdin=subprocess.DEVNULL, env=env) for _ in range(2)]
     try:
         out, err = coordinator.communicate(timeout=120)
         assert coordinator.returncode == 0, err
@@ -221,3 +226,24 @@ def test_listen_with_remote_workers_gives_the_ipc_tokens(tmp_path):
         for p in [coordinator, *workers]:
             p.kill()
             p.wait()
+
+
+def test_listen_without_keys_or_with_a_bad_one_is_one_line(tmp_path):
+    """No keys, or a secret others can read: one line naming the fix, from the coordinator and the worker."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    from tests.test_loading import ARGS, write_gguf
+    from shardllama.model import random_weights
+
+    model = write_gguf(tmp_path / "tiny.gguf", random_weights(ARGS, seed=5))
+    r = run_cli("--workers", "1", "--listen", "tcp://127.0.0.1:0", "--prompt", "x", "--model-path", model, env=env,
+                timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "no CurveZMQ keys in" in lines[0] and "shardllama keys" in lines[0], r.stderr
+    assert run_cli("keys", env=env, timeout=60).returncode == 0
+    (tmp_path / "config" / "shardllama" / "shardllama.key_secret").chmod(0o644)
+    r = run_cli("--workers", "1", "--listen", "tcp://127.0.0.1:0", "--prompt", "x", "--model-path", model, env=env,
+                timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "others can read it (mode 644)" in lines[0], r.stderr
+    w = run_cli("worker", "--connect", "tcp://127.0.0.1:1", "--model-path", model, env=env, timeout=60)
+    assert w.returncode == 1 and w.stderr.strip().splitlines() == [lines[0]], w.stderr

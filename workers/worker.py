@@ -8,6 +8,11 @@ applied to the slices that ``sharding.shard`` cut.
 A worker never outlives its coordinator: a local one exits when its parent pid changes (and removes the
 private ipc directory that a killed coordinator leaves behind); a remote one exits when its connection to
 the coordinator drops (ZeroMQ socket monitor, with heartbeats on tcp).
+
+Over tcp a worker speaks CurveZMQ (``shardllama.curve``): it holds a keypair the coordinator must have
+authorized, and pins the coordinator's public key, so it talks to that coordinator only and nobody reads
+the activations on the way.  A refused key or a coordinator with another key ends the worker with one line
+saying which.  Frames are bounded (ZMQ_MAXMSGSIZE) and checked like the coordinator's (``protocol``).
 """
 
 from __future__ import annotations
@@ -21,80 +26,33 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shardllama import allreduce
+from shardllama import allreduce, curve
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
-from shardllama.model import (DTYPES, KVCache, Layer, Step, attention, feed_forward, last_positions, output_head,
-                              rms_norm, rope_tables)
-from shardllama.quant import activation_dtype, linear_weight, source_dtype, stored
-from shardllama.sharding import ShardSpec, plan, shard, worker_weights
+from shardllama.errors import KeyFileError
+from shardllama.model import DTYPES, Step
+from shardllama.quant import activation_dtype, source_dtype
+from shardllama.sharding import ShardSpec, plan
 from shardllama.shm import Segment
+
+from .shard import ShardModel, cut_weights
 
 log = logging.getLogger("shardllama.worker")
 
 POLL_MS = 250  # how often an idle worker checks that its coordinator is still there
-
-
-class ShardModel:
-    """This worker's slice of the model: the same functions as the reference, on fewer heads / units."""
-
-    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                 max_seq_len: int, n_slots: int):
-        self.args = args
-        self.spec = spec
-        self.layers = [Layer.from_weights(weights, i) for i in range(args.n_layers)]
-        self.norm = weights["norm.weight"]  # (dim,)
-        self.output = linear_weight(weights, "output.weight")  # (vocab slice, dim)
-        self.kv_of_q = spec.kv_map()
-        self.cache = KVCache(args.n_layers, n_slots, max_seq_len, len(spec.kv_heads), args.head_dim, dtype)
-        self.rope = rope_tables(args, max_seq_len)
-
-    def compute(self, phase: int, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
-        """This worker's term of the layer's sum (B, T, dim), or its logits slice (B, T, vocab slice)."""
-        eps = self.args.norm_eps
-        if phase == P.ATTN:
-            L = self.layers[i]
-            return attention(rms_norm(h, L.attention_norm, eps), L.wq, L.wk, L.wv, L.wo,
-                             self.cache.k[i], self.cache.v[i], step, self.args.head_dim, self.kv_of_q)
-        if phase == P.FFN:
-            L = self.layers[i]
-            return feed_forward(rms_norm(h, L.ffn_norm, eps), L.w1, L.w2, L.w3)
-        assert phase == P.HEAD, phase
-        return output_head(h, self.norm, self.output, eps)
-
-    def whole_pass(self, h: torch.Tensor, step: Step, lengths: torch.Tensor, all_logits: bool, pass_no: int,
-                   reduce: allreduce.AllReduce | None) -> torch.Tensor:
-        """Every layer, summing with the other workers after each phase; this worker's logits slice."""
-        for i in range(self.args.n_layers):
-            for j, phase in enumerate((P.ATTN, P.FFN)):
-                part = self.compute(phase, i, h, step)  # (B, T, dim)
-                h = h + part if reduce is None else reduce(h, part, allreduce.ticket(pass_no, 2 * i + j))
-        if not all_logits:
-            h = last_positions(h, lengths).unsqueeze(1)  # (B, 1, dim)
-        return self.compute(P.HEAD, self.args.n_layers, h, step)
-
-
-def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor],
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """This worker's slices in ``dtype``, cut from full float tensors loaded one at a time (copies: the full
-    ones are freed); int8 quantizes each whole weight first, exactly as the shared-memory writer does."""
-    users: dict[str, list[str]] = {}
-    for name, src in worker_weights(args).items():
-        users.setdefault(src, []).append(name)
-    weights = {}
-    for src, names in users.items():
-        full = load(src)
-        for name in names:
-            for n, t in stored(name, full, dtype).items():
-                weights[n] = shard(n, t, spec).clone()
-        del full
-    return weights
+HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the coordinator at {endpoint} refused this worker's CurveZMQ key {key} (copy "
+                                     "this host's shardllama.key into the coordinator's authorized_workers)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the CurveZMQ handshake with {endpoint} failed: is the coordinator's "
+                                          "public key the one this worker pins (--server-key)?",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "{endpoint} and this worker disagree on security: one end uses CurveZMQ, "
+                                         "the other --insecure",
+}
 
 
 class _Exit(Exception):
@@ -107,7 +65,8 @@ class _Exit(Exception):
 
 class Worker:
     def __init__(self, endpoint: str, rank: int | None, model_path: str | None, threads: int | None,
-                 parent_pid: int | None, connect_timeout: float):
+                 parent_pid: int | None, connect_timeout: float, keys: curve.Keypair | None = None,
+                 server_key: bytes | None = None):
         self.endpoint = endpoint
         self.rank = rank
         self.model_path = model_path
@@ -117,10 +76,17 @@ class Worker:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME)
         if endpoint.startswith("tcp://"):  # notice a coordinator host that vanished without closing
             self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
             self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.public_key = keys[0].decode() if keys is not None else None
+        if keys is not None:
+            curve.client(self.sock, keys, server_key)
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        for event in HANDSHAKE_FAILED:
+            events |= event
+        self.monitor = self.sock.get_monitor_socket(events)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
@@ -151,8 +117,10 @@ class Worker:
             events = dict(self.poller.poll(POLL_MS))
             if self.monitor in events:
                 event = recv_monitor_message(self.monitor)["event"]
-                if event == zmq.EVENT_CONNECTED:
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.connected = True
+                elif event in HANDSHAKE_FAILED:
+                    raise _Exit(HANDSHAKE_FAILED[event].format(endpoint=self.endpoint, key=self.public_key), code=1)
                 elif event == zmq.EVENT_DISCONNECTED and self.connected and self.parent_pid is None:
                     # (a local worker watches its parent instead: that also tells it to clean up)
                     raise _Exit("lost the connection to the coordinator")
@@ -192,11 +160,15 @@ class Worker:
         self.sock.connect(self.endpoint)
         self.sock.send(P.control(P.HELLO, {"pid": os.getpid(), "rank": self.rank, "host": socket.gethostname()}))
         buf = self._recv(self.connect_timeout).buffer
-        header = P.Header.unpack(buf)
-        if header.kind == P.STOP:
-            raise _Exit("the coordinator needs no more workers")
-        assert header.kind == P.CONFIG, header
-        config = P.read_control(buf)
+        try:
+            header = P.parse(buf, P.TO_WORKER)
+            if header.kind == P.STOP:
+                raise _Exit("the coordinator needs no more workers")
+            if header.kind != P.CONFIG:
+                raise P.BadFrame(f"{header.name()} instead of CONFIG")
+            config = P.read_body(buf, header)
+        except P.BadFrame as e:
+            raise _Exit(f"the coordinator at {self.endpoint} sent a malformed message: {e}", code=1) from None
         try:
             nbytes = self._build(config)
         except Exception as e:
@@ -251,10 +223,17 @@ class Worker:
         send = self.sock.send
         while True:
             buf = self._recv().buffer
-            h = P.Header.unpack(buf)
+            try:
+                h = P.parse(buf, P.TO_WORKER)
+            except P.BadFrame as e:
+                log.warning("worker %s: ignoring %s", self.rank, e)
+                continue
             if h.kind == P.COMPUTE:
                 pass_no = None
                 try:
+                    if h.dtype not in P.CODE_DTYPES:
+                        raise P.BadFrame(f"COMPUTE of dtype code {h.dtype}")
+                    P.check_tensor(buf, h, h.B, h.T, model.args.dim, P.CODE_DTYPES[h.dtype])
                     if h.flags & P.NEW_STEP:
                         start, slots = P.read_step(buf, h)
                         step, step_id = Step.make(start, h.T, slots, model.rope), h.step
@@ -278,9 +257,7 @@ class Worker:
                     send(P.control(P.ERROR, {"message": f"{type(e).__name__}: {e}"}, phase=h.phase, step=h.step,
                                    layer=h.layer))
             elif h.kind == P.COPY_SLOT:
-                body = P.read_control(buf)
-                model.cache.copy_slot(body["src"], body["dst"], body["length"])
-                send(P.control(P.ACK, step=h.step))
+                send(self.copy_slot(h, buf))
             elif h.kind in (P.READ_SLOT, P.WRITE_SLOT):
                 send(self.slot_io(h, buf), copy=False)
             elif h.kind == P.STOP:
@@ -289,34 +266,56 @@ class Worker:
                 log.warning("worker %s: unexpected message kind %d", self.rank, h.kind)
 
 
-    def slot_io(self, h: P.Header, buf) -> object:
-        """The answer to READ_SLOT (SLOT_DATA: the slot's first T positions of this worker's KV heads) or to
-        WRITE_SLOT (ACK once they are in the cache); ERROR if the request does not fit."""
+    def copy_slot(self, h: P.Header, buf) -> bytes:
         cache = self.model.cache
         try:
+            body = P.read_body(buf, h)
+            src, dst, length = body["src"], body["dst"], body["length"]
+            if not (0 <= src < cache.n_slots and 0 <= dst < cache.n_slots and 0 <= length <= cache.max_seq_len):
+                raise P.BadFrame(f"COPY_SLOT {src} -> {dst} of {length} positions outside the cache")
+            cache.copy_slot(src, dst, length)
+            return P.control(P.ACK, step=h.step)
+        except Exception as e:
+            return P.control(P.ERROR, {"message": f"{type(e).__name__}: {e}"}, step=h.step)
+
+    def slot_io(self, h: P.Header, buf) -> object:
+        """The answer to READ_SLOT (SLOT_DATA: a chunk of the slot, this worker's KV heads) or to WRITE_SLOT
+        (ACK once the chunk is in the cache); ERROR if the request does not fit."""
+        cache, args = self.model.cache, self.model.args
+        try:
+            if not 0 <= h.layer < cache.n_slots:
+                raise P.BadFrame(f"slot {h.layer} outside the cache's {cache.n_slots}")
+            layers, positions = P.read_slot_range(buf, h, args.n_layers, cache.max_seq_len)
+            L, T = slice(layers.start, layers.stop), slice(positions.start, positions.stop)
             if h.kind == P.READ_SLOT:
-                k, v = cache.read(h.layer, h.T)
-                return P.slot_message(P.SLOT_DATA, h.step, h.layer, k, v).numpy()
-            k, v = P.read_slot_payload(buf, h, self.model.args.n_layers, self.model.args.head_dim)
-            cache.write(h.layer, k, v)
+                k, v = cache.k[L, h.layer, T], cache.v[L, h.layer, T]  # (layers, T, heads, hd)
+                return P.slot_message(P.SLOT_DATA, h.step, h.layer, layers, positions, k, v).numpy()
+            if h.B != cache.k.shape[3]:
+                raise P.BadFrame(f"WRITE_SLOT of {h.B} KV heads to a worker holding {cache.k.shape[3]}")
+            k, v = P.read_slot_payload(buf, h, layers, args.head_dim, cache.k.dtype)
+            cache.k[L, h.layer, T] = k
+            cache.v[L, h.layer, T] = v
             return P.control(P.ACK, step=h.step)
         except Exception as e:
             log.debug("%s", traceback.format_exc())
             return P.control(P.ERROR, {"message": f"slot {h.layer}: {type(e).__name__}: {e}"}, phase=P.SLOT_IO,
                              step=h.step, layer=h.layer)
 
+
 def _rank(rank: int | None) -> str:
     return "?" if rank is None else str(rank)
 
 
 def run_worker(endpoint: str, *, rank: int | None = None, model_path: str | None = None, threads: int | None = None,
-               parent_pid: int | None = None, connect_timeout: float = 60.0) -> int:
+               parent_pid: int | None = None, connect_timeout: float = 60.0, keys: curve.Keypair | None = None,
+               server_key: bytes | None = None) -> int:
     """Connect to a coordinator, build this worker's shard, answer until told to stop.  Returns an exit code.
 
     Local workers get ``rank`` and ``parent_pid`` from the coordinator that starts them; a remote worker
-    passes only ``endpoint`` and ``model_path`` (``shardllama worker --connect tcp://HOST:PORT``).
+    passes only ``endpoint`` and ``model_path`` (``shardllama worker --connect tcp://HOST:PORT``), and over tcp
+    its CurveZMQ ``keys`` and the coordinator's public ``server_key`` (None for both: --insecure).
     """
-    worker = Worker(endpoint, rank, model_path, threads, parent_pid, connect_timeout)
+    worker = Worker(endpoint, rank, model_path, threads, parent_pid, connect_timeout, keys, server_key)
     try:
         with torch.inference_mode():
             worker.handshake()
@@ -341,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # set by a local coordinator
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator")
+    parser.add_argument("--keys-dir", type=Path, default=curve.default_dir(os.environ),
+                        help="this worker's CurveZMQ keypair (`shardllama keys`; default %(default)s)")
+    parser.add_argument("--server-key", metavar="KEY|FILE",
+                        help="the coordinator's public key (--server-key=KEY: a key may start with '-'), or its "
+                             "shardllama.key file (default: this worker's own public key, for a coordinator sharing "
+                             "the keypair)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="tcp without CurveZMQ, for a coordinator started with --insecure on a trusted network")
     parser.add_argument("--log-level", default="WARNING")
     a = parser.parse_args(argv)
     if a.model_path is not None and not Path(a.model_path).exists():
@@ -349,5 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.parent_pid is not None:
         # Local worker: Ctrl-C in the terminal reaches the whole process group; the coordinator stops us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return run_worker(a.connect, rank=a.rank, model_path=a.model_path, threads=a.threads,
-                      parent_pid=a.parent_pid, connect_timeout=a.connect_timeout)
+    keys = server_key = None
+    if a.connect.startswith("tcp://") and a.insecure:
+        log.warning("--insecure: this worker accepts whichever coordinator answers at %s, and its activations "
+                    "travel unencrypted; use it only on a network you trust", a.connect)
+    elif a.connect.startswith("tcp://"):
+        try:
+            keys = curve.load_keypair(a.keys_dir)
+            server_key = curve.server_key(a.server_key, keys)
+        except KeyFileError as e:
+            print(f"shardllama: error: {e}", file=sys.stderr)
+            return 1
+    return run_worker(a.connect, rank=a.rank, model_path=a.model_path, threads=a.threads, parent_pid=a.parent_pid,
+                      connect_timeout=a.connect_timeout, keys=keys, server_key=server_key)

@@ -1,0 +1,70 @@
+"""A worker's slice of the model: the reference math (``shardllama.model``) on the slices ``sharding`` cut."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from shardllama import allreduce
+from shardllama import protocol as P
+from shardllama.config import ModelArgs
+from shardllama.model import KVCache, Layer, Step, attention, feed_forward, last_positions, output_head, rms_norm, rope_tables
+from shardllama.quant import linear_weight, stored
+from shardllama.sharding import ShardSpec, shard, worker_weights
+
+
+class ShardModel:
+    """This worker's slice of the model: the same functions as the reference, on fewer heads / units."""
+
+    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                 max_seq_len: int, n_slots: int):
+        self.args = args
+        self.spec = spec
+        self.layers = [Layer.from_weights(weights, i) for i in range(args.n_layers)]
+        self.norm = weights["norm.weight"]  # (dim,)
+        self.output = linear_weight(weights, "output.weight")  # (vocab slice, dim)
+        self.kv_of_q = spec.kv_map()
+        self.cache = KVCache(args.n_layers, n_slots, max_seq_len, len(spec.kv_heads), args.head_dim, dtype)
+        self.rope = rope_tables(args, max_seq_len)
+
+    def compute(self, phase: int, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """This worker's term of the layer's sum (B, T, dim), or its logits slice (B, T, vocab slice)."""
+        eps = self.args.norm_eps
+        if phase == P.ATTN:
+            L = self.layers[i]
+            return attention(rms_norm(h, L.attention_norm, eps), L.wq, L.wk, L.wv, L.wo,
+                             self.cache.k[i], self.cache.v[i], step, self.args.head_dim, self.kv_of_q)
+        if phase == P.FFN:
+            L = self.layers[i]
+            return feed_forward(rms_norm(h, L.ffn_norm, eps), L.w1, L.w2, L.w3)
+        assert phase == P.HEAD, phase
+        return output_head(h, self.norm, self.output, eps)
+
+    def whole_pass(self, h: torch.Tensor, step: Step, lengths: torch.Tensor, all_logits: bool, pass_no: int,
+                   reduce: allreduce.AllReduce | None) -> torch.Tensor:
+        """Every layer, summing with the other workers after each phase; this worker's logits slice."""
+        for i in range(self.args.n_layers):
+            for j, phase in enumerate((P.ATTN, P.FFN)):
+                part = self.compute(phase, i, h, step)  # (B, T, dim)
+                h = h + part if reduce is None else reduce(h, part, allreduce.ticket(pass_no, 2 * i + j))
+        if not all_logits:
+            h = last_positions(h, lengths).unsqueeze(1)  # (B, 1, dim)
+        return self.compute(P.HEAD, self.args.n_layers, h, step)
+
+
+def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor],
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """This worker's slices in ``dtype``, cut from full float tensors loaded one at a time (copies: the full
+    ones are freed); int8 quantizes each whole weight first, exactly as the shared-memory writer does."""
+    users: dict[str, list[str]] = {}
+    for name, src in worker_weights(args).items():
+        users.setdefault(src, []).append(name)
+    weights = {}
+    for src, names in users.items():
+        full = load(src)
+        for name in names:
+            for n, t in stored(name, full, dtype).items():
+                weights[n] = shard(n, t, spec).clone()
+        del full
+    return weights
