@@ -462,13 +462,17 @@ def test_cli_int8_with_remote_workers(tmp_path):
               "--ignore-eos", "-q", "--workers", "2", "--dtype", "int8"]
     local = run_cli(*common, timeout=120)
     assert local.returncode == 0, local.stderr
+    # CurveZMQ is on by default over tcp: a keypair in a config directory of the test's own, shared by both ends.
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    assert run_cli("keys", env=env, timeout=60).returncode == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     coordinator = subprocess.Popen([sys.executable, "-m", "shardllama", *map(str, common), "--listen", endpoint],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                   env=env)
     remote = [subprocess.Popen([sys.executable, "-m", "shardllama", "worker", "--connect", endpoint, "--model-path",
-                                str(model_file)], stdin=subprocess.DEVNULL) for _ in range(2)]
+                                str(model_file)], stdin=subprocess.DEVNULL, env=env) for _ in range(2)]
     try:
         out, err = coordinator.communicate(timeout=120)
         assert coordinator.returncode == 0, err
