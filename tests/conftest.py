@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ from shardllama.demo import demo_model_path
 # Timing is not what these tests check, and CI machines are noisy: no per-example deadline.
 settings.register_profile("shardllama", deadline=None)
 settings.load_profile("shardllama")
+
+# What the tests run must not depend on the CPU they land on: the matvec kernel's variant is pinned (the
+# variants are bit-identical, and calibrating would cost each test process a second); tests/test_kernels.py
+# checks every variant and the calibration itself.  Set here, so worker processes inherit it.
+os.environ.setdefault("SHARDLLAMA_MATVEC_VARIANT", "1x4096")
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,13 @@ still run; set SHARDLLAMA_REQUIRE_KERNELS=1 to make that a failure instead (CI o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -344,3 +346,121 @@ def test_concurrent_first_uses_compile_once(lib, tmp_path):
     assert all("answer 7" in out for out in outs), outs
     assert sum(out.count("compiling the matrix-vector kernel") for out in outs) == 1, outs
     assert (directory / "built").is_file()
+
+
+# ---- variants and their calibration ----------------------------------------------------------------------
+
+
+@settings(max_examples=40)
+@given(M=st.integers(1, 8), K=st.integers(1, 300), N=st.integers(1, 23), bf16=st.booleans(), pad=st.integers(0, 5),
+       seed=st.integers(0, 2**16))
+def test_every_variant_gives_the_same_bits(lib, M, K, N, bf16, pad, seed):
+    """Rows per step and prefetch change speed only: each row is summed in the same order by every variant."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    w = torch.randn(N, K + pad, generator=g).to(dtype)[:, :K]  # rows with a stride, as a worker's slice
+    x = torch.randn(M, K, generator=g).to(dtype)
+    for isa in isas(lib):
+        first = lib.matvec(x, w, 4096, isa, 1)
+        check(first, x, w)
+        for rows in lib.variant_rows(isa):
+            for prefetch in (0, 4096, 65536):
+                assert torch.equal(lib.matvec(x, w, prefetch, isa, rows), first), (isa, rows, prefetch)
+
+
+def test_set_variant_is_what_matvec_uses(lib):
+    before = lib.variant()
+    try:
+        lib.set_variant(max(lib.variant_rows()), 0)
+        assert lib.variant() == (max(lib.variant_rows()), 0)
+        with pytest.raises(RuntimeError, match="rows per step must be 1, 2 or 4"):
+            lib.set_variant(3, 0)
+        with pytest.raises(RuntimeError, match="prefetch"):
+            lib.set_variant(1, -5)
+        w, x = torch.randn(9, 40).half(), torch.randn(1, 40).half()
+        assert torch.equal(lib.matvec(x, w), lib.matvec(x, w, 4096, -1, 1))
+    finally:
+        lib.set_variant(*before)
+
+
+@pytest.fixture
+def small_calibration(monkeypatch):
+    """calibrate.measure on 16 MiB instead of twice the last-level cache, counting its calls."""
+    from shardllama.kernels import calibrate
+
+    calls = []
+    real = calibrate.measure
+    monkeypatch.setattr(calibrate, "default_working_set", lambda: 16 << 20)
+    monkeypatch.setattr(calibrate, "measure", lambda lib: calls.append(1) or real(lib))
+    monkeypatch.setenv(calibrate.ENV, "auto")
+    return calls
+
+
+def test_calibration_measures_once_and_stores_the_winner(lib, tmp_path, small_calibration):
+    from shardllama.kernels import calibrate
+
+    chosen = calibrate.choose(lib, tmp_path)
+    assert small_calibration == [1] and chosen in calibrate.CANDIDATES
+    stored = json.loads((tmp_path / calibrate.FILE).read_text())
+    assert stored["cpu"] == calibrate.cpu_model() and stored["variant"] == "x".join(map(str, chosen))
+    assert set(stored["gb_s"]) == {f"{r}x{p}" for r, p in calibrate.CANDIDATES if r in lib.variant_rows()}
+    assert all(v > 0 for v in stored["gb_s"].values())
+    assert calibrate.choose(lib, tmp_path) == chosen and small_calibration == [1]  # read back, not measured
+
+
+@pytest.mark.parametrize("plant", ["writable by others", "another CPU", "not JSON", "unknown variant", "huge",
+                                   "symlink"])
+def test_a_stored_calibration_not_to_trust_is_measured_again(lib, tmp_path, small_calibration, caplog, plant):
+    from shardllama.kernels import calibrate
+
+    path = tmp_path / calibrate.FILE
+    good = {"cpu": calibrate.cpu_model(), "variant": "1x4096"}
+    body = {"another CPU": {**good, "cpu": "a CPU that is not this one"}, "unknown variant": {**good, "variant": "3x1"}}
+    text = "{not json" if plant == "not JSON" else json.dumps(body.get(plant, good)) + " " * (70000 * (plant == "huge"))
+    if plant == "symlink":
+        (tmp_path / "elsewhere.json").write_text(text)
+        path.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        path.write_text(text)
+        path.chmod(0o666 if plant == "writable by others" else 0o644)
+    with caplog.at_level(logging.INFO, logger="shardllama.kernels"):
+        calibrate.choose(lib, tmp_path)
+    assert small_calibration == [1], caplog.text
+    assert f"{path} not used" in caplog.text
+
+
+def test_the_environment_pins_the_variant(lib, tmp_path, monkeypatch, small_calibration):
+    from shardllama.kernels import calibrate
+
+    monkeypatch.setenv(calibrate.ENV, f"{max(lib.variant_rows())}x0")
+    assert calibrate.choose(lib, tmp_path) == (max(lib.variant_rows()), 0)
+    assert small_calibration == [] and not (tmp_path / calibrate.FILE).exists()
+    for bad in ("3x0", "4", "fast", "1x99999999"):
+        monkeypatch.setenv(calibrate.ENV, bad)
+        with pytest.raises(ValueError, match=f"SHARDLLAMA_MATVEC_VARIANT='{bad}': expected auto or ROWSxPREFETCH"):
+            calibrate.choose(lib, tmp_path)
+
+
+def test_a_malformed_variant_setting_turns_the_kernel_off_with_a_warning(lib, fresh_state, monkeypatch, caplog):
+    monkeypatch.setenv("SHARDLLAMA_MATVEC_VARIANT", "fast")
+    kernels.enable(True)
+    with caplog.at_level(logging.WARNING, logger="shardllama.kernels"):
+        assert kernels.library() is None
+    assert "SHARDLLAMA_MATVEC_VARIANT='fast'" in caplog.text
+
+
+@pytest.mark.parametrize("plant", ["library writable by others", "marker names another directory",
+                                   "directory writable by others"])
+def test_a_cached_library_not_to_trust_is_not_imported(lib, tmp_path, plant):
+    """The library is code that runs: from a shared or planted cache directory it is refused, not imported."""
+    directory = tmp_path / "kernel"
+    directory.mkdir(mode=0o755)
+    real = Path(lib.__file__)
+    (directory / real.name).write_bytes(real.read_bytes())
+    (directory / "built").write_text("../evil.so\n" if plant == "marker names another directory" else real.name + "\n")
+    if plant == "library writable by others":
+        (directory / real.name).chmod(0o666)
+    elif plant == "directory writable by others":
+        directory.chmod(0o777)
+    with pytest.raises(build.BuildError, match="not importing the kernel"):
+        build.load(directory=directory)

@@ -4,6 +4,7 @@
     python tools/bench_kernels.py --dtype f16 bf16 int8 --rows 1 4
     python tools/bench_kernels.py --dtype int8 --rows 16 64   # prompts: kernel vs dequantize + matmul
     python tools/bench_kernels.py --sweep 0 4096 16384  # the kernel at several prefetch distances (bytes)
+    python tools/bench_kernels.py --variants 1x4096 2x4096 4x0   # f16/bf16 variants: rows per step x prefetch
     python tools/bench_kernels.py --decode-layers 4     # + decode ms/token of a LLaMA-7B-shaped f16 model
     python tools/bench_kernels.py --decode-layers 4 --decode-dtype f16 int8 --skip-matrices
 
@@ -93,11 +94,15 @@ def decode_bench(n_layers: int, tokens: int, threads: int, dtype: str = "f16") -
             "kernel_gbps": read / ms[True] / 1e6, "torch_gbps": read / ms[False] / 1e6}
 
 
-def contenders(dname: str, rows: int, lib, distances: list[int], isa: int) -> dict:
-    """What computes ``x @ w.T`` for this dtype and number of rows: torch's way, then the kernel."""
+def contenders(dname: str, rows: int, lib, distances: list[int], isa: int, variants: list[str]) -> dict:
+    """What computes ``x @ w.T`` for this dtype and number of rows: torch's way, then the kernel (at each prefetch
+    distance, or for f16/bf16 each named variant, ROWSxPREFETCH)."""
     if dname != "int8":
         fns = {"torch": F.linear}
-        for d in distances:
+        for v in variants:
+            r, d = map(int, v.split("x"))
+            fns[f"kernel {v}"] = lambda x, w, r=r, d=d: lib.matvec(x, w, d, isa, r)
+        for d in [] if variants else distances:
             fns[f"kernel_pf{d}"] = lambda x, w, d=d: lib.matvec(x, w, d, isa)
         return fns
     fns = {"torch": lambda x, w: torch._weight_int8pack_mm(x, w.q, w.scale),
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--working-set", type=float, default=1.0, help="GiB of weight copies cycled through (default 1)")
     p.add_argument("--sweep", type=int, nargs="+", metavar="BYTES", help="time the kernel at these prefetch distances")
+    p.add_argument("--variants", nargs="+", metavar="RxP", default=[],
+                   help="f16/bf16: time these kernel variants (weight rows per step x prefetch bytes, e.g. 4x0)")
     p.add_argument("--isa", choices=("auto", "avx2", "avx512"), default="auto", help="force the kernel's instruction set")
     p.add_argument("--decode-layers", type=int, metavar="N", help="also time decoding of a 7B-shaped model with N layers")
     p.add_argument("--decode-dtype", nargs="+", choices=list(DTYPES), default=["f16"], help="dtypes of that model")
@@ -132,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     isa = {"auto": -1, "avx2": 1, "avx512": 2}[a.isa]
     distances = a.sweep or [lib.default_prefetch]
+    print(f"kernel variant in use (calibrated or SHARDLLAMA_MATVEC_VARIANT): {'x'.join(map(str, lib.variant()))}",
+          file=sys.stderr)
     results = []
     for dname in [] if a.skip_matrices else a.dtype:
         for N, K in SHAPES:
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.set_num_threads(threads)
                     row = {"dtype": dname, "N": N, "K": K, "rows": M, "threads": threads}
                     # A prompt is compute-bound: two copies are enough, and dequantizing per call is slow.
-                    row.update(gbps(contenders(dname, M, lib, distances, isa), weights if M <= lib.max_rows
+                    row.update(gbps(contenders(dname, M, lib, distances, isa, a.variants), weights if M <= lib.max_rows
                                     else weights[:2], x, a.repeats))
                     results.append(row)
                     print(row, file=sys.stderr, flush=True)
@@ -154,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if results:
         others = [k for k in ("torch bf16", "dequant f32", "dequant bf16") if any(k in r for r in results)]
-        heads = ["torch"] + others + [f"kernel (prefetch {d})" if a.sweep else "kernel" for d in distances]
+        keys = [f"kernel {v}" for v in a.variants] or [f"kernel_pf{d}" for d in distances]
+        heads = ["torch"] + others + ([f"kernel {v}" for v in a.variants] if a.variants else
+                                      [f"kernel (prefetch {d})" if a.sweep else "kernel" for d in distances])
         print("\ntorch: F.linear, or for int8 torch._weight_int8pack_mm with f32 x (torch bf16: with bf16 x); "
               "dequant: quant.reference_linear (f32) and the same in bf16; GB/s of weight bytes (int8: q + scales)\n")
         print(f"| matrix (N×K) | dtype | rows of x | threads | {' | '.join(h + ' GB/s' for h in heads)} | speed-up |")
         print("|---" * (5 + len(heads)) + "|")
         for r in results:
-            ks = [r[f"kernel_pf{d}"] for d in distances]
+            ks = [r[k] for k in keys if k in r] or [r[f"kernel_pf{d}"] for d in distances]
             cells = [f"{r[k]:.1f}" if k in r else "—" for k in ["torch"] + others] + [f"{k:.1f}" for k in ks]
             best_other = max(r[k] for k in ["torch"] + others if k in r)
             print(f"| {r['N']}×{r['K']} | {r['dtype']} | {r['rows']} | {r['threads']} | " + " | ".join(cells)

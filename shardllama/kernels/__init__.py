@@ -13,7 +13,8 @@ The library is compiled on first use and cached (``build.py``).  Where it cannot
 (no compiler or ninja, a compiler error) one warning is logged and :func:`applies` answers False for
 the rest of the process; on a CPU without AVX2/F16C/FMA, or not x86-64, the same without the warning.
 ``SHARDLLAMA_KERNELS=0`` in the environment, read on first use, turns the kernel off (worker processes
-inherit it); :func:`enable` does the same from code.
+inherit it); :func:`enable` does the same from code.  Which of the kernel's bit-identical f16/bf16 variants
+runs is measured once per machine (``calibrate.py``) or pinned by ``SHARDLLAMA_MATVEC_VARIANT``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from . import build
+from . import build, calibrate
 
 log = logging.getLogger("shardllama.kernels")
 
@@ -74,6 +76,11 @@ def _load() -> ModuleType | bool:
         return False
     if lib.best_isa() == 0:
         log.info("f16 matrix-vector kernel not used: the CPU lacks AVX2/F16C/FMA")
+        return False
+    try:
+        lib.set_variant(*calibrate.choose(lib, Path(lib.__file__).parent))
+    except ValueError as e:  # a malformed SHARDLLAMA_MATVEC_VARIANT
+        log.warning("f16 matrix-vector kernel not used: %s", e)
         return False
     return lib
 

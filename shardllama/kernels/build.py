@@ -25,6 +25,8 @@ from types import ModuleType
 
 import torch
 
+from .. import owned
+
 log = logging.getLogger("shardllama.kernels")
 
 SOURCE = Path(__file__).with_name("matvec.cpp")
@@ -89,14 +91,15 @@ def load(source: Path = SOURCE, directory: Path | None = None) -> ModuleType:
     directory = Path(directory) if directory is not None else default_directory(source)
     marker = directory / "built"
     if marker.is_file():
-        return _import(directory / marker.read_text().strip())
+        return _import(directory, marker)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BuildError(f"cannot create {directory} ({e.strerror}); set SHARDLLAMA_CACHE to a writable directory")
-    with _locked(directory / "build.lock"):
+    _check_owned(directory, directory=True)
+    with locked(directory / "build.lock"):
         if marker.is_file():  # another process built it while this one waited
-            return _import(directory / marker.read_text().strip())
+            return _import(directory, marker)
         module = _compile(source, directory)
         tmp = marker.with_suffix(f".{os.getpid()}")
         tmp.write_text(Path(module.__file__).name + "\n")
@@ -125,7 +128,24 @@ def _compile(source: Path, directory: Path) -> ModuleType:
     return module
 
 
-def _import(path: Path) -> ModuleType:
+def _check_owned(path: Path, directory: bool = False) -> None:
+    """BuildError unless ``path`` is this user's and no one else may write it: a library is code that runs."""
+    try:
+        why = owned.problem(path.lstat(), directory)
+    except OSError as e:
+        why = e.strerror
+    if why:
+        raise BuildError(f"not importing the kernel from {path}: {why}")
+
+
+def _import(directory: Path, marker: Path) -> ModuleType:
+    """The library the ``built`` marker names, after checking that it and its directory are this user's."""
+    name = marker.read_text().strip()
+    if not name or "/" in name or name.startswith("."):
+        raise BuildError(f"not importing the kernel: {marker} names {name!r}, not a file of {directory}")
+    path = directory / name
+    for p, is_dir in ((directory, True), (marker, False), (path, False)):
+        _check_owned(p, is_dir)
     try:
         # The stem is the module name: torch names a rebuild within one process NAME_v1, NAME_v2, ...
         spec = importlib.util.spec_from_file_location(path.name.partition(".")[0], path)
@@ -138,14 +158,14 @@ def _import(path: Path) -> ModuleType:
     return module
 
 
-class _locked:
+class locked:
     """An exclusive ``flock`` on ``path`` for the duration of a ``with`` (none where fcntl is missing)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.fd: int | None = None
 
-    def __enter__(self) -> "_locked":
+    def __enter__(self) -> "locked":
         try:
             import fcntl
         except ImportError:  # Windows: no lock; torch's own baton still guards the build directory

@@ -7,14 +7,18 @@
 // torch's own kernels do.
 //
 // Decoding reads every weight once per token and does two flops per weight, so this is a memory-bandwidth
-// problem: the aim is one stream of weights flowing at the machine's read bandwidth.  The loop walks W one
-// row at a time, front to back (a single linear stream, which the hardware prefetcher follows best: two or
-// four rows at a time measured 10-25% slower), widens 16 weights per instruction (F16C `vcvtph2ps`, or a
-// shift for bf16), multiplies each widened vector into every row of x, and keeps at least four independent
-// f32 sums in flight so that FMA latency never stalls the stream.  It prefetches the row `prefetch` bytes
-// ahead (rounded up to whole rows: the next row at LLaMA sizes), which covers the restart of the hardware
-// prefetcher at each 4 KiB page.  x stays 16-bit and is widened as it is used: at half the bytes of f32 it
-// stays in L1 next to the weight stream (11008 f32 values would not; f32 x measured 20-50% slower).
+// problem: the aim is the weights flowing at the machine's read bandwidth.  The loop walks W front to back,
+// `rows` (1, 2 or 4) rows at a time, widens 16 weights per instruction (F16C `vcvtph2ps`, or a shift for
+// bf16), multiplies each widened vector into every row of x, and keeps at least four independent f32 sums
+// per row in flight so that FMA latency never stalls the stream.  It can prefetch `prefetch` bytes ahead
+// (rounded up to whole rows), which covers the restart of the hardware prefetcher at each 4 KiB page.
+// Which of these is fastest depends on the CPU: on Zen 5 one row with prefetch (a single linear stream; two
+// or four rows measured 10-25% slower), on Sapphire Rapids four rows without (~10% faster than one row,
+// tools/bench_kernels.py --variants), so the variant is a setting (`set_variant`) that shardllama.kernels
+// chooses by a short calibration on each machine.  Every variant sums each row in the same order, so the
+// variants' results are bit-identical and the choice changes speed only.  x stays 16-bit and is widened as
+// it is used: at half the bytes of f32 it stays in L1 next to the weight stream (11008 f32 values would not;
+// f32 x measured 20-50% slower).
 //
 // One source serves two instruction sets, picked at run time through function target attributes (no
 // -march flag, so the cached library also runs on the CPU that did not build it): AVX-512 (F, BW, VL, DQ,
@@ -46,6 +50,13 @@ namespace {
 
 constexpr int kMaxM = 8;
 constexpr int64_t kDefaultPrefetch = 4096;  // bytes ahead, rounded up to whole rows; tools/bench_kernels.py --sweep
+
+// The f16/bf16 variant used when a call does not name one (set_variant; shardllama.kernels calibrates it).
+struct Variant {
+  int64_t rows = 1;  // weight rows per step: 1, 2 or 4
+  int64_t prefetch = kDefaultPrefetch;  // bytes ahead; 0: no software prefetch
+};
+Variant g_variant;
 
 enum Isa : int64_t { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -108,11 +119,58 @@ TARGET_AVX512 INLINE void fma16(__m512 (&acc)[M], __m512 wv, const Problem& p, i
   for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, load16<BF16>(p.x + m * p.ldx + k), acc[m]);
 }
 
-// Rows [begin, end) of W times the M rows of x.
-template <bool BF16, int M>
+// Rows [begin, end) of W times the M rows of x, R weight rows per step.  Row i's sums are the same for any
+// R: chunk c of 16 weights goes to sum c % S, the masked tail to sum 0, and the S sums are added in order.
+// R rows need R * S * M sums in registers: with more than 16 (M > 4 at R = 4) a step takes one row.
+template <bool BF16, int M, int R>
 TARGET_AVX512 void rows_avx512(const Problem& p, int64_t begin, int64_t end) {
   constexpr int S = sums(M), U = S < 2 ? 2 : S;  // U chunks of 16 weights per iteration: >= one 64-byte line
-  for (int64_t i = begin; i < end; ++i) {
+  int64_t i = begin;
+  if constexpr (R > 1) {
+    // Prefetch a whole step of rows ahead: the rows `ahead` beyond this step's last.
+    const int64_t ahead = p.ahead ? (p.ahead + R - 1) / R * R : 0;
+    for (; i + R <= end; i += R) {
+      const uint16_t* w = p.w + i * p.ldw;
+      __m512 acc[R][S][M];
+      for (int r = 0; r < R; ++r)
+        for (int s = 0; s < S; ++s)
+          for (int m = 0; m < M; ++m) acc[r][s][m] = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 * U <= p.K; k += 16 * U) {
+        if (ahead)
+          for (int r = 0; r < R; ++r) {
+            const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + r + ahead, p.N - 1) * p.ldw);
+#pragma GCC unroll 4
+            for (int line = 0; line < U / 2; ++line) _mm_prefetch(pf + 2 * k + 64 * line, _MM_HINT_T0);
+          }
+#pragma GCC unroll 4
+        for (int j = 0; j < U; ++j) {
+          __m512 xv[M];
+          for (int m = 0; m < M; ++m) xv[m] = load16<BF16>(p.x + m * p.ldx + k + 16 * j);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const __m512 wv = load16<BF16>(w + r * p.ldw + k + 16 * j);
+            for (int m = 0; m < M; ++m) acc[r][j % S][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][j % S][m]);
+          }
+        }
+      }
+      for (; k < p.K; k += 16) {
+        __mmask16 mask = p.K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (p.K - k)) - 1);
+        for (int r = 0; r < R; ++r) {
+          const __m512 wv = load16_masked<BF16>(w + r * p.ldw + k, mask);
+          for (int m = 0; m < M; ++m)
+            acc[r][0][m] = _mm512_fmadd_ps(wv, load16<BF16>(p.x + m * p.ldx + k), acc[r][0][m]);
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) {
+          __m512 sum = acc[r][0][m];
+          for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[r][s][m]);
+          p.y[m * p.N + i + r] = narrow<BF16>(_mm512_reduce_add_ps(sum));
+        }
+    }
+  }
+  for (; i < end; ++i) {  // one row at a time (R = 1, or the rows left over)
     const uint16_t* w = p.w + i * p.ldw;
     const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead, p.N - 1) * p.ldw);
     __m512 acc[S][M];
@@ -361,15 +419,28 @@ __attribute__((target("avx2,f16c"))) float to_f16_scaled(const float* x, int64_t
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 using Table = std::array<RowsFn, kMaxM>;
 
-template <bool BF16, std::size_t... I>
-constexpr Table avx512_table(std::index_sequence<I...>) { return {&rows_avx512<BF16, int(I) + 1>...}; }
+// R rows per step where the R * S * M sums fit in 16 of the 32 registers, else one.
+constexpr int fits(int M, int R) { return R * sums(M) * M <= 16 ? R : 1; }
+template <bool BF16, int R, std::size_t... I>
+constexpr Table avx512_table(std::index_sequence<I...>) { return {&rows_avx512<BF16, int(I) + 1, fits(int(I) + 1, R)>...}; }
 template <bool BF16, std::size_t... I>
 constexpr Table avx2_table(std::index_sequence<I...>) { return {&rows_avx2<BF16, int(I) + 1>...}; }
 
-const Table kTables[2][2] = {  // [isa == AVX-512][bf16]
-    {avx2_table<false>(std::make_index_sequence<kMaxM>()), avx2_table<true>(std::make_index_sequence<kMaxM>())},
-    {avx512_table<false>(std::make_index_sequence<kMaxM>()), avx512_table<true>(std::make_index_sequence<kMaxM>())},
+constexpr int64_t kRows[] = {1, 2, 4};  // the rows-per-step variants (AVX-512; AVX2 has one row)
+constexpr auto kSeq = std::make_index_sequence<kMaxM>();
+const Table kTables[2][2][3] = {  // [isa == AVX-512][bf16][rows 1, 2, 4]
+    {{avx2_table<false>(kSeq), avx2_table<false>(kSeq), avx2_table<false>(kSeq)},
+     {avx2_table<true>(kSeq), avx2_table<true>(kSeq), avx2_table<true>(kSeq)}},
+    {{avx512_table<false, 1>(kSeq), avx512_table<false, 2>(kSeq), avx512_table<false, 4>(kSeq)},
+     {avx512_table<true, 1>(kSeq), avx512_table<true, 2>(kSeq), avx512_table<true, 4>(kSeq)}},
 };
+
+int rows_index(int64_t rows) {
+  for (int r = 0; r < 3; ++r)
+    if (kRows[r] == rows) return r;
+  TORCH_CHECK(false, "matvec: rows per step must be 1, 2 or 4, got ", rows);
+  return 0;
+}
 
 using Rows8Fn = void (*)(const Problem8&, int64_t, int64_t);
 using Table8 = std::array<Rows8Fn, kMaxM>;
@@ -393,7 +464,7 @@ int64_t pick_isa(int64_t isa, const char* who) {
   return isa;
 }
 
-at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, int64_t prefetch, int64_t isa) {
+at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, int64_t prefetch, int64_t isa, int64_t rows) {
   TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu(), "matvec: CPU tensors only");
   TORCH_CHECK(w.dim() == 2, "matvec: the weight must be 2-D, got ", w.dim(), "-D");
   TORCH_CHECK(w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16,
@@ -405,6 +476,8 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, int64_t prefetch, in
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   TORCH_CHECK(M <= kMaxM, "matvec: at most ", kMaxM, " rows of x, got ", M);
   isa = pick_isa(isa, "matvec");
+  const Variant v = g_variant;
+  const int r = rows_index(rows < 0 ? v.rows : rows);
 
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
   out_sizes.push_back(N);
@@ -420,14 +493,14 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, int64_t prefetch, in
   const auto* xbits = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   for (int64_t m = 0; m < M; ++m) std::copy(xbits + m * K, xbits + (m + 1) * K, xs.data() + m * ldx);
 
-  if (prefetch < 0) prefetch = kDefaultPrefetch;
+  if (prefetch < 0) prefetch = v.prefetch;
   const int64_t row_bytes = std::max<int64_t>(2 * K, 64);
   const Problem p{reinterpret_cast<const uint16_t*>(w.data_ptr()), w.stride(0), xs.data(), ldx,
                   reinterpret_cast<uint16_t*>(y.data_ptr()), N, K, (prefetch + row_bytes - 1) / row_bytes};
-  const RowsFn rows = kTables[isa == kAvx512][bf16][M - 1];
+  const RowsFn fn = kTables[isa == kAvx512][bf16][r][M - 1];
   // Contiguous ranges of rows per thread, at least 64 KiB of weights each.
   at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)),
-                   [&](int64_t begin, int64_t end) { rows(p, begin, end); });
+                   [&](int64_t begin, int64_t end) { fn(p, begin, end); });
   return y;
 }
 
@@ -485,8 +558,19 @@ at::Tensor matvec_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "f16/bf16 and int8 matrix-vector products for decoding (shardllama.kernels)";
   m.def("matvec", &matvec,
-        "y = x @ w.T for a few rows of x; f32 sums, output in w's dtype; prefetch: bytes ahead (-1: default)", py::arg("x"),
-        py::arg("w"), py::arg("prefetch") = -1, py::arg("isa") = -1, py::call_guard<py::gil_scoped_release>());
+        "y = x @ w.T for a few rows of x; f32 sums, output in w's dtype; prefetch: bytes ahead, rows: weight rows "
+        "per step (1, 2, 4; -1: the variant set_variant chose)", py::arg("x"), py::arg("w"), py::arg("prefetch") = -1,
+        py::arg("isa") = -1, py::arg("rows") = -1, py::call_guard<py::gil_scoped_release>());
+  m.def("set_variant", [](int64_t rows, int64_t prefetch) {
+    rows_index(rows);
+    TORCH_CHECK(prefetch >= 0 && prefetch <= (1 << 20), "matvec: prefetch must be 0..1 MiB, got ", prefetch);
+    g_variant = Variant{rows, prefetch};
+  }, "the f16/bf16 variant matvec uses when a call names none: weight rows per step and prefetch bytes",
+        py::arg("rows"), py::arg("prefetch"));
+  m.def("variant", []() { return std::make_pair(g_variant.rows, g_variant.prefetch); }, "(rows, prefetch) in use");
+  m.def("variant_rows", [](int64_t isa) {
+    return pick_isa(isa, "variant_rows") == kAvx512 ? std::vector<int64_t>{1, 2, 4} : std::vector<int64_t>{1};
+  }, "the rows-per-step variants that differ on this instruction set", py::arg("isa") = -1);
   m.def("matvec_int8", &matvec_int8,
         "y = scale * (x @ q.T) for int8 q (N, K), f32 scale (N,) and f32 x (..., K), x rounded to f16 after a "
         "power-of-two scaling per row; f32 sums and output; "
