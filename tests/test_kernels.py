@@ -464,3 +464,15 @@ def test_a_cached_library_not_to_trust_is_not_imported(lib, tmp_path, plant):
         directory.chmod(0o777)
     with pytest.raises(build.BuildError, match="not importing the kernel"):
         build.load(directory=directory)
+
+
+def test_read_all_reads_every_word(lib):
+    """The bandwidth probe of tools/scaling.py: the XOR of every 64-bit word, in any number of streams."""
+    t = torch.randint(-2**62, 2**62, (4096 + 24,), dtype=torch.int64, generator=torch.Generator().manual_seed(1))
+    lines = t[: t.numel() // 8 * 8]
+    for streams in (1, 2, 3, 8):
+        used = lines[: lines.numel() // 8 // streams * streams * 8]  # whole lines, an equal part per stream
+        want = 0
+        for v in used.tolist():
+            want ^= v & (2**64 - 1)
+        assert lib.read_all(t, streams) == want

@@ -553,6 +553,25 @@ at::Tensor matvec_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
+// Reads every byte of t once, in `streams` interleaved parts of 64-byte lines, and returns their XOR: a plain
+// read of memory with nothing else to do, the ceiling tools/scaling.py holds decoding to.  Portable code; -O3
+// vectorises it.  One thread.
+uint64_t read_all(const at::Tensor& t, int64_t streams) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "read_all: a contiguous CPU tensor");
+  TORCH_CHECK(streams >= 1 && streams <= 16, "read_all: 1..16 streams, got ", streams);
+  const auto* p = reinterpret_cast<const uint64_t*>(t.data_ptr());
+  const int64_t lines = t.numel() * t.element_size() / 64, part = lines / streams;
+  uint64_t acc[8] = {};
+  for (int64_t i = 0; i < part; ++i)
+    for (int64_t s = 0; s < streams; ++s) {
+      const uint64_t* line = p + 8 * (s * part + i);
+      for (int j = 0; j < 8; ++j) acc[j] ^= line[j];
+    }
+  uint64_t out = 0;
+  for (int j = 0; j < 8; ++j) out ^= acc[j];
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -576,6 +595,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "power-of-two scaling per row; f32 sums and output; "
         "prefetch: bytes ahead (-1: default)", py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("prefetch") = -1,
         py::arg("isa") = -1, py::call_guard<py::gil_scoped_release>());
+  m.def("read_all", &read_all, "XOR of every 64-bit word of t, read in `streams` interleaved parts (a bandwidth "
+        "probe)", py::arg("t"), py::arg("streams") = 1, py::call_guard<py::gil_scoped_release>());
   m.def("best_isa", []() { return int64_t(best_isa()); }, "2: AVX-512, 1: AVX2, 0: neither");
   m.attr("max_rows") = kMaxM;
   m.attr("default_prefetch") = kDefaultPrefetch;
