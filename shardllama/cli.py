@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import PromptTooLongError, ShardllamaError, UsageError
+from .phases import Phases
 from .server import add_server_args
 
 log = logging.getLogger("shardllama")
@@ -115,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_non_negative_int, help="stop after this many tokens (default: until the end token or the context is full)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end token")
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
+    loud = g.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also say where the start-up went: one line per phase, in seconds")
     g.add_argument("--inference-server", action="store_true",
                    help="serve rllama's HTTP API instead of generating (same as `shardllama serve`)")
     add_server_args(gen)
@@ -209,17 +213,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return cmd_serve(args)
     import torch
 
+    from . import runtime  # noqa: F401 (imported here, so that its imports count as imports)
     from .engine import Sequence, Stats, generate
     from .sampling import SamplingParams
+
+    phases = Phases.from_process_start()  # the command's start-up, up to the first token
+    phases.add("python and imports", phases.elapsed())
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.repetition_penalty_last_n)
     prompt = _read_prompt(args)
     progress = not args.quiet and sys.stderr.isatty()
-    with prepare_from_args(args, progress=progress) as prepared:
-        prompt_ids = prepared.tokenizer.encode(prompt)
+    with phases("model header and tokenizer"):
+        prepared = prepare_from_args(args, progress=progress)
+    with prepared:
+        with phases("tokenize the prompt"):
+            prompt_ids = prepared.tokenizer.encode(prompt)
         if len(prompt_ids) > prepared.max_seq_len:  # checked before a single weight is read
             raise PromptTooLongError(f"prompt is {len(prompt_ids)} tokens, longer than --max-seq-len {prepared.max_seq_len}")
-        model = start_from_args(args, prepared, progress=progress)
+        model = start_from_args(args, prepared, progress=progress, phases=phases)
+    startup_s = None
     with model:
         tok = model.tokenizer
         generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
@@ -232,6 +244,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop_ids = () if args.ignore_eos else tok.stop_ids
         for event in generate(model.backend, Sequence(), prompt_ids, params, max_new_tokens=args.max_new_tokens,
                               stop_ids=stop_ids, generator=generator, stats=stats):
+            if startup_s is None:
+                startup_s = phases.elapsed()
+                phases.add("prefill and first token", stats.first_token_s)
             if event.is_end:
                 break
             text = stream.push(event.token)
@@ -241,7 +256,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.write(stream.flush() + "\n")
         out.flush()
         if not args.quiet:
-            _print_stats(stats)
+            _print_stats(stats, startup_s)
+        if args.verbose and startup_s is not None:
+            print("\n".join(phases.lines(startup_s)), file=sys.stderr)
     return 0
 
 
@@ -256,8 +273,9 @@ def prepare_from_args(args: argparse.Namespace, *, progress: bool = False):
                    dtype=args.dtype, max_seq_len=args.max_seq_len, rope_override=rope, progress=progress)
 
 
-def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, progress: bool = False):
-    """A prepared model, loaded and running with the worker flags of add_model_args."""
+def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, progress: bool = False, phases=None):
+    """A prepared model, loaded and running with the worker flags of add_model_args (``phases``: a
+    :class:`~shardllama.phases.Phases` to time the load with)."""
     import torch
 
     from .runtime import start
@@ -277,7 +295,7 @@ def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, pro
         threads_per_worker = max(1, args.max_threads // (args.workers or default_workers()))
     return start(prepared, n_slots=n_slots, workers=args.workers, keep_shards=args.keep_shards, listen=args.listen,
                  worker_timeout=args.worker_timeout, threads_per_worker=threads_per_worker, progress=progress,
-                 keys_dir=args.keys_dir, insecure=args.insecure)
+                 keys_dir=args.keys_dir, insecure=args.insecure, phases=phases)
 
 
 def open_model_from_args(args: argparse.Namespace, *, progress: bool = False):
@@ -339,10 +357,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_stats(stats) -> None:
+def _print_stats(stats, startup_s: float | None) -> None:
+    startup = f"start-up to first token: {startup_s:.2f} s; " if startup_s is not None else ""
     print(
         f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_s * 1000:.1f} ms ({stats.prefill_tok_s:.1f} tok/s); "
-        f"time to first token: {stats.first_token_s * 1000:.1f} ms; "
+        f"time to first token: {stats.first_token_s * 1000:.1f} ms; {startup}"
         f"generated: {stats.generated} tokens, {stats.ms_per_token:.1f} ms/token",
         file=sys.stderr,
     )

@@ -59,6 +59,7 @@ from .errors import UsageError, WorkerError
 from .fingerprint import fingerprint
 from .liveness import Deadline, exit_reason, stop
 from .model import DTYPES, last_positions
+from .phases import Phases
 from .quant import activation_dtype
 from .sharding import plan
 from .shm import Segment, ShardStore, shard_key
@@ -130,6 +131,7 @@ class Coordinator(SlotTransfer):
         whole_pass: bool | None = None,  # workers reduce among themselves; None: wherever they can
         keys_dir: str | os.PathLike | None = None,  # tcp: CurveZMQ keys and authorized_workers (``curve``)
         insecure: bool = False,  # tcp without CurveZMQ: any peer may connect, nothing is encrypted
+        phases: Phases | None = None,  # times the start: shards, workers (``shardllama -v``)
     ):
         self.args = args
         self.weight_dtype, self.dtype_name = _dtype(dtype)
@@ -164,6 +166,7 @@ class Coordinator(SlotTransfer):
         self._procs: list[subprocess.Popen] = []  # every process started, for the finalizer
         self._owned: list = []  # what the finalizer releases: the socket, shard store, reduction segment
         self._closed = False
+        self.phases = phases if phases is not None else Phases()
         # Also runs at interpreter exit if close() was never called.
         self._finalizer = weakref.finalize(self, _release, self._procs, self._owned)
         try:
@@ -180,7 +183,8 @@ class Coordinator(SlotTransfer):
                     key = shard_key(model_path, self.weight_dtype, self.n_workers)
                 files = fingerprint(model_path) if keep_shards else None  # what kept shards must match
                 self.store = ShardStore.open(args, self.specs, self.weight_dtype, load, key, keep=keep_shards,
-                                             info={"model": str(model_path) if model_path else None}, files=files)
+                                             info={"model": str(model_path) if model_path else None}, files=files,
+                                             phases=self.phases)
                 self._owned.append(self.store)
                 self.embeddings = self.store.embeddings()
                 if whole_pass is not False and allreduce.supported():
@@ -397,11 +401,22 @@ class Coordinator(SlotTransfer):
         """Start (local) or wait for (remote) the workers of ``ranks`` and hand each its shard.  A peer
         becomes a worker only with a well-formed HELLO (and, over tcp, an authorized CurveZMQ key)."""
         ranks = list(ranks)
-        for r in ranks:
-            w = self._workers[r]
-            if self.local:
-                w.proc = self._spawn(r)
-                w.pid = w.proc.pid
+        with self.phases("start worker processes"):
+            for r in ranks:
+                w = self._workers[r]
+                if self.local:
+                    w.proc = self._spawn(r)
+                    w.pid = w.proc.pid
+        with self.phases("workers ready"):
+            figures = self._wait_ready(ranks)
+        slowest = max(figures, key=lambda f: sum(f.values()), default=None)
+        if slowest:  # they ran alongside the coordinator: beside its phases, not among them
+            self.phases.details["workers ready"] = "slowest worker's own: " + ", ".join(
+                f"{name} {s:.2f} s" for name, s in slowest.items())
+
+    def _wait_ready(self, ranks: list[int]) -> list[dict[str, float]]:
+        """Admit the workers of ``ranks``; each one's own start-up figures (READY's ``phases``)."""
+        figures = []
         unassigned = list(ranks)
         ready: set[int] = set()
         deadline = Deadline(self.connect_timeout)
@@ -422,6 +437,7 @@ class Coordinator(SlotTransfer):
                     ready.add(rank)
                     self._broken.pop(rank, None)
                     log.info("%s ready: %.1f MB", self._workers[rank].name(), body["nbytes"] / 1e6)
+                    figures.append(Phases.worker_figures(body.get("phases")))
                 elif rank in ranks:
                     raise P.BadFrame(f"{header.name()} while it was being admitted")
             except P.BadFrame as e:
@@ -431,6 +447,7 @@ class Coordinator(SlotTransfer):
                 if self.local:
                     raise self._drop(rank, f"sent a malformed message ({e})") from None
                 self._give_back(rank, unassigned, f"sent a malformed message ({e})")
+        return figures
 
     def _give_back(self, rank: int, unassigned: list[int], why: str) -> None:
         """Drop a remote worker that failed its admission; its rank goes to the next worker that connects."""
