@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,13 @@ CHAR_BYTES = {c: b for b, c in BYTE_CHARS.items()}
 
 
 def read_gguf_fields(path: Path) -> dict[str, Any]:
-    import gguf  # heavy import, only for GGUF files
+    from .loading.gguf_header import read_header  # numpy and gguf: only for GGUF files
 
     try:
-        reader = gguf.GGUFReader(path, "r")
-        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-    except Exception as e:  # the reader raises ValueError, IndexError, KeyError... on a short or bad file
+        fields = read_header(path).fields
+    except (ValueError, struct.error, OSError) as e:  # a short or bad file
         raise ModelFileError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
+    return {key: value for key, value in fields.items() if key.startswith("tokenizer.")}
 
 
 def _add_marked_tokens(tk: tokenizers.Tokenizer, tokens: list[str], types: list[int], special: set[int]) -> None:
