@@ -1,15 +1,17 @@
 """shardllama's own GGUF header reader against gguf-py's GGUFReader: the same metadata values and the same
-tensor views, on a file with every kind of value and tensor, on the demo model, and on broken files."""
+tensor views, on a file with every kind of value and tensor, on the demo model, and on broken files; and its
+torch dequantizers against gguf.quants."""
 
 from __future__ import annotations
 
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from shardllama.errors import ModelFileError, UnsupportedError
-from shardllama.loading.gguf_header import read_header
 from shardllama.loading import open_checkpoint
+from shardllama.loading.gguf_header import read_header
 
 Q = gguf.GGMLQuantizationType
 
@@ -86,3 +88,17 @@ def test_broken_files_are_one_line_errors(tmp_path, demo_gguf):
     cut.write_bytes(swapped)
     with pytest.raises(UnsupportedError, match="big-endian"):
         open_checkpoint(cut)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_torch_dequantize_is_gguf_quants_bit_for_bit(qtype):
+    from shardllama.loading.gguf_dequant import IN_TORCH, dequantize
+
+    assert qtype in IN_TORCH
+    rng = np.random.default_rng(int(qtype))
+    w = (rng.standard_normal((7, 96)) * rng.uniform(0.01, 10, (7, 1))).astype(np.float32)
+    w[2] = 0.0  # a zero scale
+    raw = gguf.quants.quantize(w, qtype)
+    ours = dequantize(raw, qtype)
+    assert ours.dtype == torch.float32 and ours.shape == (7, 96)
+    assert torch.equal(ours, torch.from_numpy(gguf.quants.dequantize(raw, qtype)))

@@ -1,13 +1,13 @@
 """GGUF files (llama.cpp), architecture ``llama``.
 
-The file is memory-mapped (:mod:`.gguf_header` reads its header); float tensors are returned as copy-on-write views of it,
-quantized ones are dequantized one at a time by ``gguf.quants``: every type it can dequantize is read (the
-K-quants, IQ*, ...).  A split model (``NAME-00001-of-00003.gguf``..., see :mod:`.gguf_split`) is opened from
-any of its parts and read from all of them.  GGUF lists dimensions innermost first, but the header's numpy
-arrays are already row-major ``(out, in)``, as Meta's are.  llama.cpp's converter has already permuted wq
-and wk from HF's rotate-half layout back to Meta's interleaved one, so nothing is permuted here.
+The file is memory-mapped (:mod:`.gguf_header` reads its header); float tensors are returned as copy-on-write
+views of it, quantized ones are dequantized one at a time (:mod:`.gguf_dequant`: Q4_0, Q4_1 and Q8_0 in
+torch, the rest by ``gguf.quants``): every type gguf.quants can dequantize is read (the K-quants, IQ*, ...).
+A split model (``NAME-00001-of-00003.gguf``..., see :mod:`.gguf_split`) is opened from any of its parts and
+read from all of them.  GGUF lists dimensions innermost first, but the header's numpy arrays are already
+row-major ``(out, in)``, as Meta's are.  llama.cpp's converter has already permuted wq and wk from HF's
+rotate-half layout back to Meta's interleaved one, so nothing is permuted here.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
+from gguf.quants import dequantize as gguf_dequantize
 
 from ..config import ModelArgs
 from ..errors import ModelFileError, UnsupportedError, one_line
 from .base import Checkpoint, build_args, check_shapes, layer_table, rename
+from .gguf_dequant import dequantize
 from .gguf_header import TensorInfo, read_header
 from .gguf_split import SPLIT_TENSORS, check_part, check_tensor_total, part_paths
 
@@ -58,7 +59,7 @@ def dequantizable(qtype: GGMLQuantizationType) -> bool:
         return True
     _, type_size = GGML_QUANT_SIZES[qtype]
     try:
-        dequantize(np.zeros((1, type_size), np.uint8), qtype)
+        gguf_dequantize(np.zeros((1, type_size), np.uint8), qtype)
     except NotImplementedError:
         return False
     return True
@@ -155,7 +156,7 @@ class GGUFCheckpoint(Checkpoint):
                 if t.tensor_type == Q.BF16:
                     data = data.view(torch.bfloat16)
                 return data.reshape(self.shape(name))
-            return torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(self.shape(name))
+            return dequantize(t.data, t.tensor_type).reshape(self.shape(name))
         except (ValueError, RuntimeError) as e:
             raise ModelFileError(f"{self._files[name]}: cannot read tensor {t.name!r} ({one_line(e)})") from None
 
