@@ -55,6 +55,11 @@ class Phases:
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
+    def until_now(self, name: str) -> None:
+        """What no phase holds yet, from ``start`` until now, is phase ``name`` (the interpreter's start and
+        the imports, around the phases that were timed)."""
+        self.add(name, max(0.0, self.elapsed() - sum(self.seconds.values())))
+
     def elapsed(self) -> float:
         """Seconds since ``start``."""
         return time.perf_counter() - self.start

@@ -161,7 +161,9 @@ class Worker:
     def handshake(self) -> None:
         self.sock.connect(self.endpoint)
         self.sock.send(P.control(P.HELLO, {"pid": os.getpid(), "rank": self.rank, "host": socket.gethostname()}))
-        buf = self._recv(self.connect_timeout).buffer
+        # A local worker may be started long before its coordinator has written the shards (``launch``): it
+        # waits as long as its parent lives.
+        buf = self._recv(None if self.parent_pid is not None else self.connect_timeout).buffer
         try:
             header = P.parse(buf, P.TO_WORKER)
             if header.kind == P.STOP:
