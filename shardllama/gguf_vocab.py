@@ -59,6 +59,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 BYTE_CHARS = _bytes_to_unicode()
 CHAR_BYTES = {c: b for b, c in BYTE_CHARS.items()}
+_BYTE_LEVEL_CHARS = frozenset(CHAR_BYTES)
 
 
 def read_gguf_fields(path: Path) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def gguf_byte_level(fields: Mapping[str, Any], tokens: list[str], types: list[in
         raise ModelFileError(f"{source}: gpt2 GGUF tokenizer without merges (tokenizer.ggml.merges)")
     vocab: dict[str, int] = {}
     for i, (t, ty) in enumerate(zip(tokens, types)):
-        if ty == NORMAL and not all(c in CHAR_BYTES for c in t):
+        if ty == NORMAL and not _BYTE_LEVEL_CHARS.issuperset(t):
             t = "".join(BYTE_CHARS[b] for b in t.encode())  # a piece stored as plain text: respell it
         vocab.setdefault(t, i)
     pairs = []

@@ -79,6 +79,8 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME)
+        if endpoint.startswith("ipc://"):  # started before its coordinator listens (``launch``): retry soon
+            self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         if endpoint.startswith("tcp://"):  # notice a coordinator host that vanished without closing
             self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
             self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
@@ -199,7 +201,9 @@ class Worker:
         else:
             with self.phases("read its shard"):
                 weights = self._load_own(args, spec, dtype)
-        self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config["max_seq_len"], config["n_slots"])
+        with self.phases("KV cache and rope tables"):
+            self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config["max_seq_len"],
+                                    config["n_slots"])
         if config.get("reduce"):
             self.reduce_segment = Segment.attach(config["reduce"], writable=True)
             # Later than the coordinator's deadline: it names the worker that fell behind and aborts the pass.

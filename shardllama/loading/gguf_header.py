@@ -73,8 +73,16 @@ class _Cursor:
                 values = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
                 self.pos += count * dtype.itemsize
                 return values
-            if etype == V.STRING:
-                return [self.string() for _ in range(count)]
+            if etype == V.STRING:  # the vocabulary and its merges: this loop is most of the header's time
+                buf, pos, unpack, out = self.buf, self.pos, _U64.unpack_from, []
+                for _ in range(count):
+                    n = unpack(buf, pos)[0]
+                    out.append(str(buf[pos + 8:pos + 8 + n], "utf-8"))
+                    pos += 8 + n
+                if pos > len(buf):
+                    raise ValueError(f"an array of {count} strings at offset {self.pos} runs past the end of the file")
+                self.pos = pos
+                return out
             return [self.value(etype) for _ in range(count)]
         if vtype in SCALARS:
             return self.unpack(struct.Struct(SCALARS[vtype]))
