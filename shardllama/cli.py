@@ -224,9 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                             args.repetition_penalty_last_n)
     phases.until_now("python and imports")
-    with phases("start worker processes"):
-        early = _early_workers(args)
-    with early as local_workers:
+    with _early_workers(args, phases) as local_workers:
         with phases("model header and tokenizer"):
             prepared = prepare_from_args(args, progress=progress)
         with prepared:
@@ -278,7 +276,7 @@ def prepare_from_args(args: argparse.Namespace, *, progress: bool = False):
                    dtype=args.dtype, max_seq_len=args.max_seq_len, rope_override=rope, progress=progress)
 
 
-def _early_workers(args: argparse.Namespace):
+def _early_workers(args: argparse.Namespace, phases: Phases | None = None):
     """The local workers of the worker flags, started now (forked: ``launch``), so that they are ready
     while this process reads the model's header and writes the shards: a context manager giving a
     LocalWorkers, or None for --workers 0 and --listen."""
@@ -286,7 +284,8 @@ def _early_workers(args: argparse.Namespace):
         return contextlib.nullcontext()
     from .launch import LocalWorkers, default_workers
 
-    return LocalWorkers(args.workers or default_workers(), threads=_threads_per_worker(args))
+    with (phases if phases is not None else Phases())("start worker processes"):
+        return LocalWorkers(args.workers or default_workers(), threads=_threads_per_worker(args))
 
 
 def _threads_per_worker(args: argparse.Namespace) -> int:
