@@ -7,6 +7,7 @@ Every user mistake ends in one line on stderr and exit code 1 (2 for usage error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import PromptTooLongError, ShardllamaError, UsageError
+from .phases import Phases
 from .server import add_server_args
 
 log = logging.getLogger("shardllama")
@@ -115,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_non_negative_int, help="stop after this many tokens (default: until the end token or the context is full)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end token")
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
+    loud = g.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also say where the start-up went: one line per phase, in seconds")
     g.add_argument("--inference-server", action="store_true",
                    help="serve rllama's HTTP API instead of generating (same as `shardllama serve`)")
     add_server_args(gen)
@@ -207,19 +212,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return run_interactive(model, args, system, colour=_colour())
     if args.inference_server:  # rllama's spelling of `shardllama serve`
         return cmd_serve(args)
+    phases = Phases.from_process_start()  # the command's start-up, up to the first token
+    prompt = _read_prompt(args)
+    progress = not args.quiet and sys.stderr.isatty()
     import torch
 
+    from . import runtime  # noqa: F401 (imported here, so that its imports count as imports)
     from .engine import Sequence, Stats, generate
     from .sampling import SamplingParams
 
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.repetition_penalty_last_n)
-    prompt = _read_prompt(args)
-    progress = not args.quiet and sys.stderr.isatty()
-    with prepare_from_args(args, progress=progress) as prepared:
-        prompt_ids = prepared.tokenizer.encode(prompt)
-        if len(prompt_ids) > prepared.max_seq_len:  # checked before a single weight is read
-            raise PromptTooLongError(f"prompt is {len(prompt_ids)} tokens, longer than --max-seq-len {prepared.max_seq_len}")
-        model = start_from_args(args, prepared, progress=progress)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                            args.repetition_penalty_last_n)
+    phases.until_now("python and imports")
+    with _early_workers(args, phases) as local_workers:
+        with phases("model header and tokenizer"):
+            prepared = prepare_from_args(args, progress=progress)
+        with prepared:
+            with phases("tokenize the prompt"):
+                prompt_ids = prepared.tokenizer.encode(prompt)
+            if len(prompt_ids) > prepared.max_seq_len:  # checked before a single weight is read
+                raise PromptTooLongError(f"prompt is {len(prompt_ids)} tokens, longer than --max-seq-len "
+                                         f"{prepared.max_seq_len}")
+            model = start_from_args(args, prepared, progress=progress, phases=phases, local_workers=local_workers)
+    startup_s = None
     with model:
         tok = model.tokenizer
         generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
@@ -232,6 +247,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop_ids = () if args.ignore_eos else tok.stop_ids
         for event in generate(model.backend, Sequence(), prompt_ids, params, max_new_tokens=args.max_new_tokens,
                               stop_ids=stop_ids, generator=generator, stats=stats):
+            if startup_s is None:
+                startup_s = phases.elapsed()
+                phases.add("prefill and first token", stats.first_token_s)
             if event.is_end:
                 break
             text = stream.push(event.token)
@@ -241,7 +259,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.write(stream.flush() + "\n")
         out.flush()
         if not args.quiet:
-            _print_stats(stats)
+            _print_stats(stats, startup_s)
+        if args.verbose and startup_s is not None:
+            print("\n".join(phases.lines(startup_s)), file=sys.stderr)
     return 0
 
 
@@ -256,8 +276,30 @@ def prepare_from_args(args: argparse.Namespace, *, progress: bool = False):
                    dtype=args.dtype, max_seq_len=args.max_seq_len, rope_override=rope, progress=progress)
 
 
-def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, progress: bool = False):
-    """A prepared model, loaded and running with the worker flags of add_model_args."""
+def _early_workers(args: argparse.Namespace, phases: Phases | None = None):
+    """The local workers of the worker flags, started now (forked: ``launch``), so that they are ready
+    while this process reads the model's header and writes the shards: a context manager giving a
+    LocalWorkers, or None for --workers 0 and --listen."""
+    if args.workers == 0 or args.listen:
+        return contextlib.nullcontext()
+    from .launch import LocalWorkers, default_workers
+
+    with (phases if phases is not None else Phases())("start worker processes"):
+        return LocalWorkers(args.workers or default_workers(), threads=_threads_per_worker(args))
+
+
+def _threads_per_worker(args: argparse.Namespace) -> int:
+    if not args.max_threads or args.workers == 0:
+        return 1
+    from .launch import default_workers
+
+    return max(1, args.max_threads // (args.workers or default_workers()))
+
+
+def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, progress: bool = False, phases=None,
+                    local_workers=None):
+    """A prepared model, loaded and running with the worker flags of add_model_args (``phases``: a
+    :class:`~shardllama.phases.Phases` to time the load with; ``local_workers``: _early_workers')."""
     import torch
 
     from .runtime import start
@@ -268,22 +310,23 @@ def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, pro
     if not getattr(args, "quiet", False):
         for note in prepared.notes:
             log.warning("%s", note)
-    threads_per_worker = 1
-    if args.workers == 0 and args.max_threads:
-        torch.set_num_threads(args.max_threads)  # the reference model computes in this process
-    elif args.max_threads:
-        from .coordinator import default_workers
-
-        threads_per_worker = max(1, args.max_threads // (args.workers or default_workers()))
+    if args.workers == 0:
+        if args.max_threads:
+            torch.set_num_threads(args.max_threads)  # the reference model computes in this process
+    else:
+        # The coordinator's own work (converting the weights, embedding rows, sums) on one thread: the cores are
+        # the workers'.  With two threads on a VM whose other core was busy, every small op waited for the second
+        # thread to be scheduled: loading the demo model took 20 s instead of 1 s.
+        torch.set_num_threads(1)
     return start(prepared, n_slots=n_slots, workers=args.workers, keep_shards=args.keep_shards, listen=args.listen,
-                 worker_timeout=args.worker_timeout, threads_per_worker=threads_per_worker, progress=progress,
-                 keys_dir=args.keys_dir, insecure=args.insecure)
+                 worker_timeout=args.worker_timeout, threads_per_worker=_threads_per_worker(args), progress=progress,
+                 keys_dir=args.keys_dir, insecure=args.insecure, phases=phases, local_workers=local_workers)
 
 
 def open_model_from_args(args: argparse.Namespace, *, progress: bool = False):
     """prepare_from_args then start_from_args, for interactive mode and chat."""
-    with prepare_from_args(args, progress=progress) as prepared:
-        return start_from_args(args, prepared, progress=progress)
+    with _early_workers(args) as local_workers, prepare_from_args(args, progress=progress) as prepared:
+        return start_from_args(args, prepared, progress=progress, local_workers=local_workers)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -339,10 +382,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_stats(stats) -> None:
+def _print_stats(stats, startup_s: float | None) -> None:
+    startup = f"start-up to first token: {startup_s:.2f} s; " if startup_s is not None else ""
     print(
         f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_s * 1000:.1f} ms ({stats.prefill_tok_s:.1f} tok/s); "
-        f"time to first token: {stats.first_token_s * 1000:.1f} ms; "
+        f"time to first token: {stats.first_token_s * 1000:.1f} ms; {startup}"
         f"generated: {stats.generated} tokens, {stats.ms_per_token:.1f} ms/token",
         file=sys.stderr,
     )

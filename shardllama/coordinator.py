@@ -41,14 +41,12 @@ import dataclasses
 import logging
 import os
 import subprocess
-import sys
 import time
 import uuid
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-import psutil
 import torch
 import zmq
 
@@ -57,8 +55,10 @@ from . import protocol as P
 from .config import ModelArgs
 from .errors import UsageError, WorkerError
 from .fingerprint import fingerprint
+from .launch import CONNECT_TIMEOUT_S, LocalWorkers, default_workers, spawn
 from .liveness import Deadline, exit_reason, stop
 from .model import DTYPES, last_positions
+from .phases import Phases
 from .quant import activation_dtype
 from .sharding import plan
 from .shm import Segment, ShardStore, shard_key
@@ -74,12 +74,6 @@ STOP_GRACE_S = 3.0  # how long close() lets workers exit before killing them
 WHOLE_PASS_ROWS = 512  # tokens (B * T) up to which a pass is a whole pass (reduction buffers' size)
 
 Weights = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
-
-
-def default_workers(args: ModelArgs | None = None) -> int:
-    """One worker per physical core (at most one per attention head)."""
-    n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    return min(n, args.n_heads) if args is not None else n
 
 
 _HOST = os.uname().nodename
@@ -123,13 +117,15 @@ class Coordinator(SlotTransfer):
         keep_shards: bool = False,  # map this user's kept shards or keep new ones (needs model_path)
         model_path: str | os.PathLike | None = None,  # names the shards of this model file
         timeout: float = 60.0,  # seconds a worker may take for one step of one layer
-        connect_timeout: float = 120.0,  # seconds for workers to start / connect and build their shards
+        connect_timeout: float = CONNECT_TIMEOUT_S,  # seconds for workers to start / connect and build their shards
         threads_per_worker: int = 1,
         endpoint: str = "ipc",  # or "tcp://HOST:PORT": wait for N remote workers there
         spin_us: float | None = None,  # busy-wait before sleeping on a receive; None: SPIN_US if cores allow
         whole_pass: bool | None = None,  # workers reduce among themselves; None: wherever they can
         keys_dir: str | os.PathLike | None = None,  # tcp: CurveZMQ keys and authorized_workers (``curve``)
         insecure: bool = False,  # tcp without CurveZMQ: any peer may connect, nothing is encrypted
+        phases: Phases | None = None,  # times the start: shards, workers (``shardllama -v``)
+        local_workers: LocalWorkers | None = None,  # ipc: workers started already, taken if they fit
     ):
         self.args = args
         self.weight_dtype, self.dtype_name = _dtype(dtype)
@@ -164,15 +160,20 @@ class Coordinator(SlotTransfer):
         self._procs: list[subprocess.Popen] = []  # every process started, for the finalizer
         self._owned: list = []  # what the finalizer releases: the socket, shard store, reduction segment
         self._closed = False
+        self.phases = phases if phases is not None else Phases()
         # Also runs at interpreter exit if close() was never called.
         self._finalizer = weakref.finalize(self, _release, self._procs, self._owned)
         try:
             # The largest frame a worker sends is a batch's logits slice (one row per slot); the rest is cut
             # to fit MAX_FRAME (``chunked``, ``slot_transfer``).
             head = P.HEADER_BYTES + n_slots * max(len(s.vocab) for s in self.specs) * self.dtype.itemsize
+            started = local_workers.take(self.n_workers, threads_per_worker) if local_workers and self.local else None
             self.router = Router(endpoint, max_frame=max(P.MAX_FRAME, head),
-                                 keys_dir=Path(keys_dir) if keys_dir is not None else None, insecure=insecure)
+                                 keys_dir=Path(keys_dir) if keys_dir is not None else None, insecure=insecure,
+                                 ipc_dir=started[0] if started else None)
             self._owned.append(self.router)
+            # Local workers start before the shards are written: they import torch meanwhile.
+            self._start(range(self.n_workers), started[1] if started else None)
             load = weights.__getitem__ if isinstance(weights, Mapping) else weights
             if self.local:
                 key = f"anon{uuid.uuid4().hex[:12]}"  # shards of weights that no file names are never reused
@@ -180,7 +181,8 @@ class Coordinator(SlotTransfer):
                     key = shard_key(model_path, self.weight_dtype, self.n_workers)
                 files = fingerprint(model_path) if keep_shards else None  # what kept shards must match
                 self.store = ShardStore.open(args, self.specs, self.weight_dtype, load, key, keep=keep_shards,
-                                             info={"model": str(model_path) if model_path else None}, files=files)
+                                             info={"model": str(model_path) if model_path else None}, files=files,
+                                             phases=self.phases)
                 self._owned.append(self.store)
                 self.embeddings = self.store.embeddings()
                 if whole_pass is not False and allreduce.supported():
@@ -363,20 +365,17 @@ class Coordinator(SlotTransfer):
         self._admit([rank])
         self._broken.pop(rank, None)
 
-    def _spawn(self, rank: int) -> subprocess.Popen:
-        env = dict(os.environ)
-        # The child imports `workers` and `shardllama` from wherever this process did, never from its current
-        # directory (-P: a `workers` folder there must not shadow ours).
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        env["OMP_NUM_THREADS"] = str(self.threads_per_worker)
-        cmd = [sys.executable, "-P", "-m", "workers", "--connect", self.endpoint, "--rank", str(rank),
-               "--parent-pid", str(os.getpid()), "--threads", str(self.threads_per_worker),
-               "--connect-timeout", str(self.connect_timeout),
-               "--log-level", logging.getLevelName(logging.getLogger("shardllama").getEffectiveLevel())]
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
-        self._procs.append(proc)
-        return proc
+    def _start(self, ranks: Iterable[int], started: list[subprocess.Popen] | None = None) -> None:
+        """Start the local workers of ``ranks`` (or take those ``started`` already, one per rank)."""
+        if not self.local:
+            return
+        with self.phases("start worker processes"):
+            for i, r in enumerate(ranks):
+                w = self._workers[r]
+                w.proc = started[i] if started else spawn(self.endpoint, r, threads=self.threads_per_worker,
+                                                          connect_timeout=self.connect_timeout)
+                w.pid = w.proc.pid
+                self._procs.append(w.proc)
 
     def _config(self, rank: int) -> dict:
         return {
@@ -394,14 +393,21 @@ class Coordinator(SlotTransfer):
         }
 
     def _admit(self, ranks: Iterable[int]) -> None:
-        """Start (local) or wait for (remote) the workers of ``ranks`` and hand each its shard.  A peer
-        becomes a worker only with a well-formed HELLO (and, over tcp, an authorized CurveZMQ key)."""
+        """Start (local, unless started already) or wait for (remote) the workers of ``ranks`` and hand each
+        its shard.  A peer becomes a worker only with a well-formed HELLO (and, over tcp, an authorized
+        CurveZMQ key)."""
         ranks = list(ranks)
-        for r in ranks:
-            w = self._workers[r]
-            if self.local:
-                w.proc = self._spawn(r)
-                w.pid = w.proc.pid
+        self._start([r for r in ranks if self._workers[r].proc is None])
+        with self.phases("workers ready"):
+            figures = self._wait_ready(ranks)
+        slowest = max(figures, key=lambda f: sum(f.values()), default=None)
+        if slowest:  # they ran alongside the coordinator: beside its phases, not among them
+            self.phases.details["workers ready"] = "slowest worker's own: " + ", ".join(
+                f"{name} {s:.2f} s" for name, s in slowest.items())
+
+    def _wait_ready(self, ranks: list[int]) -> list[dict[str, float]]:
+        """Admit the workers of ``ranks``; each one's own start-up figures (READY's ``phases``)."""
+        figures = []
         unassigned = list(ranks)
         ready: set[int] = set()
         deadline = Deadline(self.connect_timeout)
@@ -422,6 +428,7 @@ class Coordinator(SlotTransfer):
                     ready.add(rank)
                     self._broken.pop(rank, None)
                     log.info("%s ready: %.1f MB", self._workers[rank].name(), body["nbytes"] / 1e6)
+                    figures.append(Phases.worker_figures(body.get("phases")))
                 elif rank in ranks:
                     raise P.BadFrame(f"{header.name()} while it was being admitted")
             except P.BadFrame as e:
@@ -431,6 +438,7 @@ class Coordinator(SlotTransfer):
                 if self.local:
                     raise self._drop(rank, f"sent a malformed message ({e})") from None
                 self._give_back(rank, unassigned, f"sent a malformed message ({e})")
+        return figures
 
     def _give_back(self, rank: int, unassigned: list[int], why: str) -> None:
         """Drop a remote worker that failed its admission; its rank goes to the next worker that connects."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,16 +59,17 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 BYTE_CHARS = _bytes_to_unicode()
 CHAR_BYTES = {c: b for b, c in BYTE_CHARS.items()}
+_BYTE_LEVEL_CHARS = frozenset(CHAR_BYTES)
 
 
 def read_gguf_fields(path: Path) -> dict[str, Any]:
-    import gguf  # heavy import, only for GGUF files
+    from .loading.gguf_header import read_header  # numpy and gguf: only for GGUF files
 
     try:
-        reader = gguf.GGUFReader(path, "r")
-        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-    except Exception as e:  # the reader raises ValueError, IndexError, KeyError... on a short or bad file
+        fields = read_header(path).fields
+    except (ValueError, struct.error, OSError) as e:  # a short or bad file
         raise ModelFileError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
+    return {key: value for key, value in fields.items() if key.startswith("tokenizer.")}
 
 
 def _add_marked_tokens(tk: tokenizers.Tokenizer, tokens: list[str], types: list[int], special: set[int]) -> None:
@@ -84,7 +86,7 @@ def gguf_byte_level(fields: Mapping[str, Any], tokens: list[str], types: list[in
         raise ModelFileError(f"{source}: gpt2 GGUF tokenizer without merges (tokenizer.ggml.merges)")
     vocab: dict[str, int] = {}
     for i, (t, ty) in enumerate(zip(tokens, types)):
-        if ty == NORMAL and not all(c in CHAR_BYTES for c in t):
+        if ty == NORMAL and not _BYTE_LEVEL_CHARS.issuperset(t):
             t = "".join(BYTE_CHARS[b] for b in t.encode())  # a piece stored as plain text: respell it
         vocab.setdefault(t, i)
     pairs = []

@@ -16,6 +16,8 @@ row's end, which the causal mask hides and the next real token overwrites).
 from __future__ import annotations
 
 import dataclasses
+import math
+import mmap
 import zlib
 from typing import Mapping, NamedTuple
 
@@ -112,6 +114,16 @@ class Step:
         )
 
 
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros whose memory the kernel supplies page by page on first touch (a private anonymous mapping):
+    torch.zeros writes every page up front, ~1 GB a worker for a 7B model's 4096 positions, before the
+    first token; this way a cache costs time and memory as its positions fill."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)
+
+
 class KVCache:
     """Keys and values of every layer for ``n_slots`` sequences of up to ``max_seq_len`` tokens.
 
@@ -120,8 +132,8 @@ class KVCache:
 
     def __init__(self, n_layers: int, n_slots: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
         shape = (n_layers, n_slots, max_seq_len, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = _lazy_zeros(shape, dtype)
+        self.v = _lazy_zeros(shape, dtype)
 
     @property
     def n_slots(self) -> int:

@@ -16,6 +16,7 @@ from .config import ModelArgs
 from .errors import ModelFileError, UsageError
 from .loading import Checkpoint, open_checkpoint, load_weights
 from .model import DTYPES
+from .phases import Phases
 from .quant import source_dtype
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -143,20 +144,25 @@ def start(
     progress: bool = False,
     keys_dir: str | Path | None = None,
     insecure: bool = False,
+    phases: Phases | None = None,
+    local_workers=None,
 ) -> Model:
     """Load the weights of a prepared checkpoint and start its backend (closes the checkpoint).
 
     ``workers`` N >= 1 runs the tensor-parallel engine on N worker processes (default: one per physical
     core); 0 runs the single-process reference model.  ``listen`` (tcp://HOST:PORT) waits for N remote
     workers (``shardllama worker --connect``) instead of starting local ones, authenticated by the CurveZMQ
-    keys in ``keys_dir`` (``shardllama.curve``) unless ``insecure``.
+    keys in ``keys_dir`` (``shardllama.curve``) unless ``insecure``.  ``phases`` times the load;
+    ``local_workers`` (a :class:`~shardllama.launch.LocalWorkers`) are workers started already.
     """
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
     p = prepared
+    phases = phases if phases is not None else Phases()
     with p.checkpoint as ckpt:
         if workers == 0:
-            weights = load_weights(ckpt, p.dtype, progress=progress)
+            with phases("read and convert weights"):
+                weights = load_weights(ckpt, p.dtype, progress=progress)
             backend: Backend = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len, n_slots=n_slots)
         else:
             from .coordinator import Coordinator
@@ -167,7 +173,7 @@ def start(
                 p.args, load, n_workers=workers, dtype=p.dtype, max_seq_len=p.max_seq_len, n_slots=n_slots,
                 keep_shards=keep_shards, model_path=p.path, timeout=worker_timeout,
                 threads_per_worker=threads_per_worker, endpoint=listen or "ipc", keys_dir=keys_dir,
-                insecure=insecure,
+                insecure=insecure, phases=phases, local_workers=local_workers,
             )
     return Model(args=p.args, tokenizer=p.tokenizer, backend=backend, path=p.path, dtype=p.dtype)
 

@@ -34,6 +34,7 @@ import torch
 from .config import ModelArgs
 from .errors import ModelFileError
 from .model import expected_shapes
+from .phases import Phases
 from .quant import stored
 # Segment and SHM_DIR are also imported from here (workers, tests), as before segment.py was split out.
 from .segment import (FORMAT_VERSION, PREFIX, SHM_DIR, ForeignSegmentError, Segment, run_tag,  # noqa: F401
@@ -107,21 +108,25 @@ class ShardStore:
         keep: bool = False,
         info: Mapping | None = None,
         files: dict | None = None,
+        phases: Phases | None = None,
     ) -> "ShardStore":
         """Cut ``load``'s weights into new segments of this run.  With ``keep`` (``files``: the model's
         :func:`~.fingerprint.fingerprint`), map the kept set of ``key`` if it is ours and of the same
         identity, else write one that outlives the run, or private ones where that cannot be done safely."""
         parts = [EMBED] + [f"r{s.rank}" for s in specs]
         identity = shard_identity(args, specs, dtype, files)
+        phases = phases if phases is not None else Phases()
         if keep:
             assert files is not None, "kept shards need the model files' fingerprint"
-            store, keep = _attach_kept(key, parts, identity)
+            with phases("map kept shards"):
+                store, keep = _attach_kept(key, parts, identity)
             if store is not None:
                 log.info("using kept shards %s (%.1f MB)", key, store.nbytes() / 1e6)
                 return store
         info = dict(info or {}, key=key, owner_pid=os.getpid(), dtype=str(dtype).removeprefix("torch."),
                     n_workers=len(specs), args=args.to_dict(), version=FORMAT_VERSION, identity=identity)
-        layouts = _layouts(args, specs, dtype)
+        with phases("lay out shards"):
+            layouts = _layouts(args, specs, dtype)
         try:
             segments = _create(key, parts, layouts, dict(info, kept=keep), None if keep else run_tag())
         except FileExistsError:
@@ -132,7 +137,7 @@ class ShardStore:
             keep = False
             segments = _create(key, parts, layouts, dict(info, kept=False), run_tag())
         try:
-            _write(args, specs, dtype, load, segments)
+            _write(args, specs, dtype, load, segments, phases)
             for seg in segments.values():
                 seg.mark_ready()
                 if keep:
@@ -178,26 +183,26 @@ def _layouts(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype) ->
 
 
 def _write(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype, load: Loader,
-           segments: dict[str, Segment]) -> None:
+           segments: dict[str, Segment], phases: Phases) -> None:
     """Load each checkpoint weight once, convert (or quantize) it whole, and copy every worker's part of it
-    into place."""
+    into place (``phases``: the time of each of the three)."""
     shapes = expected_shapes(args)
-    users: dict[str, list[str]] = {"tok_embeddings.weight": []}
+    users: dict[str, list[str]] = {"tok_embeddings.weight": ["tok_embeddings.weight"]}  # (the coordinator's)
     for name, src in worker_weights(args).items():
         users.setdefault(src, []).append(name)
     for src, names in users.items():
-        full = load(src)
+        with phases("read checkpoint"):
+            full = load(src)
         if tuple(full.shape) != shapes[src]:
             raise ModelFileError(f"weight {src!r} has shape {tuple(full.shape)}, expected {shapes[src]}")
-        if src == "tok_embeddings.weight":
-            for n, t in stored(src, full, dtype).items():
-                segments[EMBED].tensor(n).copy_(t)
         for name in names:
-            parts = stored(name, full, dtype)  # quantized before the cut: every worker holds the reference's numbers
-            for spec in specs:
-                seg = segments[f"r{spec.rank}"]
-                for n, t in parts.items():
-                    seg.tensor(n).copy_(shard(n, t, spec))
+            with phases("convert weights"):
+                parts = stored(name, full, dtype)  # quantized before the cut: every worker holds the reference's numbers
+            with phases("write shards"):
+                for spec in [None] if name == "tok_embeddings.weight" else specs:
+                    seg = segments[EMBED] if spec is None else segments[f"r{spec.rank}"]
+                    for n, t in parts.items():
+                        seg.tensor(n).copy_(t if spec is None else shard(n, t, spec))
             del parts
         del full
 

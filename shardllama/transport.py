@@ -52,9 +52,11 @@ class Incoming(NamedTuple):
 
 
 class Router:
-    """Binds ``endpoint`` ("ipc": a private directory; or tcp://HOST:PORT); paired with :meth:`close`."""
+    """Binds ``endpoint`` ("ipc": a private directory, ``ipc_dir`` if given -- one made 0700 for it, which it
+    then owns; or tcp://HOST:PORT); paired with :meth:`close`."""
 
-    def __init__(self, endpoint: str, *, max_frame: int, keys_dir: Path | None = None, insecure: bool = False):
+    def __init__(self, endpoint: str, *, max_frame: int, keys_dir: Path | None = None, insecure: bool = False,
+                 ipc_dir: str | None = None):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self._held: dict = {}  # what close() releases besides the socket: curve, ipc_dir
@@ -63,19 +65,19 @@ class Router:
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         try:
-            self._bind(endpoint, max_frame, keys_dir, insecure)
+            self._bind(endpoint, max_frame, keys_dir, insecure, ipc_dir)
         except BaseException:
             self.close()
             raise
 
-    def _bind(self, endpoint: str, max_frame: int, keys_dir: Path | None, insecure: bool) -> None:
+    def _bind(self, endpoint: str, max_frame: int, keys_dir: Path | None, insecure: bool, ipc_dir: str | None) -> None:
         s = self.sock
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker fails, not drops
         s.setsockopt(zmq.MAXMSGSIZE, max_frame)
         s.setsockopt(zmq.RCVHWM, RCVHWM)
         if endpoint == "ipc":
-            self._held["ipc_dir"] = tempfile.mkdtemp(prefix="shardllama-")  # 0700: only this user gets in
+            self._held["ipc_dir"] = ipc_dir or tempfile.mkdtemp(prefix="shardllama-")  # 0700: only this user gets in
             endpoint = f"ipc://{self._held['ipc_dir']}/workers"
         elif endpoint.startswith("tcp://"):
             s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)

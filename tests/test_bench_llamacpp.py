@@ -60,3 +60,27 @@ def test_table_has_ratios_speed_up_and_the_check():
     assert "| m (1.00 GB) | shardllama 2 | 20.0 (20.0–20.0) | 1.0 | 0.50× | 40.0 | 40.0 | 0.40× | 1.00 | 1.0 |" in md
     assert "m: 2 workers over 1: decode 2.00×, prefill 128 2.00×" in md
     assert "shardllama 1 5/5, same top-1" in md and "shardllama 2 4/5, top-1 8" in md
+
+
+def test_start_up_columns_and_their_medians():
+    assert bench.median_of([{"startup_s": 3.0}, {"startup_s": 1.0}, {"startup_s": 2.0}], "startup_s") == 2.0
+    assert bench.median_of([{"startup_s": 3.0}, {"startup_kept_s": None}, {}], "startup_kept_s") is None
+    assert bench.median_of([{"startup_kept_s": 1.5}, {"startup_kept_s": None}], "startup_kept_s") == 1.5
+
+    def row(engine, startup, kept=None):
+        return dict(engine=engine, label=engine, threads=2 if engine == "llama.cpp" else None,
+                    workers=2 if engine == "shardllama" else None, decode_ms=10.0, decode_ms_min=10.0,
+                    decode_ms_max=10.0, gb_s=1.0, prefill_tok_s={"64": 100.0}, peak_memory_gb=1.0, load_s=0.5,
+                    top5=[7, 1, 2, 3, 4], disturbed=0, samples_total=2, startup_s=startup, startup_kept_s=kept)
+
+    result = dict(date="2026-01-01", machine=dict(cpu="CPU", cpu_family="1", cpu_model="2", flags="", cpus=2, mem_gib=24),
+                  versions=dict(torch="t", llama_cpp_python="l", shardllama="s", shardllama_commit="c"),
+                  models=[dict(model="m", file_gb=1.0, wall_s=60, settings=dict(
+                      rounds=1, repeat=1, prompt_lens=[64], decode_tokens=8, decode_after=8),
+                      rows=[row("llama.cpp", 0.61), row("shardllama", 2.5, 1.75)])])
+    md = bench.markdown(result)
+    assert "| load s | start-up s | start-up kept s |" in md
+    assert "| llama.cpp | 10.0 (10.0–10.0) | 1.0 | 1.00× | 100.0 | 1.00× | 1.00 | 0.5 | 0.61 |  |" in md
+    assert "| shardllama | 10.0 (10.0–10.0) | 1.0 | 1.00× | 100.0 | 1.00× | 1.00 | 0.5 | 2.50 | 1.75 |" in md
+    del result["models"][0]["rows"][1]["startup_s"]  # results of a run before these columns
+    assert "| shardllama | 10.0 (10.0–10.0) | 1.0 | 1.00× | 100.0 | 1.00× | 1.00 | 0.5 |  | 1.75 |" in bench.markdown(result)

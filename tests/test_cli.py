@@ -1,6 +1,7 @@
 """The `shardllama` command end to end: real processes, the real demo model, every error path."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -252,3 +253,81 @@ def test_listen_without_keys_or_with_a_bad_one_is_one_line(tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and "others can read it (mode 644)" in lines[0], r.stderr
     w = run_cli("worker", "--connect", "tcp://127.0.0.1:1", "--model-path", model, env=env, timeout=60)
     assert w.returncode == 1 and w.stderr.strip().splitlines() == [lines[0]], w.stderr
+
+
+# ---- start-up timing ---------------------------------------------------------------------------------
+
+
+def _startup(stderr: str) -> tuple[float, dict[str, float]]:
+    """The timing line's start-up figure and the -v phase lines (name -> seconds)."""
+    total = float(re.search(r"start-up to first token: ([\d.]+) s", stderr)[1])
+    return total, {name: float(s) for name, s in re.findall(r"^start-up: (.+?) +([\d.]+) s", stderr, re.M)}
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_verbose_says_where_the_start_up_went(tmp_path, workers):
+    from tests.test_loading import ARGS, write_gguf
+    from shardllama.model import random_weights
+
+    model = write_gguf(tmp_path / "tiny.gguf", random_weights(ARGS, seed=5))
+    r = run_cli("--model-path", model, "--prompt", "tok1 tok2 tok3", "--temperature", "0", "--max-new-tokens", "3",
+                "--ignore-eos", "--workers", workers, "--dtype", "int8", "-v", timeout=120)
+    assert r.returncode == 0, r.stderr
+    total, phases = _startup(r.stderr)
+    assert 0 < total < 120
+    assert phases.pop("total to the first token") == total
+    assert all(s >= 0 for s in phases.values())
+    assert sum(phases.values()) <= total + 0.005 * len(phases)  # disjoint stretches (each rounded to 0.01 s)
+    assert 0 < phases["python and imports"] < total and 0 <= phases["prefill and first token"] < total
+    expected = {"python and imports", "model header and tokenizer", "tokenize the prompt", "prefill and first token",
+                "other"}
+    if workers:
+        expected |= {"start worker processes", "lay out shards", "read checkpoint", "convert weights", "write shards",
+                     "workers ready"}
+        # The workers' own start beside the coordinator's phases: forked after its imports, they import nothing.
+        own = re.search(r"workers ready .*\(slowest worker's own: python and imports ([\d.]+) s, kernel library "
+                        r"[\d.]+ s, map shard [\d.]+ s", r.stderr)
+        assert own, r.stderr
+    else:
+        expected |= {"read and convert weights"}
+    assert set(phases) == expected, r.stderr
+
+
+def test_start_up_is_on_the_timing_line_and_verbose_excludes_quiet(tmp_path):
+    from tests.test_loading import ARGS, write_gguf
+    from shardllama.model import random_weights
+
+    model = write_gguf(tmp_path / "tiny.gguf", random_weights(ARGS, seed=5))
+    r = run_cli("--model-path", model, "--prompt", "tok1 tok2", "--max-new-tokens", "2", "--workers", "1", timeout=120)
+    assert r.returncode == 0, r.stderr
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("prompt:")]
+    assert re.search(r"time to first token: [\d.]+ ms; start-up to first token: [\d.]+ s; generated: ", line), line
+    assert "start-up: " not in r.stderr  # the phases only with -v
+    both = run_cli("--model-path", model, "--prompt", "x", "-q", "-v", timeout=60)
+    assert both.returncode == 2 and "-v" in both.stderr and len(both.stderr.strip().splitlines()) == 1, both.stderr
+
+
+def test_workers_are_forked_from_the_command(tmp_path):
+    """After its imports the command forks its workers (shardllama.launch): children with its own command
+    line, not `python -m workers`; they stop with it and leave no shared memory."""
+    from tests.test_loading import ARGS, write_gguf
+    from shardllama.model import random_weights
+
+    model = write_gguf(tmp_path / "tiny.gguf", random_weights(ARGS, seed=5))
+    proc = subprocess.Popen([sys.executable, "-m", "shardllama", "--model-path", str(model), "--prompt", "tok1",
+                             "--workers", "2", "--max-new-tokens", "100000", "--ignore-eos", "--max-seq-len", "4096"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        proc.stdout.read(8)  # generation is under way
+        parent = psutil.Process(proc.pid)
+        children = [p for p in parent.children() if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(children) == 2 and all(p.cmdline() == parent.cmdline() for p in children), \
+            [p.cmdline() for p in children]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    _, still_running = psutil.wait_procs(children, timeout=10)
+    assert not still_running
+    assert not [n for n in shm_segments() if f"-{proc.pid}-" in n]

@@ -40,6 +40,13 @@ engines, a check that both compute the same model.
   a time -- unless the output head is tied to it) / decode time.  What decoding is bound by.
 - vs llama.cpp: llama.cpp's time / ours on the same model (llama.cpp with the most threads), so > 1 is
   faster than llama.cpp.
+- start-up s: command to first token, as a person waits for it: a fresh process's wall time from its own
+  start (the kernel's start time of the process, so the interpreter's start and every import count) until
+  the logits of its first prompt (the warm-up's ``--decode-after`` tokens) are back, model load included.
+  shardllama starts its workers as the command does (forked right after its imports, ``shardllama.launch``)
+  and writes private shards; "kept" is a second fresh process mapping the shards a first one kept
+  (``--keep-shards``; with ``--no-kept-startup``, not measured).  The set is removed again unless it was there
+  before.  Median over rounds; other processes' CPU is not checked for these.
 - peak memory: llama.cpp's peak RSS (the mapped model file counts in it); shardllama's largest sum of PSS
   over the coordinator and its workers, read between phases (shared-memory shards count once, split
   among the processes that map them).  ``shm_gb`` in the JSON is the size of the shards themselves.  GB
@@ -220,16 +227,24 @@ class Sampler:
         return w
 
 
+def first_token(forward, reset, vocab: int, cfg: dict) -> float:
+    """The first prompt (the warm-up's ``decode_after`` ids): seconds from this process's start to its logits."""
+    from shardllama.phases import process_start
+
+    reset()
+    forward(token_ids(vocab, cfg["decode_after"], seed=1), 0)
+    return time.perf_counter() - process_start()
+
+
 def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory, pids) -> dict:
-    """Warm up, then ``repeat`` times: prefill of each prompt length, and a decode run.  ``top()`` gives the
-    five likeliest next ids after the last forward pass: read once per decode run, outside the timing, to
-    check that both engines compute the same model.  Every sample comes with the CPU other processes took
-    while it ran (``*_foreign``, in cores)."""
+    """Start-up (:func:`first_token`, which also warms up), then ``repeat`` times: prefill of each prompt
+    length, and a decode run.  ``top()`` gives the five likeliest next ids after the last forward pass: read
+    once per decode run, outside the timing, to check that both engines compute the same model.  Every
+    sample comes with the CPU other processes took while it ran (``*_foreign``, in cores)."""
     prompt = token_ids(vocab, max(cfg["prompt_lens"] + [cfg["decode_after"]]), seed=1)
     steps = token_ids(vocab, cfg["decode_tokens"], seed=2)
+    startup_s = first_token(forward, reset, vocab, cfg)  # warm-up: pages every weight in, builds kernels
     memory = [sample_memory()]
-    reset()
-    forward(prompt[: cfg["decode_after"]], 0)  # warm-up: pages every weight in, builds kernels
     for i, t in enumerate(steps[:4]):
         forward([t], cfg["decode_after"] + i)
     memory.append(sample_memory())
@@ -258,7 +273,7 @@ def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory, pids) -> 
         memory.append(sample_memory())
     return dict(prefill_tok_s=prefill, prefill_foreign=prefill_foreign, decode_ms=decode,
                 decode_foreign=decode_foreign, memory_gb=max(memory), top5=tops[-1], tries=sample.tries,
-                waited_s=sample.waited_s)
+                waited_s=sample.waited_s, startup_s=startup_s)
 
 
 def run_llamacpp(cfg: dict) -> dict:
@@ -295,12 +310,17 @@ def run_shardllama(cfg: dict) -> dict:
     import psutil
     import torch
 
+    from shardllama.launch import LocalWorkers
     from shardllama.runtime import open_model
 
     torch.set_num_threads(1)  # the coordinator's own work (embedding lookup, sums) stays on one thread
     t0 = time.perf_counter()
-    model = open_model(cfg["path"], workers=cfg["workers"], max_seq_len=cfg["n_ctx"], dtype=cfg.get("dtype", "auto"))
+    with LocalWorkers(cfg["workers"]) as early:  # as the command starts them: forked after the imports
+        model = open_model(cfg["path"], workers=cfg["workers"], max_seq_len=cfg["n_ctx"], dtype=cfg.get("dtype", "auto"),
+                           keep_shards=cfg.get("keep_shards", False), local_workers=early)
     load_s = time.perf_counter() - t0
+    if cfg.get("startup_only"):
+        return startup_only(model, cfg)
     with model:
         backend = model.backend
         pids = [os.getpid(), *backend.pids]
@@ -321,6 +341,40 @@ def run_shardllama(cfg: dict) -> dict:
         shm_gb = store.nbytes() / 1e9 if store is not None else None
         dtype = str(model.dtype).removeprefix("torch.")
     return dict(out, load_s=load_s, shm_gb=shm_gb, dtype=dtype)
+
+
+def startup_only(model, cfg: dict) -> dict:
+    """A kept-shards run: its start-up, and whether it wrote the set (else it mapped it) of which key."""
+    import torch
+
+    from shardllama.shm import shard_key
+
+    with model:
+        backend = model.backend
+        slot = torch.tensor([0])
+        startup_s = first_token(lambda tokens, pos: backend.forward(torch.tensor([tokens]), torch.tensor([pos]), slot),
+                                lambda: None, model.args.vocab_size, cfg)
+        wrote = bool(backend.store.owned)
+    return dict(startup_s=startup_s, wrote=wrote, key=shard_key(model.path, model.dtype, cfg["workers"]))
+
+
+def kept_startup(cfg: dict, timeout: float) -> dict:
+    """shardllama's start-up with kept shards: one fresh process keeps them (writing them unless they are there
+    already), a second maps them and is timed; the set is removed after unless it was there before."""
+    cfg = dict(cfg, keep_shards=True, startup_only=True)
+    first = run_config(cfg, timeout)
+    if "error" in first:
+        return first
+    try:
+        second = run_config(cfg, timeout)
+    finally:
+        if first["wrote"]:
+            from shardllama.shm import clean_kept
+
+            clean_kept(first["key"])
+    if "error" not in second and second["wrote"]:
+        return dict(error="the second process wrote the shards again instead of mapping the kept ones")
+    return second
 
 
 def child(cfg_file: str, out_file: str) -> int:
@@ -347,6 +401,12 @@ def run_config(cfg: dict, timeout: float) -> dict:
 
 
 # ---- the run --------------------------------------------------------------------------------------------
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    """The median of ``key`` over the runs that have it (None where none has)."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def clean(samples: list[tuple[float, float]]) -> tuple[list[float], int]:
@@ -376,6 +436,11 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
         for c in configs(a):
             t = time.perf_counter()
             res = run_config(dict(c, path=str(path), **settings), a.timeout)
+            if c["engine"] == "shardllama" and a.kept_startup and "error" not in res:
+                kept = kept_startup(dict(c, path=str(path), **settings), a.timeout)
+                res["startup_kept_s"] = kept.get("startup_s")
+                if "error" in kept:
+                    print(f"{name}: kept-shards start-up of {c['label']} failed: {kept['error']}", file=sys.stderr)
             res["wall_s"] = time.perf_counter() - t
             runs[c["label"]].append(res)
             shown = (f"decode {statistics.median(res['decode_ms']):.1f} ms/token, prefill "
@@ -383,7 +448,8 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
                      + f" tok/s, {res['memory_gb']:.2f} GB; other processes took up to "
                      + f"{max([*res['decode_foreign'], *sum(res['prefill_foreign'].values(), [])]):.2f} cores; "
                      + f"{res['tries']} tries for {len(res['decode_ms']) * (1 + len(a.prompt_lens))} samples, "
-                     + f"{res['waited_s']:.0f} s waiting for quiet"
+                     + f"{res['waited_s']:.0f} s waiting for quiet; start-up {res['startup_s']:.2f} s"
+                     + (f", kept {res['startup_kept_s']:.2f} s" if res.get("startup_kept_s") is not None else "")
                      if "error" not in res else f"FAILED: {res['error']}")
             print(f"{name} round {r + 1}/{a.rounds}, {c['label']}: {shown} ({res['wall_s']:.0f} s)", file=sys.stderr)
     rows = []
@@ -403,7 +469,8 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
                        prefill_tok_s={n: statistics.median(v) for n, v in prefill.items()},
                        disturbed=dropped, samples_total=sum(len(r["decode_ms"]) * (1 + len(a.prompt_lens)) for r in ok),
                        peak_memory_gb=max(r["memory_gb"] for r in ok),
-                       load_s=statistics.median(r["load_s"] for r in ok), top5=ok[-1]["top5"])
+                       load_s=statistics.median(r["load_s"] for r in ok), top5=ok[-1]["top5"],
+                       startup_s=median_of(ok, "startup_s"), startup_kept_s=median_of(ok, "startup_kept_s"))
         rows.append(row)
     return dict(model=name if name in MODELS else path.name, date=time.strftime("%Y-%m-%d"), path=str(path),
                 file_gb=path.stat().st_size / 1e9, weight_bytes=total_bytes, decode_bytes_per_token=step_bytes,
@@ -460,7 +527,8 @@ def markdown(result: dict) -> str:
     ]
     lens = sorted({n for mod in result["models"] for n in mod["settings"]["prompt_lens"]})
     head = (["model", "engine", "decode ms/token (min–max)", "GB/s", "decode vs llama.cpp"]
-            + [f"prefill {n} tok/s" for n in lens] + [f"prefill {lens[-1]} vs llama.cpp", "peak memory GB", "load s"])
+            + [f"prefill {n} tok/s" for n in lens]
+            + [f"prefill {lens[-1]} vs llama.cpp", "peak memory GB", "load s", "start-up s", "start-up kept s"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     for mod in result["models"]:
@@ -481,6 +549,7 @@ def markdown(result: dict) -> str:
             cells += [f"{r['prefill_tok_s'][str(n)]:.1f}" if str(n) in r["prefill_tok_s"] else "" for n in lens]
             cells.append(f"{r['prefill_tok_s'][last] / ref['prefill_tok_s'][last]:.2f}×" if ref else "")
             cells += [f"{r['peak_memory_gb']:.2f}", f"{r['load_s']:.1f}"]
+            cells += [f"{r[k]:.2f}" if r.get(k) is not None else "" for k in ("startup_s", "startup_kept_s")]
             lines.append("| " + " | ".join(cells) + " |")
         for r in ok:
             if one is not None and r["engine"] == "shardllama" and r["workers"] > 1 and "int8" not in r["label"]:
@@ -524,6 +593,8 @@ def main() -> int:
     p.add_argument("--max-wait", type=float, default=30,
                    help="seconds to wait, before each measurement, for other processes to leave the CPUs alone")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one subprocess may take")
+    p.add_argument("--no-kept-startup", dest="kept_startup", action="store_false",
+                   help="skip shardllama's start-up with kept shards (two more processes per configuration and round)")
     p.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "bench-llamacpp")
     p.add_argument("--append", action="store_true", help="add these models to the results already at --out")
     a = p.parse_args()

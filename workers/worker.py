@@ -36,6 +36,7 @@ from shardllama import protocol as P
 from shardllama.config import ModelArgs
 from shardllama.errors import KeyFileError
 from shardllama.model import DTYPES, Step
+from shardllama.phases import Phases
 from shardllama.quant import activation_dtype, source_dtype
 from shardllama.sharding import ShardSpec, plan
 from shardllama.shm import Segment
@@ -66,17 +67,20 @@ class _Exit(Exception):
 class Worker:
     def __init__(self, endpoint: str, rank: int | None, model_path: str | None, threads: int | None,
                  parent_pid: int | None, connect_timeout: float, keys: curve.Keypair | None = None,
-                 server_key: bytes | None = None):
+                 server_key: bytes | None = None, phases: Phases | None = None):
         self.endpoint = endpoint
         self.rank = rank
         self.model_path = model_path
         self.threads = threads
         self.parent_pid = parent_pid
         self.connect_timeout = connect_timeout
+        self.phases = phases if phases is not None else Phases()  # its own start, sent with READY
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME)
+        if endpoint.startswith("ipc://"):  # started before its coordinator listens (``launch``): retry soon
+            self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         if endpoint.startswith("tcp://"):  # notice a coordinator host that vanished without closing
             self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
             self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
@@ -159,7 +163,9 @@ class Worker:
     def handshake(self) -> None:
         self.sock.connect(self.endpoint)
         self.sock.send(P.control(P.HELLO, {"pid": os.getpid(), "rank": self.rank, "host": socket.gethostname()}))
-        buf = self._recv(self.connect_timeout).buffer
+        # A local worker may be started long before its coordinator has written the shards (``launch``): it
+        # waits as long as its parent lives.
+        buf = self._recv(None if self.parent_pid is not None else self.connect_timeout).buffer
         try:
             header = P.parse(buf, P.TO_WORKER)
             if header.kind == P.STOP:
@@ -174,7 +180,7 @@ class Worker:
         except Exception as e:
             self.sock.send(P.control(P.ERROR, {"message": f"{type(e).__name__}: {e}"}))
             raise
-        self.sock.send(P.control(P.READY, {"nbytes": nbytes}))
+        self.sock.send(P.control(P.READY, {"nbytes": nbytes, "phases": self.phases.seconds}))
 
     def _build(self, config: dict) -> int:
         args = ModelArgs(**config["args"])
@@ -184,15 +190,20 @@ class Worker:
         if dtype in (torch.float16, torch.bfloat16, torch.int8):
             from shardllama import kernels
 
-            kernels.library()  # build (or load) the matvec kernel now, under the connect timeout, not mid-step
+            with self.phases("kernel library"):
+                kernels.library()  # build (or load) the matvec kernel now, under the connect timeout, not mid-step
         self.spin_s = config.get("spin_us", 0.0) * 1e-6
         spec = plan(args, config["n_workers"])[self.rank]
         if config.get("segment"):
-            self.segment = Segment.attach(config["segment"])
-            weights = self.segment.tensors()
+            with self.phases("map shard"):
+                self.segment = Segment.attach(config["segment"])
+                weights = self.segment.tensors()
         else:
-            weights = self._load_own(args, spec, dtype)
-        self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config["max_seq_len"], config["n_slots"])
+            with self.phases("read its shard"):
+                weights = self._load_own(args, spec, dtype)
+        with self.phases("KV cache and rope tables"):
+            self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config["max_seq_len"],
+                                    config["n_slots"])
         if config.get("reduce"):
             self.reduce_segment = Segment.attach(config["reduce"], writable=True)
             # Later than the coordinator's deadline: it names the worker that fell behind and aborts the pass.
@@ -308,14 +319,15 @@ def _rank(rank: int | None) -> str:
 
 def run_worker(endpoint: str, *, rank: int | None = None, model_path: str | None = None, threads: int | None = None,
                parent_pid: int | None = None, connect_timeout: float = 60.0, keys: curve.Keypair | None = None,
-               server_key: bytes | None = None) -> int:
+               server_key: bytes | None = None, phases: Phases | None = None) -> int:
     """Connect to a coordinator, build this worker's shard, answer until told to stop.  Returns an exit code.
 
     Local workers get ``rank`` and ``parent_pid`` from the coordinator that starts them; a remote worker
     passes only ``endpoint`` and ``model_path`` (``shardllama worker --connect tcp://HOST:PORT``), and over tcp
-    its CurveZMQ ``keys`` and the coordinator's public ``server_key`` (None for both: --insecure).
+    its CurveZMQ ``keys`` and the coordinator's public ``server_key`` (None for both: --insecure).  ``phases``:
+    the worker's start-up so far (told to the coordinator with READY).
     """
-    worker = Worker(endpoint, rank, model_path, threads, parent_pid, connect_timeout, keys, server_key)
+    worker = Worker(endpoint, rank, model_path, threads, parent_pid, connect_timeout, keys, server_key, phases)
     try:
         with torch.inference_mode():
             worker.handshake()
@@ -332,6 +344,8 @@ def run_worker(endpoint: str, *, rank: int | None = None, model_path: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
+    phases = Phases.from_process_start()
+    phases.add("python and imports", phases.elapsed())
     parser = argparse.ArgumentParser(prog="python -m workers", description="a shardllama worker process")
     parser.add_argument("--connect", required=True, metavar="ENDPOINT",
                         help="the coordinator's endpoint, e.g. tcp://HOST:PORT")
@@ -368,4 +382,4 @@ def main(argv: list[str] | None = None) -> int:
             print(f"shardllama: error: {e}", file=sys.stderr)
             return 1
     return run_worker(a.connect, rank=a.rank, model_path=a.model_path, threads=a.threads, parent_pid=a.parent_pid,
-                      connect_timeout=a.connect_timeout, keys=keys, server_key=server_key)
+                      connect_timeout=a.connect_timeout, keys=keys, server_key=server_key, phases=phases)

@@ -1,28 +1,31 @@
 """GGUF files (llama.cpp), architecture ``llama``.
 
-The file is memory-mapped by ``gguf.GGUFReader``; float tensors are returned as copy-on-write views of it,
-quantized ones are dequantized one at a time by ``gguf.quants``: every type it can dequantize is read (the
-K-quants, IQ*, ...).  A split model (``NAME-00001-of-00003.gguf``..., see :mod:`.gguf_split`) is opened from
-any of its parts and read from all of them.  GGUF lists dimensions innermost first, but the reader's numpy
-arrays are already row-major ``(out, in)``, as Meta's are.  llama.cpp's converter has already permuted wq
-and wk from HF's rotate-half layout back to Meta's interleaved one, so nothing is permuted here.
+The file is memory-mapped (:mod:`.gguf_header` reads its header); float tensors are returned as copy-on-write
+views of it, quantized ones are dequantized one at a time (:mod:`.gguf_dequant`: Q4_0, Q4_1 and Q8_0 in
+torch, the rest by ``gguf.quants``): every type gguf.quants can dequantize is read (the K-quants, IQ*, ...).
+A split model (``NAME-00001-of-00003.gguf``..., see :mod:`.gguf_split`) is opened from any of its parts and
+read from all of them.  GGUF lists dimensions innermost first, but the header's numpy arrays are already
+row-major ``(out, in)``, as Meta's are.  llama.cpp's converter has already permuted wq and wk from HF's
+rotate-half layout back to Meta's interleaved one, so nothing is permuted here.
 """
-
 from __future__ import annotations
 
 import dataclasses
 import functools
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
 
 from ..config import ModelArgs
 from ..errors import ModelFileError, UnsupportedError, one_line
 from .base import Checkpoint, build_args, check_shapes, layer_table, rename
+from .gguf_dequant import dequantize
+from .gguf_header import TensorInfo, read_header
 from .gguf_split import SPLIT_TENSORS, check_part, check_tensor_total, part_paths
 
 Q = GGMLQuantizationType
@@ -56,7 +59,7 @@ def dequantizable(qtype: GGMLQuantizationType) -> bool:
         return True
     _, type_size = GGML_QUANT_SIZES[qtype]
     try:
-        dequantize(np.zeros((1, type_size), np.uint8), qtype)
+        gguf_dequantize(np.zeros((1, type_size), np.uint8), qtype)
     except NotImplementedError:
         return False
     return True
@@ -67,36 +70,18 @@ class Part:
     """One file of a (possibly split) model: the whole model, or one part of a split one."""
 
     path: Path
-    reader: GGUFReader
-    fields: dict[str, Any]
-
-
-def plain_fields(reader: GGUFReader, path: Path) -> dict[str, Any]:
-    """The metadata as python values: strings decoded, arrays as lists (the ``GGUF.*`` header entries too)."""
-    fields: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        try:
-            fields[key] = field.contents()
-        except UnicodeDecodeError:
-            raise ModelFileError(f"{path}: metadata {key!r} is not valid UTF-8") from None
-    return fields
-
-
-def _open_reader(path: Path) -> GGUFReader:
-    try:
-        # 'c': copy-on-write mapping, so tensors made from it are writable without touching the file.
-        return GGUFReader(path, "c")
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: file not found") from None
-    except Exception as e:  # the reader raises ValueError, IndexError, KeyError... on a short or bad file
-        raise ModelFileError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
+    tensors: list[TensorInfo]
+    fields: dict[str, Any]  # the metadata as python values (the ``GGUF.*`` header entries too)
 
 
 def _open_part(path: Path) -> Part:
-    reader = _open_reader(path)
-    if reader.byte_order != "I":
-        raise UnsupportedError(f"{path}: big-endian GGUF files are not supported")
-    return Part(path, reader, plain_fields(reader, path))
+    try:
+        header = read_header(path)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: file not found") from None
+    except (ValueError, struct.error, OSError) as e:  # a short or bad file
+        raise ModelFileError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
+    return Part(path, header.tensors, header.fields)
 
 
 def _open_parts(path: Path) -> tuple[list[Part], dict[str, Path]]:
@@ -110,7 +95,7 @@ def _open_parts(path: Path) -> tuple[list[Part], dict[str, Path]]:
             check_part(part.path, part.fields, no, len(parts), first.fields.get(SPLIT_TENSORS))
     file_of: dict[str, Path] = {}
     for part in parts:
-        for t in part.reader.tensors:
+        for t in part.tensors:
             if t.name in file_of:
                 raise ModelFileError(f"{part.path}: tensor {t.name!r} is also in {file_of[t.name]}")
             file_of[t.name] = part.path
@@ -122,7 +107,7 @@ def _open_parts(path: Path) -> tuple[list[Part], dict[str, Path]]:
 @dataclasses.dataclass(eq=False)
 class GGUFCheckpoint(Checkpoint):
     _parts: list[Part] = dataclasses.field(default_factory=list, repr=False)
-    _tensors: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # Meta name -> ReaderTensor
+    _tensors: dict[str, TensorInfo] = dataclasses.field(default_factory=dict, repr=False)  # by Meta name
     _files: dict[str, Path] = dataclasses.field(default_factory=dict, repr=False)  # Meta name -> its part's path
 
     @classmethod
@@ -133,7 +118,7 @@ class GGUFCheckpoint(Checkpoint):
         arch = fields.get("general.architecture")
         if arch != "llama":
             raise UnsupportedError(f"{path}: unsupported architecture {arch!r} (only 'llama')")
-        by_name = {t.name: t for part in parts for t in part.reader.tensors}
+        by_name = {t.name: t for part in parts for t in part.tensors}
         for t in by_name.values():
             if not dequantizable(t.tensor_type):
                 raise UnsupportedError(f"{file_of[t.name]}: tensor {t.name!r} has unsupported type {t.tensor_type.name} "
@@ -157,7 +142,7 @@ class GGUFCheckpoint(Checkpoint):
         renamed = rename(path, by_name, table)
         tensors = {meta: by_name[name] for meta, name in renamed.items()}
         # GGUF writes dimensions innermost first: (in, out) -> Meta's (out, in).
-        shapes = {meta: tuple(int(d) for d in reversed(t.shape.tolist())) for meta, t in tensors.items()}
+        shapes = {meta: tuple(reversed(t.shape)) for meta, t in tensors.items()}
         check_shapes(path, args, shapes, table)
         files = {meta: file_of[name] for meta, name in renamed.items()}
         return cls(args, "gguf", path, path, fields, parts, tensors, files)
@@ -166,12 +151,12 @@ class GGUFCheckpoint(Checkpoint):
         t = self._tensors[name]
         try:
             if t.tensor_type in FLOAT_TYPES:
-                # The reader gives F32/F16 as typed arrays, BF16 as raw bytes (2 per value).
+                # The header gives F32/F16 as typed arrays, BF16 as raw bytes (2 per value).
                 data = torch.from_numpy(np.asarray(t.data))
                 if t.tensor_type == Q.BF16:
                     data = data.view(torch.bfloat16)
                 return data.reshape(self.shape(name))
-            return torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(self.shape(name))
+            return dequantize(t.data, t.tensor_type).reshape(self.shape(name))
         except (ValueError, RuntimeError) as e:
             raise ModelFileError(f"{self._files[name]}: cannot read tensor {t.name!r} ({one_line(e)})") from None
 
