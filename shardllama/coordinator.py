@@ -57,6 +57,7 @@ from . import protocol as P
 from .config import ModelArgs
 from .errors import UsageError, WorkerError
 from .fingerprint import fingerprint
+from .kernels import gemm
 from .liveness import Deadline, exit_reason, stop
 from .model import DTYPES, last_positions
 from .quant import activation_dtype
@@ -130,8 +131,11 @@ class Coordinator(SlotTransfer):
         whole_pass: bool | None = None,  # workers reduce among themselves; None: wherever they can
         keys_dir: str | os.PathLike | None = None,  # tcp: CurveZMQ keys and authorized_workers (``curve``)
         insecure: bool = False,  # tcp without CurveZMQ: any peer may connect, nothing is encrypted
+        prefill_precision: str | None = None,  # f32 / bf16 (kernels.gemm); None: the process default
     ):
         self.args = args
+        # Resolved here, on this CPU, so local workers (the same CPU) say nothing more about a fallback.
+        self.prefill_precision = gemm.resolve(prefill_precision)
         self.weight_dtype, self.dtype_name = _dtype(dtype)
         self.dtype = activation_dtype(self.weight_dtype)  # of h, the messages and the embedding (int8: f32)
         self.n_workers = default_workers(args) if n_workers is None else n_workers
@@ -391,6 +395,7 @@ class Coordinator(SlotTransfer):
             "segment": self.store.worker_segment(rank) if self.store is not None else None,
             "reduce": self._reduce_seg.name if self._reduce_seg is not None and self.whole_pass else None,
             "timeout": self.timeout,
+            "prefill_precision": self.prefill_precision,
         }
 
     def _admit(self, ranks: Iterable[int]) -> None:

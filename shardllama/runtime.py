@@ -143,13 +143,16 @@ def start(
     progress: bool = False,
     keys_dir: str | Path | None = None,
     insecure: bool = False,
+    prefill_precision: str | None = None,
 ) -> Model:
     """Load the weights of a prepared checkpoint and start its backend (closes the checkpoint).
 
     ``workers`` N >= 1 runs the tensor-parallel engine on N worker processes (default: one per physical
     core); 0 runs the single-process reference model.  ``listen`` (tcp://HOST:PORT) waits for N remote
     workers (``shardllama worker --connect``) instead of starting local ones, authenticated by the CurveZMQ
-    keys in ``keys_dir`` (``shardllama.curve``) unless ``insecure``.
+    keys in ``keys_dir`` (``shardllama.curve``) unless ``insecure``.  ``prefill_precision`` (``f32`` /
+    ``bf16``; None: ``SHARDLLAMA_PREFILL_PRECISION``, else f32) is that of the products over many rows, in
+    the reference model or in every worker (``shardllama.kernels.gemm``).
     """
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
@@ -157,7 +160,8 @@ def start(
     with p.checkpoint as ckpt:
         if workers == 0:
             weights = load_weights(ckpt, p.dtype, progress=progress)
-            backend: Backend = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len, n_slots=n_slots)
+            backend: Backend = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len, n_slots=n_slots,
+                                            prefill_precision=prefill_precision)
         else:
             from .coordinator import Coordinator
 
@@ -167,7 +171,7 @@ def start(
                 p.args, load, n_workers=workers, dtype=p.dtype, max_seq_len=p.max_seq_len, n_slots=n_slots,
                 keep_shards=keep_shards, model_path=p.path, timeout=worker_timeout,
                 threads_per_worker=threads_per_worker, endpoint=listen or "ipc", keys_dir=keys_dir,
-                insecure=insecure,
+                insecure=insecure, prefill_precision=prefill_precision,
             )
     return Model(args=p.args, tokenizer=p.tokenizer, backend=backend, path=p.path, dtype=p.dtype)
 
