@@ -219,8 +219,13 @@ def feed_forward(x: torch.Tensor, w1: Linear, w2: Linear, w3: Linear) -> torch.T
 
 
 def output_head(h: torch.Tensor, norm: torch.Tensor, output: Linear, eps: float) -> torch.Tensor:
-    """Final norm and the vocabulary projection (of the rows ``output`` holds): (..., dim) -> (..., vocab)."""
-    return linear(rms_norm(h, norm, eps), output)
+    """Final norm and the vocabulary projection (of the rows ``output`` holds): (..., dim) -> (..., vocab).
+
+    Always at f32 prefill precision: generation reads one row of logits (no GEMM), so the head's precision
+    shows only in the logits of every position (teacher-forced scoring), which bf16 would round to steps of
+    1/16 at a logit of 10."""
+    with gemm.using("f32"):
+        return linear(rms_norm(h, norm, eps), output)
 
 
 class Layer(NamedTuple):
