@@ -52,11 +52,13 @@ class Backend(Protocol):
 class LocalBackend:
     """The reference model, in this process."""
 
-    def __init__(self, args: ModelArgs, weights: Mapping[str, torch.Tensor], max_seq_len: int, n_slots: int = 1):
+    def __init__(self, args: ModelArgs, weights: Mapping[str, torch.Tensor], max_seq_len: int, n_slots: int = 1,
+                 prefill_precision: str | None = None):
         self.args = args
         self.max_seq_len = max_seq_len
         self.n_slots = n_slots
-        self.model = Transformer(args, weights, max_seq_len=max_seq_len)
+        self.model = Transformer(args, weights, max_seq_len=max_seq_len, prefill_precision=prefill_precision)
+        self.prefill_precision = self.model.prefill_precision  # as resolved: f32 where bf16 is unsupported
         self.cache = self.model.new_cache(n_slots)
 
     def forward(self, tokens, start, slots, lengths=None, all_logits=False):

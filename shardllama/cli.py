@@ -64,6 +64,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rope-scaling", metavar="factor=F,low=L,high=H,original=N",
                    help="llama3 rope-scaling numbers for a Meta params.json with use_scaled_rope, which states none "
                         "(default: Meta's factor=8,low=1,high=4,original=8192, or its rope_scaling_factor)")
+    g.add_argument("--prefill-precision", choices=("f32", "bf16"),
+                   help="precision of the matrix products over a prompt (9 or more rows): f32, exact (the default), "
+                        "or bf16 inputs with f32 sums, where the CPU has AVX-512 BF16 or AMX (else f32, said once); "
+                        "default: $SHARDLLAMA_PREFILL_PRECISION, else f32")
     g.add_argument("--max-threads", type=_positive_int,
                    help="torch threads in all (default: one per worker; torch's choice with --workers 0)")
     w = p.add_argument_group("workers")
@@ -302,11 +306,13 @@ def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, pro
     :class:`~shardllama.phases.Phases` to time the load with; ``local_workers``: _early_workers')."""
     import torch
 
+    from .kernels import gemm
     from .runtime import start
     from .sharding import check_workers
 
     if args.workers:
         check_workers(prepared.args, args.workers)  # a usage error, before the notes and the load
+    prefill = gemm.resolve(args.prefill_precision)  # a bad $SHARDLLAMA_PREFILL_PRECISION too, before the load
     if not getattr(args, "quiet", False):
         for note in prepared.notes:
             log.warning("%s", note)
@@ -320,7 +326,8 @@ def start_from_args(args: argparse.Namespace, prepared, *, n_slots: int = 1, pro
         torch.set_num_threads(1)
     return start(prepared, n_slots=n_slots, workers=args.workers, keep_shards=args.keep_shards, listen=args.listen,
                  worker_timeout=args.worker_timeout, threads_per_worker=_threads_per_worker(args), progress=progress,
-                 keys_dir=args.keys_dir, insecure=args.insecure, phases=phases, local_workers=local_workers)
+                 keys_dir=args.keys_dir, insecure=args.insecure, phases=phases, local_workers=local_workers,
+                 prefill_precision=prefill)
 
 
 def open_model_from_args(args: argparse.Namespace, *, progress: bool = False):

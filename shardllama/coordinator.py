@@ -55,6 +55,7 @@ from . import protocol as P
 from .config import ModelArgs
 from .errors import UsageError, WorkerError
 from .fingerprint import fingerprint
+from .kernels import gemm
 from .launch import CONNECT_TIMEOUT_S, LocalWorkers, default_workers, spawn
 from .liveness import Deadline, exit_reason, stop
 from .model import DTYPES, last_positions
@@ -126,8 +127,11 @@ class Coordinator(SlotTransfer):
         insecure: bool = False,  # tcp without CurveZMQ: any peer may connect, nothing is encrypted
         phases: Phases | None = None,  # times the start: shards, workers (``shardllama -v``)
         local_workers: LocalWorkers | None = None,  # ipc: workers started already, taken if they fit
+        prefill_precision: str | None = None,  # f32 / bf16 (kernels.gemm); None: the process default
     ):
         self.args = args
+        # Resolved here, on this CPU, so local workers (the same CPU) say nothing more about a fallback.
+        self.prefill_precision = gemm.resolve(prefill_precision)
         self.weight_dtype, self.dtype_name = _dtype(dtype)
         self.dtype = activation_dtype(self.weight_dtype)  # of h, the messages and the embedding (int8: f32)
         self.n_workers = default_workers(args) if n_workers is None else n_workers
@@ -390,6 +394,7 @@ class Coordinator(SlotTransfer):
             "segment": self.store.worker_segment(rank) if self.store is not None else None,
             "reduce": self._reduce_seg.name if self._reduce_seg is not None and self.whole_pass else None,
             "timeout": self.timeout,
+            "prefill_precision": self.prefill_precision,
         }
 
     def _admit(self, ranks: Iterable[int]) -> None:

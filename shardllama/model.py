@@ -44,13 +44,13 @@ def layer_prefix(i: int) -> str:
 def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
     """``x @ w.T`` (F.linear).  A decode step (a few rows of x) with f16/bf16 weights goes to a C++ kernel
     that streams the weights near memory bandwidth (shardllama.kernels); more rows with f16/f32 weights to
-    oneDNN's f32 GEMM (kernels.gemm); int8 weights to quant.linear; the rest, and machines without the
-    kernels, to torch."""
+    oneDNN's GEMM at the prefill precision in force (kernels.gemm: f32, or bf16 where the CPU has it); int8
+    weights to quant.linear; the rest, and machines without the kernels, to torch."""
     if isinstance(w, Int8Weight):
         return quant.linear(x, w)
     if kernels.applies(x, w):
         return kernels.matvec(x, w)
-    if gemm.applies(x, w):  # prefill: oneDNN's f32 GEMM on the exact (widened) weights
+    if gemm.applies(x, w):  # prefill: oneDNN's GEMM, f32 on the exact (widened) weights or bf16
         return gemm.linear(x, w)
     return F.linear(x, w)
 
@@ -230,8 +230,13 @@ def feed_forward(x: torch.Tensor, w1: Linear, w2: Linear, w3: Linear) -> torch.T
 
 
 def output_head(h: torch.Tensor, norm: torch.Tensor, output: Linear, eps: float) -> torch.Tensor:
-    """Final norm and the vocabulary projection (of the rows ``output`` holds): (..., dim) -> (..., vocab)."""
-    return linear(rms_norm(h, norm, eps), output)
+    """Final norm and the vocabulary projection (of the rows ``output`` holds): (..., dim) -> (..., vocab).
+
+    Always at f32 prefill precision: generation reads one row of logits (no GEMM), so the head's precision
+    shows only in the logits of every position (teacher-forced scoring), which bf16 would round to steps of
+    1/16 at a logit of 10."""
+    with gemm.using("f32"):
+        return linear(rms_norm(h, norm, eps), output)
 
 
 class Layer(NamedTuple):
@@ -272,10 +277,15 @@ def last_positions(h: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tenso
 
 
 class Transformer:
-    """Single-process LLaMA: the oracle that the sharded engine must agree with."""
+    """Single-process LLaMA: the oracle that the sharded engine must agree with.
 
-    def __init__(self, args: ModelArgs, weights: Mapping[str, torch.Tensor], max_seq_len: int | None = None):
+    ``prefill_precision`` (``f32`` / ``bf16``; None: the process default, kernels.gemm) is that of the matrix
+    products over many rows; bf16 falls back to f32 on a CPU without bf16 arithmetic."""
+
+    def __init__(self, args: ModelArgs, weights: Mapping[str, torch.Tensor], max_seq_len: int | None = None,
+                 prefill_precision: str | None = None):
         self.args = args
+        self.prefill_precision = gemm.resolve(prefill_precision)
         self.weights = weights
         self.dtype = weights["tok_embeddings.weight"].dtype
         self.max_seq_len = max_seq_len or args.max_seq_len
@@ -307,13 +317,14 @@ class Transformer:
         step = Step.make(start, T, slots, self.rope)
         a = self.args
         h = F.embedding(tokens, self.weights["tok_embeddings.weight"])  # (B, T, dim)
-        for i, L in enumerate(self.layers):
-            h = h + attention(rms_norm(h, L.attention_norm, a.norm_eps), L.wq, L.wk, L.wv, L.wo,
-                              cache.k[i], cache.v[i], step, a.head_dim)
-            h = h + feed_forward(rms_norm(h, L.ffn_norm, a.norm_eps), L.w1, L.w2, L.w3)
-        if not all_logits:
-            h = last_positions(h, lengths)
-        return output_head(h, self.weights["norm.weight"], self.output, a.norm_eps).float()
+        with gemm.using(self.prefill_precision):
+            for i, L in enumerate(self.layers):
+                h = h + attention(rms_norm(h, L.attention_norm, a.norm_eps), L.wq, L.wk, L.wv, L.wo,
+                                  cache.k[i], cache.v[i], step, a.head_dim)
+                h = h + feed_forward(rms_norm(h, L.ffn_norm, a.norm_eps), L.w1, L.w2, L.w3)
+            if not all_logits:
+                h = last_positions(h, lengths)
+            return output_head(h, self.weights["norm.weight"], self.output, a.norm_eps).float()
 
 
 def random_weight(args: ModelArgs, name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:

@@ -106,7 +106,8 @@ BODIES: dict[int, dict[str, tuple[type, ...]]] = {
     ERROR: {"message": _STR},
     COPY_SLOT: {"src": _INT, "dst": _INT, "length": _INT},
     CONFIG: {"rank": _INT, "n_workers": _INT, "args": (dict,), "dtype": _STR, "max_seq_len": _INT, "n_slots": _INT,
-             "threads": _INT, "spin_us": _NUM, "segment": _STR + _NONE, "reduce": _STR + _NONE, "timeout": _NUM},
+             "threads": _INT, "spin_us": _NUM, "segment": _STR + _NONE, "reduce": _STR + _NONE, "timeout": _NUM,
+             "prefill_precision": _STR},
 }
 
 

@@ -146,6 +146,7 @@ def start(
     insecure: bool = False,
     phases: Phases | None = None,
     local_workers=None,
+    prefill_precision: str | None = None,
 ) -> Model:
     """Load the weights of a prepared checkpoint and start its backend (closes the checkpoint).
 
@@ -154,6 +155,8 @@ def start(
     workers (``shardllama worker --connect``) instead of starting local ones, authenticated by the CurveZMQ
     keys in ``keys_dir`` (``shardllama.curve``) unless ``insecure``.  ``phases`` times the load;
     ``local_workers`` (a :class:`~shardllama.launch.LocalWorkers`) are workers started already.
+    ``prefill_precision`` (``f32`` / ``bf16``; None: ``SHARDLLAMA_PREFILL_PRECISION``, else f32) is that of
+    the products over many rows, in the reference model or in every worker (``shardllama.kernels.gemm``).
     """
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
@@ -163,7 +166,8 @@ def start(
         if workers == 0:
             with phases("read and convert weights"):
                 weights = load_weights(ckpt, p.dtype, progress=progress)
-            backend: Backend = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len, n_slots=n_slots)
+            backend: Backend = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len, n_slots=n_slots,
+                                            prefill_precision=prefill_precision)
         else:
             from .coordinator import Coordinator
 
@@ -173,7 +177,7 @@ def start(
                 p.args, load, n_workers=workers, dtype=p.dtype, max_seq_len=p.max_seq_len, n_slots=n_slots,
                 keep_shards=keep_shards, model_path=p.path, timeout=worker_timeout,
                 threads_per_worker=threads_per_worker, endpoint=listen or "ipc", keys_dir=keys_dir,
-                insecure=insecure, phases=phases, local_workers=local_workers,
+                insecure=insecure, phases=phases, local_workers=local_workers, prefill_precision=prefill_precision,
             )
     return Model(args=p.args, tokenizer=p.tokenizer, backend=backend, path=p.path, dtype=p.dtype)
 

@@ -1,4 +1,4 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files, and the settings that test numbers depend on."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ import pytest
 from hypothesis import settings
 
 from shardllama.demo import demo_model_path
+
+# Numbers must not depend on the CPU a test lands on or on the caller's shell, so the kernel choices are
+# pinned here, before any test reads them (worker processes inherit them): prompts multiply in f32 (the
+# bf16 tests ask for bf16 themselves and skip where the CPU lacks it), and the C++ matrix-vector kernel is
+# on, as it stands by default, unless the caller turned it off on purpose (SHARDLLAMA_KERNELS=0).
+os.environ["SHARDLLAMA_PREFILL_PRECISION"] = "f32"
+os.environ.setdefault("SHARDLLAMA_KERNELS", "1")
 
 # Timing is not what these tests check, and CI machines are noisy: no per-example deadline.
 settings.register_profile("shardllama", deadline=None)

@@ -59,6 +59,7 @@ def test_seed_reproduces_and_prompt_file(demo_gguf, tmp_path):
     (["--prompt", "x", "--max-seq-len", "0"], 2, "--max-seq-len"),
     (["--prompt", "x", "--max-seq-len", "abc"], 2, "--max-seq-len"),
     (["--prompt", "x", "--dtype", "f8"], 2, "--dtype"),
+    (["--prompt", "x", "--prefill-precision", "f16"], 2, "--prefill-precision"),
     (["--prompt", "x", "--no-such-flag"], 2, "--no-such-flag"),
     (["--prompt-file", "/nonexistent/prompt.txt"], 2, "/nonexistent/prompt.txt"),
     ([], 2, "--prompt"),
@@ -70,6 +71,17 @@ def test_errors_are_one_line_with_exit_code(args, code, fragment, demo_gguf):
     assert len(lines) == 1 and lines[0].startswith("shardllama: error:"), r.stderr
     assert fragment in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_prefill_precision_variable_is_checked_before_the_load_and_the_flag_wins(demo_gguf):
+    common = ["--model-path", demo_gguf, "--prompt", "The meaning of life is", "--max-new-tokens", "2", "-q",
+              "--workers", "0"]
+    bad = {"SHARDLLAMA_PREFILL_PRECISION": "fp8"}
+    r = run_cli(*common, env=bad, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "shardllama: error: SHARDLLAMA_PREFILL_PRECISION must be one of f32, bf16, got 'fp8'"
+    r = run_cli(*common, "--prefill-precision", "f32", env=bad, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 def test_prompt_longer_than_max_seq_len(demo_gguf):

@@ -4,6 +4,7 @@
     python tools/bench_llamacpp.py --models demo-f16 --rounds 1 --repeat 1 --decode-tokens 8   # a quick look
     python tools/bench_llamacpp.py --models 7b-f16 --rounds 2 --repeat 1 --append   # add rows to the last run
     python tools/bench_llamacpp.py --models path/to/model.gguf --workers 1 2 --llama-threads 1 2
+    python tools/bench_llamacpp.py --models 7b-f16 --workers 2 --prefill-precisions f32 bf16 --rounds 2 --repeat 1
 
 Needs llama-cpp-python, the project's optional ``bench`` extra (never a test dependency); it compiles
 llama.cpp from source (~5 minutes on 2 cores), natively for this CPU with::
@@ -317,7 +318,8 @@ def run_shardllama(cfg: dict) -> dict:
     t0 = time.perf_counter()
     with LocalWorkers(cfg["workers"]) as early:  # as the command starts them: forked after the imports
         model = open_model(cfg["path"], workers=cfg["workers"], max_seq_len=cfg["n_ctx"], dtype=cfg.get("dtype", "auto"),
-                           keep_shards=cfg.get("keep_shards", False), local_workers=early)
+                           keep_shards=cfg.get("keep_shards", False), local_workers=early,
+                           prefill_precision=cfg.get("prefill_precision", "f32"))
     load_s = time.perf_counter() - t0
     if cfg.get("startup_only"):
         return startup_only(model, cfg)
@@ -419,8 +421,9 @@ def clean(samples: list[tuple[float, float]]) -> tuple[list[float], int]:
 def configs(a: argparse.Namespace) -> list[dict]:
     return ([dict(engine="llama.cpp", threads=t, label=f"llama.cpp, {t} thread{'s' * (t > 1)}")
              for t in a.llama_threads]
-            + [dict(engine="shardllama", workers=n, label=f"shardllama, {n} worker{'s' * (n > 1)}")
-               for n in a.workers]
+            + [dict(engine="shardllama", workers=n, prefill_precision=p,
+                    label=f"shardllama{'' if p == 'f32' else f' {p} prefill'}, {n} worker{'s' * (n > 1)}")
+               for p in a.prefill_precisions for n in a.workers]
             + [dict(engine="shardllama", workers=n, dtype="int8", label=f"shardllama int8, {n} worker{'s' * (n > 1)}")
                for n in a.int8_workers])
 
@@ -534,8 +537,10 @@ def markdown(result: dict) -> str:
     for mod in result["models"]:
         ok = [r for r in mod["rows"] if "decode_ms" in r]
         ref = max((r for r in ok if r["engine"] == "llama.cpp"), key=lambda r: r["threads"], default=None)
-        one = next((r for r in ok if r["engine"] == "shardllama" and r["workers"] == 1 and "int8" not in r["label"]),
-                   None)
+        def plain(r: dict) -> bool:  # shardllama with the model's own weights and f32 prefill
+            return r["engine"] == "shardllama" and "int8" not in r["label"] and "prefill" not in r["label"]
+
+        one = next((r for r in ok if plain(r) and r["workers"] == 1), None)
         s = mod["settings"]
         last = str(s["prompt_lens"][-1])
         label = f"{mod['model']} ({mod['file_gb']:.2f} GB)"
@@ -552,7 +557,7 @@ def markdown(result: dict) -> str:
             cells += [f"{r[k]:.2f}" if r.get(k) is not None else "" for k in ("startup_s", "startup_kept_s")]
             lines.append("| " + " | ".join(cells) + " |")
         for r in ok:
-            if one is not None and r["engine"] == "shardllama" and r["workers"] > 1 and "int8" not in r["label"]:
+            if one is not None and plain(r) and r["workers"] > 1:
                 notes.append(f"{mod['model']}: {r['workers']} workers over 1: decode "
                              f"{one['decode_ms'] / r['decode_ms']:.2f}×, prefill {last} "
                              f"{r['prefill_tok_s'][last] / one['prefill_tok_s'][last]:.2f}×")
@@ -581,6 +586,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="shardllama worker counts")
     p.add_argument("--int8-workers", type=int, nargs="*", default=[],
                    help="also shardllama with --dtype int8 (weights quantized at load) on these worker counts")
+    p.add_argument("--prefill-precisions", nargs="+", choices=("f32", "bf16"), default=["f32"],
+                   help="shardllama's prefill precision(s) on --workers (bf16: where the CPU has it, else f32)")
     p.add_argument("--llama-threads", type=int, nargs="+", default=[2], help="llama.cpp thread counts")
     p.add_argument("--rounds", type=int, default=3, help="fresh subprocesses per configuration, taking turns")
     p.add_argument("--repeat", type=int, default=3, help="measurements in each subprocess")

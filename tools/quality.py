@@ -1,11 +1,15 @@
-"""What lower-precision weights cost in quality: perplexity per dtype, and greedy agreement with f16.
+"""What lower precision costs in quality: perplexity per weight dtype and prefill precision, and agreement.
 
     python tools/quality.py                          # the demo model, f32 f16 bf16 int8
     python tools/quality.py --model-path M --dtypes f16 int8 --tokens 32
+    python tools/quality.py --dtypes f32 f16 --prefill-precisions f32 bf16   # bf16 prefill against f32
 
 For every dtype the model is loaded as shardllama loads it (``load_weights``: int8 is quantized at load
 time) and run by the reference model in this process (the sharded engine computes the same numbers up to
-the order of f32 sums, tests/test_int8.py), with the matrix-vector kernels as the CLI uses them.
+the order of f32 sums, tests/test_int8.py), with the matrix-vector kernels as the CLI uses them, once per
+``--prefill-precisions`` (``shardllama.kernels.gemm``: f32, and bf16 inputs with f32 sums where the CPU has
+them; a row whose bf16 fell back to f32 is left out, saying so).  Prefill precision touches the products
+over many rows: the whole text pass below and prompts of 9 or more tokens, never a decode step.
 
 - Perplexity: exp of the mean negative log-likelihood of every token of a fixed English text
   (``--text``, default tools/data/wind-in-the-willows.txt, public domain) given the ones before it, in one
@@ -17,6 +21,8 @@ the order of f32 sums, tests/test_int8.py), with the matrix-vector kernels as th
   fraction of positions holding the same token as the baseline's continuation, and the first divergence
   the index of the first token that differs (none: all identical).  After a divergence the two texts go
   their own ways, so agreement after it measures little; the first divergence is the sharper figure.
+- A bf16-prefill row is also compared with the f32-prefill row of the same weights: its perplexity change
+  and the share of text positions with the same most likely next token (teacher-forced).
 
 Writes ``quality-<model>.json`` and ``quality-<model>.md`` to --out-dir (tools/results) and prints the table.
 """
@@ -34,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shardllama.kernels import build, gemm
 from shardllama.loading import load_weights, open_checkpoint
 from shardllama.model import DTYPES, Transformer
 from shardllama.tokenizer import load_tokenizer
@@ -93,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", type=Path, help="default: the demo model")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["f32", "f16", "bf16", "int8"])
-    p.add_argument("--baseline", choices=list(DTYPES), default="f16", help="greedy agreement against this dtype")
+    p.add_argument("--baseline", choices=list(DTYPES), default="f16",
+                   help="agreement against this dtype (at f32 prefill)")
+    p.add_argument("--prefill-precisions", nargs="+", choices=gemm.PRECISIONS, default=["f32"],
+                   help="prefill precisions to run each dtype at (f32 always runs: the others compare with it)")
     p.add_argument("--text", type=Path, default=HERE / "data" / "wind-in-the-willows.txt")
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
@@ -113,45 +123,64 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.model_path.name}: text {a.text.name} ({len(text_ids)} tokens), {len(PROMPTS)} prompts x "
           f"{a.tokens} greedy tokens", file=sys.stderr)
 
+    precisions = list(dict.fromkeys(["f32"] + a.prefill_precisions))  # f32 first: the others compare with it
     rows, continuations, base_logp = {}, {}, None
-    for name in dtypes:
-        t0 = time.perf_counter()
-        model = Transformer(ckpt.args, load_weights(ckpt, DTYPES[name]), max_seq_len=max_len)
-        logp = text_logits(model, text_ids)
-        base_logp = logp if base_logp is None else base_logp  # the baseline comes first
-        ppl, nll = perplexity(logp, text_ids)
-        top1, kl = against(logp, base_logp)
-        continuations[name] = [greedy(model, ids, a.tokens) for ids in prompt_ids]
-        rows[name] = {"dtype": name, "perplexity": ppl, "nll": nll, "text_top1_agreement": top1, "text_kl": kl,
-                      "seconds": time.perf_counter() - t0}
-        print(f"{name}: perplexity {ppl:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-        del model, logp
-    for name in dtypes:
+    for dtype in dtypes:
+        weights = load_weights(ckpt, DTYPES[dtype])  # shared by the models of every precision
+        same_weights_logp = None
+        for precision in precisions:
+            if precision != "f32" and DTYPES[dtype] not in (torch.float16, torch.float32):
+                continue  # int8 and bf16 weights never go through kernels.gemm: the f32 row says it all
+            t0 = time.perf_counter()
+            model = Transformer(ckpt.args, weights, max_seq_len=max_len, prefill_precision=precision)
+            if model.prefill_precision != precision:  # bf16 on a CPU without it: that would be f32 again
+                print(f"{dtype}: no {precision} prefill on this CPU, row left out", file=sys.stderr)
+                continue
+            name = dtype if precision == "f32" else f"{dtype}, {precision} prefill"
+            logp = text_logits(model, text_ids)
+            base_logp = logp if base_logp is None else base_logp  # the baseline comes first
+            same_weights_logp = logp if same_weights_logp is None else same_weights_logp  # f32 prefill comes first
+            ppl, nll = perplexity(logp, text_ids)
+            top1, kl = against(logp, base_logp)
+            continuations[name] = [greedy(model, ids, a.tokens) for ids in prompt_ids]
+            rows[name] = {"dtype": dtype, "prefill_precision": precision, "perplexity": ppl, "nll": nll,
+                          "text_top1_agreement": top1, "text_kl": kl,
+                          "text_top1_vs_f32_prefill": against(logp, same_weights_logp)[0],
+                          "seconds": time.perf_counter() - t0}
+            print(f"{name}: perplexity {ppl:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            del model, logp
+        del weights, same_weights_logp
+    for name, row in rows.items():
         per_prompt = [agreement(c, b) for c, b in zip(continuations[name], continuations[a.baseline])]
-        rows[name]["agreement"] = sum(x for x, _ in per_prompt) / len(per_prompt)
-        rows[name]["first_divergence"] = [d for _, d in per_prompt]
+        row["agreement"] = sum(x for x, _ in per_prompt) / len(per_prompt)
+        row["first_divergence"] = [d for _, d in per_prompt]
+        row["perplexity_vs_f32_prefill"] = row["perplexity"] / rows[row["dtype"]]["perplexity"] - 1
 
     base = rows[a.baseline]["perplexity"]
-    label = a.model_path.name.removesuffix(".gguf")
+    label = a.model_path.name.removesuffix(".gguf") + ("-prefill" if len(precisions) > 1 else "")
     lines = [f"{label}: perplexity on {a.text.name} ({len(text_ids)} tokens); on the same text, teacher-forced, "
              f"the share of positions whose most likely next token is {a.baseline}'s and the mean KL({a.baseline} "
              f"|| weights); greedy agreement with {a.baseline} over the first {a.tokens} tokens of {len(PROMPTS)} "
-             "prompts, and the first divergence (index of the first differing token per prompt, - = none)", "",
-             f"| weights | perplexity | vs {a.baseline} | text top-1 = {a.baseline} | text KL (nats) "
-             f"| greedy agreement with {a.baseline} | first divergence |",
-             "|---|---|---|---|---|---|---|"]
-    for name in dtypes:
-        r = rows[name]
+             "prompts, and the first divergence (index of the first differing token per prompt, - = none); "
+             "a bf16-prefill row (f16/f32 weights) also against the f32-prefill row of its weights (perplexity change, text top-1)",
+             "", f"| weights | perplexity | vs {a.baseline} | text top-1 = {a.baseline} | text KL (nats) "
+             f"| greedy agreement with {a.baseline} | first divergence | perplexity vs f32 prefill "
+             "| text top-1 = f32 prefill |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
         first = ", ".join("-" if d is None else str(d) for d in r["first_divergence"])
+        vs_f32 = ("| | |" if r["prefill_precision"] == "f32" else
+                  f"| {100 * r['perplexity_vs_f32_prefill']:+.2f}% | {100 * r['text_top1_vs_f32_prefill']:.1f}% |")
         lines.append(f"| {name} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
                      f"{100 * r['text_top1_agreement']:.1f}% | {r['text_kl']:.5f} | {100 * r['agreement']:.1f}% "
-                     f"| {first} |")
+                     f"| {first} {vs_f32}")
     table = "\n".join(lines) + "\n"
     print("\n" + table)
 
     a.out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(model=str(a.model_path.name), text=a.text.name, text_tokens=len(text_ids), prompts=PROMPTS,
                 greedy_tokens=a.tokens, baseline=a.baseline, torch=torch.__version__, machine=platform.machine(),
+                cpu_flags=build.cpu_flags(("avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")),
                 date=time.strftime("%Y-%m-%d"), rows=list(rows.values()),
                 continuations={name: [tok.decode(c) for c in cs] for name, cs in continuations.items()})
     (a.out_dir / f"quality-{label}.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")

@@ -9,18 +9,21 @@ import torch
 from shardllama import allreduce
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
+from shardllama.kernels import gemm
 from shardllama.model import KVCache, Layer, Step, attention, feed_forward, last_positions, output_head, rms_norm, rope_tables
 from shardllama.quant import linear_weight, stored
 from shardllama.sharding import ShardSpec, shard, worker_weights
 
 
 class ShardModel:
-    """This worker's slice of the model: the same functions as the reference, on fewer heads / units."""
+    """This worker's slice of the model: the same functions as the reference, on fewer heads / units, with
+    the prefill products at the reference's precision (``prefill_precision``, as :class:`Transformer`)."""
 
     def __init__(self, args: ModelArgs, spec: ShardSpec, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                 max_seq_len: int, n_slots: int):
+                 max_seq_len: int, n_slots: int, prefill_precision: str | None = None):
         self.args = args
         self.spec = spec
+        self.prefill_precision = gemm.resolve(prefill_precision)
         self.layers = [Layer.from_weights(weights, i) for i in range(args.n_layers)]
         self.norm = weights["norm.weight"]  # (dim,)
         self.output = linear_weight(weights, "output.weight")  # (vocab slice, dim)
@@ -30,6 +33,10 @@ class ShardModel:
 
     def compute(self, phase: int, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
         """This worker's term of the layer's sum (B, T, dim), or its logits slice (B, T, vocab slice)."""
+        with gemm.using(self.prefill_precision):
+            return self._compute(phase, i, h, step)
+
+    def _compute(self, phase: int, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
         eps = self.args.norm_eps
         if phase == P.ATTN:
             L = self.layers[i]
@@ -44,13 +51,14 @@ class ShardModel:
     def whole_pass(self, h: torch.Tensor, step: Step, lengths: torch.Tensor, all_logits: bool, pass_no: int,
                    reduce: allreduce.AllReduce | None) -> torch.Tensor:
         """Every layer, summing with the other workers after each phase; this worker's logits slice."""
-        for i in range(self.args.n_layers):
-            for j, phase in enumerate((P.ATTN, P.FFN)):
-                part = self.compute(phase, i, h, step)  # (B, T, dim)
-                h = h + part if reduce is None else reduce(h, part, allreduce.ticket(pass_no, 2 * i + j))
-        if not all_logits:
-            h = last_positions(h, lengths).unsqueeze(1)  # (B, 1, dim)
-        return self.compute(P.HEAD, self.args.n_layers, h, step)
+        with gemm.using(self.prefill_precision):
+            for i in range(self.args.n_layers):
+                for j, phase in enumerate((P.ATTN, P.FFN)):
+                    part = self._compute(phase, i, h, step)  # (B, T, dim)
+                    h = h + part if reduce is None else reduce(h, part, allreduce.ticket(pass_no, 2 * i + j))
+            if not all_logits:
+                h = last_positions(h, lengths).unsqueeze(1)  # (B, 1, dim)
+            return self._compute(P.HEAD, self.args.n_layers, h, step)
 
 
 def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor],

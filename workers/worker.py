@@ -35,6 +35,7 @@ from shardllama import allreduce, curve
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
 from shardllama.errors import KeyFileError
+from shardllama.kernels import gemm
 from shardllama.model import DTYPES, Step
 from shardllama.phases import Phases
 from shardllama.quant import activation_dtype, source_dtype
@@ -185,6 +186,8 @@ class Worker:
     def _build(self, config: dict) -> int:
         args = ModelArgs(**config["args"])
         dtype = DTYPES[config["dtype"]]
+        # As the coordinator resolved it on its CPU; a remote worker's own CPU may still lack bf16 (then: f32).
+        prefill = gemm.check(config["prefill_precision"], "the coordinator's prefill_precision")
         self.rank = config["rank"]
         torch.set_num_threads(self.threads or config["threads"])
         if dtype in (torch.float16, torch.bfloat16, torch.int8):
@@ -203,14 +206,14 @@ class Worker:
                 weights = self._load_own(args, spec, dtype)
         with self.phases("KV cache and rope tables"):
             self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config["max_seq_len"],
-                                    config["n_slots"])
+                                    config["n_slots"], prefill)
         if config.get("reduce"):
             self.reduce_segment = Segment.attach(config["reduce"], writable=True)
             # Later than the coordinator's deadline: it names the worker that fell behind and aborts the pass.
             self.reduce = allreduce.AllReduce(self.reduce_segment, self.rank, 2 * config["timeout"] + 5,
                                               self.parent_pid)
-        log.info("worker %d (pid %d): heads %s, kv heads %s, ffn %s, vocab %s", self.rank, os.getpid(),
-                 spec.q_heads, spec.kv_heads, spec.ffn, spec.vocab)
+        log.info("worker %d (pid %d): heads %s, kv heads %s, ffn %s, vocab %s, %s prefill", self.rank, os.getpid(),
+                 spec.q_heads, spec.kv_heads, spec.ffn, spec.vocab, self.model.prefill_precision)
         return sum(t.numel() * t.element_size() for t in weights.values()) + self.model.cache.nbytes()
 
     def _load_own(self, args: ModelArgs, spec: ShardSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -47,15 +47,16 @@ class BuildError(RuntimeError):
     """The library could not be compiled or imported (no compiler, no ninja, a compiler error)."""
 
 
-def cpu_flags() -> list[str]:
-    """The CPU features the kernel dispatches on, from /proc/cpuinfo (empty where there is none)."""
+def cpu_flags(wanted: tuple[str, ...] = _FLAGS) -> list[str]:
+    """Which of ``wanted`` (default: the CPU features the kernel dispatches on) /proc/cpuinfo lists (none
+    where there is no such file)."""
     try:
         with open("/proc/cpuinfo") as f:
             line = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
         return []
     have = set(line.partition(":")[2].split())
-    return [f for f in _FLAGS if f in have]
+    return [f for f in wanted if f in have]
 
 
 def check_cpu() -> None:
