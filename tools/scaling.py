@@ -132,8 +132,12 @@ def main() -> int:
         args, load = ckpt.args, lambda name: ckpt.load(name, source_dtype(dtype))
         label = a.model_path.name
     # as stored: int8 matrices, their f32 scales, f32 norms and embedding
-    weight_mb = sum(t.numel() * t.element_size() for name, shape in expected_shapes(args).items()
-                    for t in stored(name, torch.empty(shape, device="meta"), dtype).values()) / 2**20
+    sizes = {name: sum(t.numel() * t.element_size() for t in stored(name, torch.empty(shape, device="meta"), dtype).values())
+             for name, shape in expected_shapes(args).items()}
+    weight_mb = sum(sizes.values()) / 2**20
+    # What a decode step reads: every weight but the embedding table, of which it looks up one row (unless the
+    # output head is tied to it).
+    read_gb = sum(v for k, v in sizes.items() if k != "tok_embeddings.weight" or "output.weight" not in sizes) / 1e9
     counts = a.workers or list(range(1, default_workers() + 1))
 
     rows = []
@@ -142,7 +146,8 @@ def main() -> int:
             prefill, decode = time_backend(c, args.vocab_size, a.prompt_len, a.decode_tokens, a.repeat)
             pss = pss_mb([os.getpid(), *c.pids])
         kv_mb = 2 * args.n_layers * a.max_seq_len * args.kv_dim * activation_dtype(dtype).itemsize / 2**20
-        rows.append(dict(workers=n, decode_ms=decode, prefill_tok_s=prefill, pss_total_mb=sum(pss),
+        rows.append(dict(workers=n, decode_ms=decode, decode_gb_s=read_gb / (decode / 1000), prefill_tok_s=prefill,
+                         pss_total_mb=sum(pss),
                          pss_coordinator_mb=pss[0], pss_workers_mb=pss[1:], weights_mb=weight_mb, kv_cache_mb=kv_mb,
                          sync_ms_per_layer=sync_overhead_ms(args, n, a.repeat), bandwidth_gb_s=bandwidth_gb_s(n)))
         print(f"N={n}: decode {decode:.1f} ms/token, prefill {prefill:.0f} tok/s", file=sys.stderr)
@@ -150,14 +155,15 @@ def main() -> int:
     base = rows[0]["decode_ms"]
     print(f"\n{label}: {args.n_layers} layers, dim {args.dim}, {a.dtype}, {platform.processor() or platform.machine()}, "
           f"{psutil.cpu_count(logical=False)} cores, torch {torch.__version__}\n")
-    print("| workers | decode ms/token | speed-up | bandwidth ceiling | prefill tok/s | prefill speed-up | PSS total MB "
-          "| PSS / (weights + KV) | sync ms/layer |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workers | decode ms/token | speed-up | bandwidth ceiling | decode GB/s (of ceiling) | prefill tok/s "
+          "| prefill speed-up | PSS total MB | PSS / (weights + KV) | sync ms/layer |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["pss_total_mb"] / (r["weights_mb"] + r["kv_cache_mb"])
         ceiling = r["bandwidth_gb_s"] / rows[0]["bandwidth_gb_s"]
         print(f"| {r['workers']} | {r['decode_ms']:.1f} | {base / r['decode_ms']:.2f}× | {ceiling:.2f}× "
-              f"({r['bandwidth_gb_s']:.1f} GB/s) | {r['prefill_tok_s']:.0f} | "
+              f"({r['bandwidth_gb_s']:.1f} GB/s) | {r['decode_gb_s']:.1f} ({r['decode_gb_s'] / r['bandwidth_gb_s']:.0%}) "
+              f"| {r['prefill_tok_s']:.0f} | "
               f"{r['prefill_tok_s'] / rows[0]['prefill_tok_s']:.2f}× | {r['pss_total_mb']:.0f} | {ratio:.2f} | "
               f"{r['sync_ms_per_layer']:.3f} |")
 
@@ -184,8 +190,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     left.plot(n, n, ":", color="grey", label="linear")
     left.set(xlabel="workers", ylabel="speed-up over 1 worker", title=title, xticks=n)
     left.legend()
-    right.bar(n, [r["decode_ms"] for r in rows])
-    right.set(xlabel="workers", ylabel="decode ms/token", xticks=n)
+    right.bar(n, [r["decode_gb_s"] for r in rows], label="decode: weights read per second")
+    right.plot(n, [r["bandwidth_gb_s"] for r in rows], "^--", color="grey", label="measured read bandwidth")
+    right.set(xlabel="workers", ylabel="GB/s", xticks=n)
+    right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
