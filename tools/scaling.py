@@ -193,7 +193,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     right.bar(n, [r["decode_gb_s"] for r in rows], label="decode: weights read per second")
     right.plot(n, [r["bandwidth_gb_s"] for r in rows], "^--", color="grey", label="measured read bandwidth")
     right.set(xlabel="workers", ylabel="GB/s", xticks=n)
-    right.legend(loc="lower right")
+    right.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
