@@ -13,18 +13,16 @@ from shardllama.demo import demo_model_path
 # Numbers must not depend on the CPU a test lands on or on the caller's shell, so the kernel choices are
 # pinned here, before any test reads them (worker processes inherit them): prompts multiply in f32 (the
 # bf16 tests ask for bf16 themselves and skip where the CPU lacks it), and the C++ matrix-vector kernel is
-# on, as it stands by default, unless the caller turned it off on purpose (SHARDLLAMA_KERNELS=0).
+# on, as it stands by default, unless the caller turned it off on purpose (SHARDLLAMA_KERNELS=0), in its
+# 1x4096 variant (the variants are bit-identical, and calibrating would cost each test process a second;
+# tests/test_kernels.py checks every variant and the calibration itself).
 os.environ["SHARDLLAMA_PREFILL_PRECISION"] = "f32"
 os.environ.setdefault("SHARDLLAMA_KERNELS", "1")
+os.environ.setdefault("SHARDLLAMA_MATVEC_VARIANT", "1x4096")
 
 # Timing is not what these tests check, and CI machines are noisy: no per-example deadline.
 settings.register_profile("shardllama", deadline=None)
 settings.load_profile("shardllama")
-
-# What the tests run must not depend on the CPU they land on: the matvec kernel's variant is pinned (the
-# variants are bit-identical, and calibrating would cost each test process a second); tests/test_kernels.py
-# checks every variant and the calibration itself.  Set here, so worker processes inherit it.
-os.environ.setdefault("SHARDLLAMA_MATVEC_VARIANT", "1x4096")
 
 
 @pytest.fixture(scope="session")
