@@ -476,3 +476,21 @@ def test_read_all_reads_every_word(lib):
         for v in used.tolist():
             want ^= v & (2**64 - 1)
         assert lib.read_all(t, streams) == want
+
+
+def test_a_build_under_umask_002_is_importable_afterwards(tmp_path):
+    """The build leaves the library and its marker writable by no one else, so the next process imports it."""
+    directory = tmp_path / "kernel"
+    code = textwrap.dedent(f"""
+        import os, sys
+        os.umask(0o002)
+        from pathlib import Path
+        from shardllama.kernels import build
+        build.load(directory=Path({str(directory)!r}))
+        build.load(directory=Path({str(directory)!r}))  # the second time through the marker, checked
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if "Unsupported" in r.stderr:
+        pytest.skip("the kernel cannot be built on this CPU")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

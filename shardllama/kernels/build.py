@@ -94,7 +94,7 @@ def load(source: Path = SOURCE, directory: Path | None = None) -> ModuleType:
     if marker.is_file():
         return _import(directory, marker)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as e:
         raise BuildError(f"cannot create {directory} ({e.strerror}); set SHARDLLAMA_CACHE to a writable directory")
     _check_owned(directory, directory=True)
@@ -104,6 +104,10 @@ def load(source: Path = SOURCE, directory: Path | None = None) -> ModuleType:
         module = _compile(source, directory)
         tmp = marker.with_suffix(f".{os.getpid()}")
         tmp.write_text(Path(module.__file__).name + "\n")
+        # What later processes import must be writable by no one else, whatever the umask (002 is common):
+        # _import refuses it otherwise.
+        for p in (tmp, Path(module.__file__)):
+            p.chmod(p.stat().st_mode & ~0o022)
         tmp.replace(marker)
         return module
 
