@@ -47,15 +47,20 @@ class BuildError(RuntimeError):
     """The library could not be compiled or imported (no compiler, no ninja, a compiler error)."""
 
 
+def cpuinfo(field: str) -> str:
+    """The value of ``field`` ("flags", "model name") for the first CPU in /proc/cpuinfo ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith(field)), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
 def cpu_flags(wanted: tuple[str, ...] = _FLAGS) -> list[str]:
     """Which of ``wanted`` (default: the CPU features the kernel dispatches on) /proc/cpuinfo lists (none
     where there is no such file)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return []
-    have = set(line.partition(":")[2].split())
+    have = set(cpuinfo("flags").split())
     return [f for f in wanted if f in have]
 
 

@@ -44,11 +44,7 @@ _PATTERN = re.compile(r"(\d)x(\d{1,7})")
 
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), part of what a stored calibration must match."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
+    return build.cpuinfo("model name") or "unknown"
 
 
 def parse(text: str, lib: ModuleType) -> tuple[int, int]:
