@@ -1,7 +1,8 @@
 """Interactive mode (``--start-interactive``) and ``shardllama chat``: read a line, answer it, ask again.
 
-One :class:`~shardllama.engine.Sequence` holds the whole session, so each turn feeds only its new tokens
-(the user's line and what surrounds it) and the KV cache keeps the history: nothing is recomputed.
+Each turn is one request to the engine (``shardllama.engine``) whose prompt is the whole conversation so far;
+the engine's prompt cache holds the previous turn's blocks, so the turn feeds only its new tokens (the
+user's line and what surrounds it) and the history is never recomputed.
 
 Behaviour (the place it is documented; the README should point here):
 
@@ -21,7 +22,6 @@ Behaviour (the place it is documented; the README should point here):
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import contextlib
 import dataclasses
@@ -34,7 +34,7 @@ from typing import Callable, Collection, TextIO
 import torch
 
 from .backend import Backend
-from .engine import Sequence, generate
+from .engine import Engine, Failed, Finished, Request
 from .errors import UsageError
 from .sampling import SamplingParams
 from .stops import StopScanner
@@ -74,8 +74,21 @@ class Printer:
             self.out.flush()
 
 
+@dataclasses.dataclass(frozen=True)
+class TurnOptions:
+    """How each turn ends and what surrounds the user's line: interactive mode's flags, and chat's."""
+
+    max_new_tokens: int | None = None  # per turn; None: until a stop or the end of the context
+    stop_strings: tuple[str, ...] = ()
+    prefix: str = ""  # put before each line the user types
+    postfix: str = ""  # and after it
+    ignore_eos: bool = False  # keep generating past the end token
+    echo: bool = True  # print the system prompt
+    system_prompt: str | None = None
+
+
 class Session:
-    """One conversation in one KV-cache slot, fed a turn at a time."""
+    """One conversation, fed a turn at a time through an engine with a one-entry prompt cache."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer, params: SamplingParams, *,
                  max_new_tokens: int | None = None, stop_strings: Collection[str] = (),
@@ -83,19 +96,20 @@ class Session:
                  emit: Callable[[str, float], None] = lambda text, prob: None):
         self.backend, self.tok, self.params = backend, tokenizer, params
         self.max_new_tokens, self.stop_strings, self.generator, self.emit = max_new_tokens, stop_strings, generator, emit
-        self.stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-        self.seq = Sequence()
+        self.stop_ids = frozenset(tokenizer.stop_ids if stop_ids is None else stop_ids)
+        self.engine = Engine(backend, cache_size=1)
+        self.tokens: list[int] = []  # the conversation: the context of the next turn
         self.pending: list[int] = []  # fed with the next turn: text printed before a stop string, unfed
         self.interrupted = threading.Event()
 
     @property
     def room(self) -> int:
         """Tokens the context can still take."""
-        return self.backend.max_seq_len - len(self.seq.tokens) - len(self.pending)
+        return self.backend.max_seq_len - len(self.tokens) - len(self.pending)
 
     def reset(self) -> None:
-        """Start over in the same slot (the cache is overwritten as the new tokens are fed)."""
-        self.seq = Sequence(slot=self.seq.slot)
+        """Start over (what the cache holds is reused as far as the new tokens agree with it)."""
+        self.tokens = []
         self.pending = []
 
     def turn(self, new_ids: list[int]) -> Turn:
@@ -104,21 +118,28 @@ class Session:
         if len(new_ids) >= self.room + len(self.pending):  # leave room for at least one generated token
             raise ContextFull()
         self.pending = []
-        start = len(self.seq.tokens) + len(new_ids)  # where the generated tokens begin
+        start = len(self.tokens) + len(new_ids)  # where the generated tokens begin
         scanner, stream = StopScanner(self.stop_strings), self.tok.stream()
         ends: list[int] = []  # ends[i]: length of the turn's text once token i was decoded
         reason, prob = "max-new-tokens", 1.0
         if new_ids:  # the decoder's context: a turn's first piece keeps its leading space (SentencePiece)
             stream.push(new_ids[-1])
+        max_len = self.backend.max_seq_len
+        request = Request(prompt=self.tokens + new_ids, params=self.params, emit=lambda event: None,
+                          max_new_tokens=max_len if self.max_new_tokens is None else self.max_new_tokens,
+                          max_len=max_len, stop_ids=self.stop_ids, generator=self.generator)
         self.interrupted.clear()
         with _sigint_sets(self.interrupted):
-            for event in generate(self.backend, self.seq, new_ids, self.params, max_new_tokens=self.max_new_tokens,
-                                  stop_ids=self.stop_ids, generator=self.generator):
+            for event in self.engine.run(request):
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Finished):
+                    break
                 if event.is_end:
                     reason = "end-token"
                     break
                 prob = event.prob
-                self.emit(scanner.push(stream.push(event.token)), prob)
+                self.emit(scanner.push(stream.push(event.id)), prob)
                 ends.append(len(scanner.text))
                 if scanner.stop_at is not None:
                     reason = "stop-string"
@@ -127,20 +148,20 @@ class Session:
                     reason = "interrupted"
                     break
             else:
-                if len(self.seq.tokens) >= self.backend.max_seq_len:
+                if len(request.tokens) >= max_len:
                     reason = "context-full"
+        self.tokens = request.tokens
         if scanner.stop_at is None:
             self.emit(scanner.push(stream.flush()) + scanner.finish(), prob)
         else:
             self._drop_stop_string(start, ends, scanner)
-        return Turn(scanner.text[:scanner.printed], self.seq.tokens[start:], reason)
+        return Turn(scanner.text[:scanner.printed], self.tokens[start:], reason)
 
     def _drop_stop_string(self, start: int, ends: list[int], scanner: StopScanner) -> None:
         """Cut the sequence back to the tokens wholly before the stop string; the printed text of a token
         that straddles it is fed again with the next turn."""
         keep = bisect.bisect_right(ends, scanner.stop_at)
-        del self.seq.tokens[start + keep:]
-        self.seq.n_cached = min(self.seq.n_cached, len(self.seq.tokens))
+        del self.tokens[start + keep:]
         rest = scanner.text[ends[keep - 1] if keep else 0:scanner.stop_at]
         self.pending = self.tok.encode(rest, bos=False, special=False) if rest else []
 
@@ -179,10 +200,8 @@ def read_line(stdin: TextIO, stderr: TextIO, marker: str = "> ") -> str | None:
     return line[:-1] if line.endswith("\n") else line
 
 
-def _sampling(args: argparse.Namespace) -> tuple[SamplingParams, torch.Generator | None]:
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                            args.repetition_penalty_last_n)
-    return params, torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+def _generator(seed: int | None) -> torch.Generator | None:
+    return torch.Generator().manual_seed(seed) if seed is not None else None
 
 
 def _context_full(stderr: TextIO, session: Session) -> int:
@@ -192,26 +211,24 @@ def _context_full(stderr: TextIO, session: Session) -> int:
     return 0
 
 
-def run_interactive(model, args: argparse.Namespace, system_prompt: str | None, *, colour: bool,
+def run_interactive(model, params: SamplingParams, seed: int | None, options: TurnOptions, *, colour: bool,
                     stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
     """rllama's ``--start-interactive``: plain text, prefix + line + postfix per turn."""
     tok = model.tokenizer
-    params, generator = _sampling(args)
-    session = Session(model.backend, tok, params, max_new_tokens=args.max_new_tokens,
-                      stop_strings=args.interactive_stop or (), stop_ids=() if args.ignore_eos else None,
-                      generator=generator, emit=Printer(stdout, colour))
-    if system_prompt:
-        session.pending = tok.encode(system_prompt, special=True)
-        if not args.no_echo:
-            stdout.write(system_prompt)
+    session = Session(model.backend, tok, params, max_new_tokens=options.max_new_tokens,
+                      stop_strings=options.stop_strings, stop_ids=() if options.ignore_eos else None,
+                      generator=_generator(seed), emit=Printer(stdout, colour))
+    if options.system_prompt:
+        session.pending = tok.encode(options.system_prompt, special=True)
+        if options.echo:
+            stdout.write(options.system_prompt)
             stdout.flush()
     elif tok.add_bos:
         session.pending = tok.encode("")
-    prefix, postfix = args.interactive_prompt_prefix, args.interactive_prompt_postfix
 
     def turn(line: str) -> Turn:
-        return session.turn(tok.encode(prefix, bos=False) + tok.encode(line, bos=False, special=False)
-                            + tok.encode(postfix, bos=False))
+        return session.turn(tok.encode(options.prefix, bos=False) + tok.encode(line, bos=False, special=False)
+                            + tok.encode(options.postfix, bos=False))
 
     return _converse(turn, session, stdin, stdout, stderr)
 
@@ -281,14 +298,13 @@ class ChatSession:
         return tok.encode(suffix, bos=False)
 
 
-def run_chat(model, args: argparse.Namespace, *, colour: bool, stdin: TextIO = sys.stdin,
-             stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
+def run_chat(model, params: SamplingParams, seed: int | None, options: TurnOptions, *, colour: bool,
+             stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
     """``shardllama chat``: the interactive loop with the model's chat template."""
     tok = model.tokenizer
     if not tok.chat_template:
         raise UsageError(f"{model.path}: the model has no chat template; "
                          "use `shardllama generate --start-interactive` with a prefix and postfix instead")
-    params, generator = _sampling(args)
-    session = Session(model.backend, tok, params, max_new_tokens=args.max_new_tokens, generator=generator,
+    session = Session(model.backend, tok, params, max_new_tokens=options.max_new_tokens, generator=_generator(seed),
                       emit=Printer(stdout, colour))
-    return _converse(ChatSession(session, args.system_prompt).turn, session, stdin, stdout, stderr)
+    return _converse(ChatSession(session, options.system_prompt).turn, session, stdin, stdout, stderr)

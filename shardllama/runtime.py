@@ -3,6 +3,7 @@ turn flags into a running engine."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -15,9 +16,9 @@ from .backend import Backend, LocalBackend
 from .config import ModelArgs
 from .errors import ModelFileError, UsageError
 from .loading import Checkpoint, open_checkpoint, load_weights
-from .model import DTYPES
+from .model import BLOCK_SIZE, DTYPES
 from .phases import Phases
-from .quant import source_dtype
+from .quant import activation_dtype, source_dtype
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,17 @@ class Prepared:
     @property
     def args(self) -> ModelArgs:
         return self.checkpoint.args
+
+    def kv_bytes_per_token(self, n_workers: int = 0) -> int:
+        """KV-cache memory of one position over all processes: keys and values of every layer.  With
+        workers, a KV head shared by two workers' query groups is held by both (``sharding``); an int8
+        model keeps its cache in f32."""
+        kv_heads = self.args.n_kv_heads
+        if n_workers:
+            from .sharding import plan
+
+            kv_heads = sum(len(spec.kv_heads) for spec in plan(self.args, n_workers))
+        return 2 * self.args.n_layers * kv_heads * self.args.head_dim * activation_dtype(self.dtype).itemsize
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -135,7 +147,7 @@ def prepare(
 def start(
     prepared: Prepared,
     *,
-    n_slots: int = 1,
+    n_blocks: int | None = None,
     workers: int | None = None,
     keep_shards: bool = False,
     listen: str | None = None,
@@ -150,6 +162,9 @@ def start(
 ) -> Model:
     """Load the weights of a prepared checkpoint and start its backend (closes the checkpoint).
 
+    ``n_blocks`` KV-cache blocks of ``model.BLOCK_SIZE`` positions (default: what one sequence of the
+    context's length needs, and one more for a cached prefix's partial block: the CLI's and interactive
+    mode's); memory is taken as blocks fill, not up front.
     ``workers`` N >= 1 runs the tensor-parallel engine on N worker processes (default: one per physical
     core); 0 runs the single-process reference model.  ``listen`` (tcp://HOST:PORT) waits for N remote
     workers (``shardllama worker --connect``) instead of starting local ones, authenticated by the CurveZMQ
@@ -162,11 +177,13 @@ def start(
         raise UsageError(f"--workers must be >= 0, got {workers}")
     p = prepared
     phases = phases if phases is not None else Phases()
+    if n_blocks is None:
+        n_blocks = -(-p.max_seq_len // BLOCK_SIZE) + 1
     with p.checkpoint as ckpt:
         if workers == 0:
             with phases("read and convert weights"):
                 weights = load_weights(ckpt, p.dtype, progress=progress)
-            backend: Backend = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len, n_slots=n_slots,
+            backend: Backend = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len, n_blocks=n_blocks,
                                             prefill_precision=prefill_precision)
         else:
             from .coordinator import Coordinator
@@ -174,7 +191,7 @@ def start(
             # Shards are written one weight at a time straight from the (memory-mapped) checkpoint.
             load = _progress_loader(ckpt, source_dtype(p.dtype), progress)  # int8: floats, quantized there
             backend = Coordinator(
-                p.args, load, n_workers=workers, dtype=p.dtype, max_seq_len=p.max_seq_len, n_slots=n_slots,
+                p.args, load, n_workers=workers, dtype=p.dtype, max_seq_len=p.max_seq_len, n_blocks=n_blocks,
                 keep_shards=keep_shards, model_path=p.path, timeout=worker_timeout,
                 threads_per_worker=threads_per_worker, endpoint=listen or "ipc", keys_dir=keys_dir,
                 insecure=insecure, phases=phases, local_workers=local_workers, prefill_precision=prefill_precision,
@@ -212,3 +229,79 @@ def _progress_loader(ckpt, dtype: torch.dtype, progress: bool):
         return ckpt.load(name, dtype)
 
     return load
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How to open and run a model: the model and worker flags (``flags.add_model_args``), built once at the
+    command line's edge; nothing below it sees argparse."""
+
+    model_path: Path | None = None  # None: the demo model
+    param_path: Path | None = None
+    tokenizer_path: Path | None = None
+    dtype: str = "auto"
+    max_seq_len: int | None = None
+    rope_override: Mapping[str, float] | None = None
+    prefill_precision: str | None = None
+    max_threads: int | None = None
+    workers: int | None = None  # None: one per physical core; 0: the reference model in this process
+    keep_shards: bool = False
+    listen: str | None = None
+    worker_timeout: float = 60.0
+    keys_dir: Path | None = None
+    insecure: bool = False
+    quiet: bool = False  # the notes of prepare() are not said
+
+    def prepare(self, *, progress: bool = False) -> Prepared:
+        return prepare(self.model_path, param_path=self.param_path, tokenizer_path=self.tokenizer_path,
+                       dtype=self.dtype, max_seq_len=self.max_seq_len, rope_override=self.rope_override,
+                       progress=progress)
+
+    @property
+    def threads_per_worker(self) -> int:
+        if not self.max_threads or self.workers == 0:
+            return 1
+        from .launch import default_workers
+
+        return max(1, self.max_threads // (self.workers or default_workers()))
+
+    def early_workers(self, phases: Phases | None = None):
+        """The local workers, started now (forked: ``launch``) so that they are ready while this process
+        reads the model's header and writes the shards: a context manager giving a LocalWorkers, or None for
+        ``workers`` 0 and ``listen``."""
+        if self.workers == 0 or self.listen:
+            return contextlib.nullcontext()
+        from .launch import LocalWorkers, default_workers
+
+        with (phases if phases is not None else Phases())("start worker processes"):
+            return LocalWorkers(self.workers or default_workers(), threads=self.threads_per_worker)
+
+    def start(self, prepared: Prepared, *, n_blocks: int | None = None, progress: bool = False,
+              phases: Phases | None = None, local_workers=None) -> Model:
+        """:func:`start` with these settings (``local_workers``: what :meth:`early_workers` gave)."""
+        from .kernels import gemm
+        from .sharding import check_workers
+
+        if self.workers:
+            check_workers(prepared.args, self.workers)  # a usage error, before the notes and the load
+        prefill = gemm.resolve(self.prefill_precision)  # a bad $SHARDLLAMA_PREFILL_PRECISION too, before the load
+        if not self.quiet:
+            for note in prepared.notes:
+                log.warning("%s", note)
+        if self.workers == 0:
+            if self.max_threads:
+                torch.set_num_threads(self.max_threads)  # the reference model computes in this process
+        else:
+            # The coordinator's own work (converting the weights, embedding rows, sums) on one thread: the cores
+            # are the workers'.  With two threads on a VM whose other core was busy, every small op waited for the
+            # second thread to be scheduled: loading the demo model took 20 s instead of 1 s.
+            torch.set_num_threads(1)
+        return start(prepared, n_blocks=n_blocks, workers=self.workers, keep_shards=self.keep_shards,
+                     listen=self.listen, worker_timeout=self.worker_timeout,
+                     threads_per_worker=self.threads_per_worker, progress=progress, keys_dir=self.keys_dir,
+                     insecure=self.insecure, phases=phases, local_workers=local_workers, prefill_precision=prefill)
+
+    def open(self, *, progress: bool = False) -> Model:
+        """prepare, then start with the default KV cache (interactive mode, chat)."""
+        with self.early_workers() as local_workers, self.prepare(progress=progress) as prepared:
+            return self.start(prepared, progress=progress, local_workers=local_workers)

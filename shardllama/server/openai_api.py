@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes, beside rllama's API and on the same scheduler (same batch, concurrency
+"""The OpenAI-compatible routes, beside rllama's API and on the same engine (same batch, concurrency
 limit, queue and prompt cache):
 
     GET  /v1/models             the one model, its id from the model file's name
@@ -45,8 +45,8 @@ from aiohttp import web
 
 from ..stops import StopScanner
 from .access import enable_cors, guard_middleware
-from .app import STATE, ServerState, _message, error_middleware, read_json, status_for
-from .jobs import Failed, Finished, Job, Token
+from ..engine import Failed, Finished, Request, Token
+from .common import STATE, ServerState, _message, error_middleware, read_json, status_for
 from .openai_schemas import ParamError, Generation, chat_messages, parse_generation, prompt_ids, render_chat
 
 log = logging.getLogger(__name__)
@@ -81,16 +81,16 @@ class Outcome:
 
 
 async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome: Outcome) -> AsyncIterator[str]:
-    """Runs a job on the scheduler; yields the text each token adds ("" too, so the caller knows the
+    """Runs a request on the engine; yields the text each token adds ("" too, so the caller knows the
     generation has started), and fills ``outcome``.  Errors before the first token propagate."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    job = Job(prompt=ids, params=gen.params, emit=functools.partial(loop.call_soon_threadsafe, queue.put_nowait),
+    job = Request(prompt=ids, params=gen.params, emit=functools.partial(loop.call_soon_threadsafe, queue.put_nowait),
               max_new_tokens=state.max_seq_len if gen.max_tokens is None else gen.max_tokens,
               max_len=state.max_seq_len, stop_ids=state.tokenizer.stop_ids,
               generator=torch.Generator().manual_seed(gen.seed if gen.seed is not None else secrets.randbits(63)),
               cache_salt=gen.cache_salt)
-    state.scheduler.submit(job)
+    state.engine.submit(job)
     decoder, stops = state.tokenizer.stream(), StopScanner(gen.stop)
     try:
         while True:
@@ -112,7 +112,7 @@ async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome
                 return
             yield text
     finally:
-        state.scheduler.cancel(job)  # a no-op once it finished; stops it after a stop string or a disconnect
+        state.engine.cancel(job)  # a no-op once it finished; stops it after a stop string or a disconnect
 
 
 async def _respond(request: web.Request, state: ServerState, ids: list[int], gen: Generation,

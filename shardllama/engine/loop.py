@@ -1,0 +1,491 @@
+"""The engine: one batched loop that owns the backend and runs every admitted request together.
+
+The backend is synchronous and not thread-safe, so one thread makes every call to it: the server starts
+:meth:`Engine.start` (a thread of its own; HTTP handlers :meth:`~Engine.submit` requests and get their
+events through ``loop.call_soon_threadsafe``), the CLI and interactive mode drive it from their own thread
+with :meth:`Engine.run` (a batch of one).  Either way the same rounds run:
+
+At most ``max_concurrent`` requests run at once; up to ``max_queue`` more wait in FIFO order; beyond that
+:meth:`submit` raises :class:`QueueFull` (HTTP 503).  One round of the loop:
+
+1. admit waiting requests: each starts with the prompt cache's longest matching prefix, sharing that
+   entry's KV blocks (``blocks.Tables.start_from``), so only the rest of the prompt is fed;
+2. one decode pass for every request with exactly one token to feed: a single ``backend.forward`` with B
+   rows, each row its own block table and position; then each row samples its next token;
+3. one prefill pass for every request with more to feed (new prompts, admitted together or still being
+   fed): right-padded rows with their ``lengths``, each at most ``prefill_chunk`` tokens a round so a long
+   prompt does not stall the others' decoding; a row's last chunk samples its first token.  Every pass
+   streams all the weights once, so B prompts in one pass cost about one pass while they are short
+   (memory-bound); for long ones the padding is real compute, so the pass is cut to the width that wastes
+   at most ``PAD_SLACK`` positions or an eighth of the pass (:func:`prefill_width`) and longer rows go on
+   next round.
+
+A request's blocks go to the prompt cache when it ends (finished, stopped, or its client went away): its
+cached positions stay valid for whoever continues them (with the same ``cache_salt``, if it had one).  The
+cache gives blocks back, least recently used entry first, when a running sequence needs one.  With a
+:class:`~.prompt_store.PromptStore` (``--prompt-cache-dir``) each new entry is also written to disk (read
+from its blocks here, written by the store's thread), and before serving anything the loop loads the
+entries saved there.
+
+When the backend's ``cache_epoch`` changes (a worker was replaced, every block's contents are gone) the
+cache is emptied and the running requests are fed again from position 0 — their tokens are known, so
+their streams go on.  (The entries on disk stay; they come back at the next start.)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Iterator
+
+import torch
+
+from ..backend import Backend
+from ..errors import ShardllamaError, UsageError
+from ..sampling import choose
+from .blocks import BlockPool, Tables
+from .prompt_cache import Key, PromptCache, positions
+from .prompt_store import PromptStore, StoreError
+from .requests import Event, Failed, Finished, Request, Token
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 256  # prompt tokens fed per request per round
+PAD_SLACK = 16  # padded positions a batched prefill may always carry (a guess for CPUs, not a measurement)
+MAX_RETRIES = 2  # times a request is fed again from position 0 after its cache was lost, before it fails
+
+
+def prefill_width(wants: list[int], room: int) -> int:
+    """Tokens per row of a batched prefill whose rows want ``wants`` tokens each (>= 1), none of them more
+    than ``room`` (the padding also lands in the KV cache, which must have the positions): the widest that
+    pads at most ``PAD_SLACK`` positions or an eighth of the pass.  Rows that want more continue next round."""
+    capped = [min(w, room) for w in wants]
+    for width in sorted(set(capped), reverse=True):
+        real = sum(min(w, width) for w in capped)
+        if len(capped) * width - real <= max(PAD_SLACK, real // 8):
+            return width
+    raise AssertionError(wants)  # unreachable: the narrowest width pads nothing
+
+
+class QueueFull(ShardllamaError):
+    """Every run place is taken and the waiting queue is full (HTTP 503)."""
+
+
+class ServerClosing(ShardllamaError):
+    """The engine is shutting down (HTTP 503)."""
+
+
+@dataclasses.dataclass
+class Counters:
+    requests: int = 0  # admitted to run
+    completed: int = 0  # ran to their end
+    cancelled: int = 0  # client went away
+    failed: int = 0
+    rejected: int = 0  # queue full
+    prompt_tokens: int = 0
+    computed_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the cache
+    cache_hits: int = 0  # requests that reused at least one token
+    generated: int = 0
+    decode_passes: int = 0
+    decode_rows: int = 0
+    max_decode_batch: int = 0
+    prefill_passes: int = 0
+    prefill_rows: int = 0  # prompts (chunks) fed by those passes: more rows than passes = batched prefills
+    max_prefill_batch: int = 0
+    cache_loaded: int = 0  # entries read from --prompt-cache-dir at start-up
+    cache_saved: int = 0  # entries handed to it to write
+
+
+def blocks_needed(max_concurrent: int, max_seq_len: int, block_size: int) -> int:
+    """KV-cache blocks that ``max_concurrent`` sequences of ``max_seq_len`` positions can hold at most: a
+    backend with fewer cannot run them; every block beyond these is room for the prompt cache."""
+    return max_concurrent * -(-max_seq_len // block_size)
+
+
+class Engine:
+    """Runs requests on ``backend``; see the module docstring."""
+
+    def __init__(self, backend: Backend, *, max_concurrent: int = 1, max_queue: int = 0, cache_size: int = 0,
+                 prefill_chunk: int = PREFILL_CHUNK, store: PromptStore | None = None):
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        need = blocks_needed(max_concurrent, backend.max_seq_len, backend.block_size)
+        if backend.n_blocks < need:
+            raise ValueError(f"the backend has {backend.n_blocks} KV-cache blocks, fewer than the {need} that "
+                             f"{max_concurrent} sequence(s) of {backend.max_seq_len} positions may need")
+        self.backend = backend
+        self.max_concurrent = max_concurrent
+        self.max_queue = max(0, max_queue)
+        self.prefill_chunk = prefill_chunk
+        self.pool = BlockPool(backend.n_blocks, backend.block_size)
+        self.cache = PromptCache(max(0, cache_size) if backend.n_blocks > need else 0, self.pool)
+        self.tables = Tables(self.pool, make_room=self.cache.evict)
+        self.store = store if self.cache.capacity > 0 else None
+        if store is not None and self.store is None:
+            log.warning("--prompt-cache-dir %s: the prompt cache has no room (size or memory 0); not used", store.dir)
+        self._epoch = backend.cache_epoch
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._cache_info = (0, 0, 0)  # entries, tokens, blocks: what stats() reports from other threads
+        self.counters = Counters()
+
+    # ---- clients ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the loop in a thread of its own (the server); :meth:`close` stops it."""
+        assert self._thread is None, "the engine runs already"
+        self._thread = threading.Thread(target=self._run, name="shardllama-engine", daemon=True)
+        self._thread.start()
+
+    def run(self, request: Request) -> Iterator[Event]:
+        """Run ``request`` in this thread (the CLI, interactive mode): its events, until the last one.
+        Stopping the iteration early cancels it; its blocks go to the prompt cache at once."""
+        assert self._thread is None, "run() drives the loop itself; the engine has a thread"
+        events: collections.deque[Event] = collections.deque()
+        request.emit = events.append
+        self.submit(request)
+        try:
+            while True:
+                if not events:
+                    self.step()
+                while events:
+                    event = events.popleft()
+                    yield event
+                    if not isinstance(event, Token) or event.last:
+                        return
+        finally:
+            if not request.done:
+                self.cancel(request)
+                self._drop_cancelled()
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; QueueFull when max_concurrent run and max_queue wait already."""
+        with self._cond:
+            if self._closing:
+                raise ServerClosing("the server is shutting down")
+            if len(self._active) + len(self._waiting) >= self.max_concurrent + self.max_queue:
+                self.counters.rejected += 1
+                raise QueueFull(f"the server is busy: {len(self._active)} generations running and "
+                                f"{len(self._waiting)} waiting (at most {self.max_queue}); try again later")
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stop ``request`` (its client went away): out of the queue now, out of its run place before the
+        next pass.  Harmless on a finished request."""
+        with self._cond:
+            if request.done:
+                return
+            request.cancelled = True
+            try:
+                self._waiting.remove(request)
+                request.done = True
+                self.counters.cancelled += 1
+            except ValueError:
+                pass
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            c = dataclasses.asdict(self.counters)
+            entries, tokens, blocks = self._cache_info
+            per_block = self.backend.kv_bytes_per_token() * self.pool.block_size
+            c.update(
+                running=len(self._active), waiting=len(self._waiting), max_concurrent=self.max_concurrent,
+                max_queue=self.max_queue, cache_entries=entries, cache_capacity=self.cache.capacity,
+                cache_tokens=tokens, kv_block_size=self.pool.block_size, kv_blocks=self.pool.n_blocks,
+                kv_bytes_per_block=per_block, cache_blocks=blocks, cache_bytes_used=blocks * per_block,
+            )
+            return c
+
+    def close(self) -> None:
+        """Stop the loop after its current pass; every request still queued or running gets Failed."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self.store is not None:
+            self.store.close()  # what is queued gets written
+        with self._cond:
+            requests = list(self._waiting) + list(self._active)
+            self._waiting.clear()
+            self._active.clear()
+        for r in requests:
+            r.done = True
+            self._emit(r, Failed(ServerClosing("the server is shutting down")))
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.store is not None:
+            try:
+                self._restore()
+            except Exception:
+                log.exception("prompt cache: loading %s failed", self.store.dir)
+        while True:
+            with self._cond:
+                while not self._closing and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._closing:
+                    return
+            self.step()
+
+    def step(self) -> None:
+        """One round: admit what fits, drop the cancelled, one decode pass, one prefill pass."""
+        with self._cond:
+            admitted = []
+            while self._waiting and len(self._active) < self.max_concurrent:
+                request = self._waiting.popleft()
+                self._active.append(request)
+                admitted.append(request)
+        try:
+            for request in admitted:
+                self._start(request)
+            self._drop_cancelled()
+            decoding = [r for r in self._active if r.pending == 1]
+            if decoding:
+                self._decode(decoding)
+            prefilling = [r for r in self._active if r.pending > 1 and not r.done]
+            if prefilling:
+                self._prefill(prefilling)
+        except Exception as e:  # a bug: fail what runs, keep serving
+            log.exception("engine round failed")
+            for request in list(self._active):
+                self._fail(request, e)
+        with self._cond:
+            self._cache_info = (len(self.cache), self.cache.n_tokens(), self.cache.n_blocks())
+
+    def _restore(self) -> None:
+        """Load the entries saved in the prompt-cache directory into free blocks (least recently used first,
+        so the in-memory LRU order is the directory's), as many as the blocks beyond the running sequences'
+        hold."""
+        reserve = blocks_needed(self.max_concurrent, self.backend.max_seq_len, self.pool.block_size)
+        loaded = 0
+        for entry in reversed(self.store.open(keep=self.cache.capacity)):
+            try:
+                k, v = self.store.load(entry)
+            except StoreError as e:
+                log.warning("prompt cache: skipping %s", e)
+                continue
+            if self.pool.n_free - self.pool.blocks_for(k.shape[1]) < reserve:
+                log.info("prompt cache: the KV cache is full; %s and older entries not loaded", entry.path)
+                break
+            table: list[int] = []
+            try:
+                self.tables.grow(table, k.shape[1])
+                self.backend.write_blocks(table, k, v)
+            except Exception as e:
+                self.tables.release(table)
+                log.warning("prompt cache: cannot load %s into the KV cache: %s", entry.path, e)
+                if self._check_epoch():
+                    return
+                continue
+            self._add_entry(entry.key, table, save=False)
+            loaded += 1
+        self.counters.cache_loaded = loaded
+        if loaded:
+            log.info("prompt cache: %d entries loaded from %s", loaded, self.store.dir)
+
+    def _add_entry(self, key: Key, table: list[int], save: bool = True) -> None:
+        """Hand ``table`` (holding the positions of ``key``) to the prompt cache and mirror the change on disk:
+        a new entry is written (``save``), entries it extends are deleted, an entry that covers it is marked
+        used."""
+        done = self.cache.insert(key, table)
+        if self.store is None or not positions(key):
+            return
+        if done.entry is None:
+            if done.covered_by is not None:
+                self.store.touch(done.covered_by)
+            return
+        if not save:
+            self.store.forget(done.extended)
+            return
+        try:
+            k, v = self.backend.read_blocks(table, positions(key))
+        except Exception as e:
+            log.warning("prompt cache: cannot read the blocks of a new entry to save it: %s", e)
+            return
+        self.store.save(key, k, v, replaces=done.extended)
+        self.counters.cache_saved += 1
+
+    def _start(self, r: Request) -> None:
+        self._check_epoch()
+        self.counters.requests += 1
+        r.admitted_at = time.perf_counter()
+        r.tokens = list(r.prompt)
+        r.budget = min(r.max_len - len(r.prompt) + 1, r.max_new_tokens)
+        if not r.prompt:
+            self._fail(r, UsageError("the prompt is empty and the model adds no BOS token: nothing to continue from"))
+            return
+        if r.budget <= 0 or r.cancelled:
+            self.counters.completed += not r.cancelled
+            self._end(r, Finished(r.stats()), keep=False)
+            return
+        key = r.key(r.prompt)
+        # At least the last prompt token is always fed: its logits are the first prediction.
+        entry, n = self.cache.longest_prefix(key, limit=positions(key) - 1)
+        if entry is not None:
+            try:
+                r.table = self.tables.start_from(self.cache.blocks(entry), n, self.backend.copy_block)
+            except Exception as e:
+                if not self._check_epoch():  # else the copy found its source lost: start from scratch
+                    self._fail(r, e)
+                    return
+                n = 0
+            else:
+                self.cache.touch(entry)
+                if self.store is not None:
+                    self.store.touch(self.cache.key(entry))
+        r.n_cached = r.cached_tokens = n
+        self.counters.prompt_tokens += len(r.prompt)
+        self.counters.cached_tokens += n
+        self.counters.cache_hits += n > 0
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._active if r.cancelled]:
+            self.counters.cancelled += 1
+            self._end(r, None)
+
+    def _decode(self, requests: list[Request]) -> None:
+        for r in requests:
+            self.tables.grow(r.table, r.n_cached + 1)
+        tokens = torch.tensor([[r.tokens[-1]] for r in requests])  # (B, 1)
+        start = torch.tensor([r.n_cached for r in requests])  # (B,)
+        logits = self._forward(requests, tokens, start)  # (B, vocab)
+        if logits is None:
+            return
+        c = self.counters
+        c.decode_passes += 1
+        c.decode_rows += len(requests)
+        c.max_decode_batch = max(c.max_decode_batch, len(requests))
+        for r, row in zip(requests, logits):
+            if r.n_cached < len(r.prompt):  # a prompt token (the one a cache hit leaves to feed)
+                r.computed_tokens += 1
+                c.computed_tokens += 1
+            r.n_cached += 1
+            self._sample(r, row)
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """One forward pass feeding the next chunk of every request's prompt, rows right-padded to one width."""
+        T = prefill_width([min(r.pending, self.prefill_chunk) for r in requests],
+                          min(self.backend.max_seq_len - r.n_cached for r in requests))
+        counts = [min(r.pending, T) for r in requests]
+        tokens = torch.zeros((len(requests), T), dtype=torch.long)  # (B, T); padding: token 0, never read back
+        for row, (r, n) in enumerate(zip(requests, counts)):
+            tokens[row, :n] = torch.tensor(r.tokens[r.n_cached: r.n_cached + n])
+            self.tables.grow(r.table, r.n_cached + T)  # the padding lands in the row's own blocks
+        start = torch.tensor([r.n_cached for r in requests])  # (B,)
+        lengths = torch.tensor(counts) if min(counts) < T else None  # (B,)
+        logits = self._forward(requests, tokens, start, lengths)  # (B, vocab)
+        if logits is None:
+            return
+        c = self.counters
+        c.prefill_passes += 1
+        c.prefill_rows += len(requests)
+        c.max_prefill_batch = max(c.max_prefill_batch, len(requests))
+        for r, n, row in zip(requests, counts, logits):
+            c.computed_tokens += n
+            r.computed_tokens += n
+            r.n_cached += n
+            if r.pending == 0:
+                self._sample(r, row)
+
+    def _forward(self, requests: list[Request], tokens, start, lengths=None) -> torch.Tensor | None:
+        """backend.forward for these requests' rows; None if it failed (they are then failed or, if their
+        cache was lost to a worker replacement, set to be fed again from position 0)."""
+        width = max(len(r.table) for r in requests)
+        tables = torch.zeros((len(requests), width), dtype=torch.long)  # (B, W); past a row's end: never read
+        for row, r in enumerate(requests):
+            tables[row, : len(r.table)] = torch.tensor(r.table)
+        t0 = time.perf_counter()
+        try:
+            logits = self.backend.forward(tokens, start, tables, lengths)
+        except Exception as e:
+            if self._check_epoch():  # a worker was replaced: every sequence must be fed again
+                for r in requests:
+                    r.retries += 1
+                    if r.retries > MAX_RETRIES:
+                        self._fail(r, e)
+                return None
+            if not isinstance(e, ShardllamaError):
+                log.exception("forward pass failed")
+            for r in requests:
+                self._fail(r, e)
+            return None
+        dt = time.perf_counter() - t0
+        log.debug("forward B=%d T=%d: %.1f ms", tokens.shape[0], tokens.shape[1], 1000 * dt)
+        for r in requests:
+            if r.generated:
+                r.decode_s += dt
+            else:
+                r.prefill_s += dt
+        self._check_epoch()
+        return logits
+
+    def _check_epoch(self) -> bool:
+        """If the backend lost its KV caches since we last looked: empty the prompt cache and make every
+        running request feed its tokens again from position 0, in blocks of its own.  True if that happened."""
+        epoch = self.backend.cache_epoch
+        if epoch == self._epoch:
+            return False
+        log.warning("the KV caches were lost (a worker was replaced): prompt cache emptied, "
+                    "%d running generation(s) recomputed", len(self._active))
+        self._epoch = epoch
+        self.cache.clear()
+        for r in self._active:
+            self.tables.release(r.table)
+            r.n_cached = 0
+        return True
+
+    def _sample(self, r: Request, logits: torch.Tensor) -> None:
+        token, prob = choose(logits, r.tokens, r.params, r.generator)
+        # In f64: f32 probabilities of a 50k vocabulary sum to 1 only within ~1e-5.
+        probs = torch.softmax(logits.double(), dim=-1) if r.full_distribution else None
+        r.tokens.append(token)
+        r.generated += 1
+        if r.generated == 1:
+            r.first_token_s = time.perf_counter() - r.admitted_at
+        self.counters.generated += 1
+        is_end = token in r.stop_ids
+        last = is_end or r.generated >= r.budget
+        if last:
+            self.counters.completed += 1
+        event = Token(token, prob, is_end, last, probs, r.stats() if last else None)
+        if last:
+            self._end(r, event)
+        else:
+            self._emit(r, event)
+
+    def _fail(self, r: Request, error: BaseException) -> None:
+        self.counters.failed += 1
+        self._end(r, Failed(error), keep=False)
+
+    def _end(self, r: Request, event: Event | None, keep: bool = True) -> None:
+        """Take ``r`` out of its run place, send its last event, and give its blocks to the prompt cache
+        (``keep``: their contents are valid) or back to the pool."""
+        with self._cond:
+            if r in self._active:
+                self._active.remove(r)
+            r.done = True
+        if keep and r.n_cached > 0:
+            self.tables.release(r.table, keep=r.n_cached)
+            self._add_entry(r.key(r.tokens[: r.n_cached]), r.table)
+        else:
+            self.tables.release(r.table)
+        r.table = []
+        if event is not None:
+            self._emit(r, event)
+
+    def _emit(self, r: Request, event: Event) -> None:
+        try:
+            r.emit(event)
+        except Exception:  # the event loop is gone (server shutting down): nobody to tell
+            r.cancelled = True

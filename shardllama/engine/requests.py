@@ -1,0 +1,108 @@
+"""A generation request as the engine runs it (:class:`Request`), and the events it sends back.
+
+The contract between the engine and its clients (CLI, interactive mode, HTTP handlers): a client builds a
+Request with an ``emit`` callback; the engine calls it, from the thread that runs the engine, with one
+:class:`Token` per generated token (the last one flagged ``last`` and carrying the request's
+:class:`Stats`), or :class:`Finished` when there was nothing to generate, or :class:`Failed`.  A cancelled
+request gets no further event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from ..sampling import SamplingParams
+from .prompt_cache import Key, cache_key, salt_id
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Counts and timings of one request (the CLI's summary line, the server's usage fields)."""
+
+    prompt_tokens: int  # tokens in the prompt
+    cached_tokens: int  # of them, reused from the prompt cache
+    computed_tokens: int  # prompt (and, after a lost cache, generated) tokens fed through the model
+    generated: int
+    prefill_s: float = 0.0  # forward passes that fed the prompt (and sampled the first token)
+    first_token_s: float = 0.0  # from admission to the first token: time to first token
+    decode_s: float = 0.0  # forward passes after the first token
+
+    @property
+    def ms_per_token(self) -> float:
+        """Decode time per token, counting the passes after the first token."""
+        steps = self.generated - 1
+        return 1000 * self.decode_s / steps if steps > 0 else float("nan")
+
+    @property
+    def prefill_tok_s(self) -> float:
+        fed = self.prompt_tokens - self.cached_tokens
+        return fed / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    id: int
+    prob: float  # under the request's sampling settings
+    is_end: bool  # a stop id that ended the generation
+    last: bool  # nothing follows this event
+    probs: torch.Tensor | None = None  # (vocab,) the model's own distribution, for no_token_sampling
+    stats: Stats | None = None  # on the last token
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """The request ended without a token (max_new_tokens 0)."""
+
+    stats: Stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+Event = Token | Finished | Failed
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    max_new_tokens: int
+    max_len: int  # positions the sequence may use; the last generated token is emitted, never fed
+    stop_ids: frozenset[int] = frozenset()  # tokens that end the generation
+    full_distribution: bool = False
+    generator: torch.Generator | None = None
+    cache_salt: str | None = None  # shares cached prefixes only with requests of the same salt (``prompt_cache``)
+    # State, owned by the engine:
+    tokens: list[int] = dataclasses.field(default_factory=list)  # the prompt, then what was generated
+    n_cached: int = 0  # tokens[:n_cached] have their keys and values in the blocks of ``table``
+    table: list[int] = dataclasses.field(default_factory=list)  # block table: KV-cache blocks, in order
+    budget: int = 0
+    generated: int = 0
+    cached_tokens: int = 0
+    computed_tokens: int = 0
+    retries: int = 0
+    admitted_at: float = 0.0
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0
+    decode_s: float = 0.0
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def pending(self) -> int:
+        """Tokens the cache lacks."""
+        return len(self.tokens) - self.n_cached
+
+    def key(self, tokens: list[int]) -> Key:
+        """The prompt cache's key for ``tokens`` of this request."""
+        return cache_key(tokens, salt_id(self.cache_salt))
+
+    def stats(self) -> Stats:
+        return Stats(len(self.prompt), self.cached_tokens, self.computed_tokens, self.generated,
+                     self.prefill_s, self.first_token_s, self.decode_s)
