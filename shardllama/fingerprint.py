@@ -1,6 +1,6 @@
 """What a model is, as files on disk, cheaply enough to compute at every start.
 
-Kept weight shards (:mod:`.shm`) and the prompt cache on disk (:mod:`.server.prompt_store`) reuse state
+Kept weight shards (:mod:`.shm`) and the prompt cache on disk (:mod:`.engine.prompt_store`) reuse state
 computed from a model's files and may trust it only while the files are the same.  Hashing whole files
 would cost as much as reading them, and kept shards exist to start in seconds, so each file is described by
 what ``stat`` says — size, modification time (ns), inode, owner — plus a SHA-256 of its first 64 KiB (a

@@ -204,8 +204,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help=f"KV states of earlier prompts kept for reuse; 0 = off (default {DEFAULT_PROMPT_CACHE_SIZE})")
     g.add_argument("--inference-server-prompt-cache-memory", type=_int_at_least(0, "non-negative integer"),
                    default=DEFAULT_PROMPT_CACHE_MEMORY_MIB, metavar="MIB",
-                   help="memory the prompt cache may take, in MiB: each entry is a full KV-cache slot of "
-                        f"--max-seq-len positions (default {DEFAULT_PROMPT_CACHE_MEMORY_MIB})")
+                   help="memory the prompt cache may take, in MiB: an entry holds the KV-cache blocks (16 positions "
+                        "each) its tokens fill, entries share the blocks of a common prefix, and memory is taken as "
+                        f"blocks fill (default {DEFAULT_PROMPT_CACHE_MEMORY_MIB})")
     g.add_argument("--prompt-cache-dir", metavar="DIR",
                    help="keep the prompt cache's entries in this directory too (safetensors files), so they "
                         "survive a restart; at most --inference-server-prompt-cache-size of this model's entries, "

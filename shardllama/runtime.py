@@ -42,6 +42,18 @@ class Model:
         self.close()
 
 
+def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype, n_workers: int = 0) -> int:
+    """KV-cache memory of one position over all processes: keys and values of every layer.  With workers,
+    a KV head shared by two workers' query groups is held by both (``sharding``); an int8 model keeps its
+    cache in f32.  Known from the checkpoint's header, so the server sizes its cache before loading."""
+    kv_heads = args.n_kv_heads
+    if n_workers:
+        from .sharding import plan
+
+        kv_heads = sum(len(spec.kv_heads) for spec in plan(args, n_workers))
+    return 2 * args.n_layers * kv_heads * args.head_dim * activation_dtype(dtype).itemsize
+
+
 DEFAULT_CONTEXT = 4096  # --max-seq-len when not given: the model's trained context, at most this
 
 
@@ -77,15 +89,8 @@ class Prepared:
         return self.checkpoint.args
 
     def kv_bytes_per_token(self, n_workers: int = 0) -> int:
-        """KV-cache memory of one position over all processes: keys and values of every layer.  With
-        workers, a KV head shared by two workers' query groups is held by both (``sharding``); an int8
-        model keeps its cache in f32."""
-        kv_heads = self.args.n_kv_heads
-        if n_workers:
-            from .sharding import plan
-
-            kv_heads = sum(len(spec.kv_heads) for spec in plan(self.args, n_workers))
-        return 2 * self.args.n_layers * kv_heads * self.args.head_dim * activation_dtype(self.dtype).itemsize
+        """What the backend :func:`start` makes will hold per KV-cache position (:func:`kv_bytes_per_token`)."""
+        return kv_bytes_per_token(self.args, self.dtype, n_workers)
 
     def close(self) -> None:
         self.checkpoint.close()

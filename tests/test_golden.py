@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shardllama.backend import LocalBackend
-from shardllama.engine import Sequence, generate
+from shardllama.engine import generate
 from shardllama.quant import quantize_weights
 from shardllama.sampling import SamplingParams
 
@@ -14,7 +14,7 @@ N_NEW = 32
 
 
 def greedy(backend, prompt_ids, n=N_NEW):
-    return [e.token for e in generate(backend, Sequence(), prompt_ids, SamplingParams(temperature=0), max_new_tokens=n)]
+    return [e.id for e in generate(backend, prompt_ids, SamplingParams(temperature=0), max_new_tokens=n)]
 
 
 @pytest.fixture(scope="module")

@@ -394,7 +394,7 @@ def test_prompt_store_keeps_int8_kv_apart_from_f32(tmp_path, caplog):
     skipped (one warning) by an f32 one."""
     import logging
 
-    from shardllama.server.prompt_store import PromptStore, model_identity
+    from shardllama.engine.prompt_store import PromptStore, model_identity
 
     model_file = tmp_path / "model.bin"
     model_file.write_bytes(b"weights")
@@ -419,10 +419,13 @@ def test_prompt_store_keeps_int8_kv_apart_from_f32(tmp_path, caplog):
 
 
 def test_server_sizes_the_int8_cache_in_f32():
-    from shardllama.server import kv_bytes_per_slot
+    from shardllama.backend import LocalBackend
+    from shardllama.runtime import kv_bytes_per_token
 
     for n in (0, 2):
-        assert kv_bytes_per_slot(ARGS, torch.int8, 64, n) == kv_bytes_per_slot(ARGS, torch.float32, 64, n) > 0
+        assert kv_bytes_per_token(ARGS, torch.int8, n) == kv_bytes_per_token(ARGS, torch.float32, n) > 0
+    backend = LocalBackend(ARGS, quantize_weights(random_weights(ARGS)), max_seq_len=32, n_blocks=2)
+    assert backend.kv_bytes_per_token() == kv_bytes_per_token(ARGS, torch.int8)  # the prediction is what it holds
 
 
 def test_load_weights_int8_and_checkpoints_refuse_int8_loads(tmp_path):

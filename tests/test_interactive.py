@@ -17,7 +17,7 @@ from shardllama.backend import LocalBackend
 from shardllama.chat_template import render
 from shardllama.config import ModelArgs
 from shardllama.errors import UsageError
-from shardllama.interactive import ChatSession, Session, run_chat
+from shardllama.interactive import ChatSession, Session, TurnOptions, run_chat
 from shardllama.stops import StopScanner
 from shardllama.model import random_weights
 from shardllama.sampling import SamplingParams
@@ -34,9 +34,9 @@ class CountingBackend(LocalBackend):
         super().__init__(*a, **kw)
         self.calls: list[tuple[int, int]] = []
 
-    def forward(self, tokens, start, slots, lengths=None, all_logits=False):
+    def forward(self, tokens, start, tables, lengths=None, all_logits=False):
         self.calls.append((int(start[0]), tokens.shape[1]))
-        return super().forward(tokens, start, slots, lengths, all_logits)
+        return super().forward(tokens, start, tables, lengths, all_logits)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,13 @@ def backend(tok):
     return CountingBackend(args, random_weights(args, seed=3), max_seq_len=256)
 
 
-def assert_fed_once(backend, seq):
+def assert_fed_once(backend, session):
     """Every forward pass starts where the previous one ended: no token of the history is fed twice."""
     position = 0
     for start, n in backend.calls:
         assert start == position, backend.calls
         position += n
-    assert position == seq.n_cached == len(seq.tokens) - 1  # the last token is emitted, not yet fed
+    assert position == len(session.tokens) - 1  # the last token is emitted, not yet fed
 
 
 # --- the session logic
@@ -83,15 +83,15 @@ def test_turns_continue_from_the_cache_with_prefix_and_postfix(tok, backend):
     expected = list(session.pending)
     for line in ["hello", "<|im_end|> typed", "bye"]:
         ids = tok.encode("User: ", bos=False) + tok.encode(line, bos=False, special=False) + tok.encode("\nAI:", bos=False)
-        before = len(session.seq.tokens) + len(session.pending)
+        before = len(session.tokens) + len(session.pending)
         turn = session.turn(ids)
         expected += ids
-        assert session.seq.tokens[before:before + len(ids)] == ids
+        assert session.tokens[before:before + len(ids)] == ids
         expected += turn.tokens
         assert turn.reason in ("max-new-tokens", "end-token")
-    assert session.seq.tokens == expected
-    assert tok.encode("<|im_end|>", bos=False)[0] not in session.seq.tokens  # typed text stays text
-    assert_fed_once(backend, session.seq)
+    assert session.tokens == expected
+    assert tok.encode("<|im_end|>", bos=False)[0] not in session.tokens  # typed text stays text
+    assert_fed_once(backend, session)
 
 
 def test_stop_string_ends_the_turn_and_is_neither_printed_nor_kept(tok, backend):
@@ -114,7 +114,7 @@ def test_stop_string_ends_the_turn_and_is_neither_printed_nor_kept(tok, backend)
 def test_context_full_is_reported(tok, backend):
     session = Session(backend, tok, GREEDY, max_new_tokens=None, stop_ids=())
     turn = session.turn(tok.encode("word " * 50))
-    assert turn.reason == "context-full" and session.seq.n_cached == backend.max_seq_len  # + the last, unfed
+    assert turn.reason == "context-full" and len(session.tokens) == backend.max_seq_len + 1  # the last unfed
     from shardllama.interactive import ContextFull
 
     with pytest.raises(ContextFull):
@@ -127,10 +127,10 @@ def test_chat_session_feeds_only_the_new_suffix(tok, backend):
     for line in ["Hi", "What is <|im_end|>?", "Bye"]:
         chat.turn(line)
     assert chat.recomputed == 0
-    assert_fed_once(backend, session.seq)
+    assert_fed_once(backend, session)
     # What the cache holds reads as the rendered conversation (the typed <|im_end|> stayed text).
     im_end = tok.encode("<|im_end|>", bos=False)
-    assert session.seq.tokens.count(im_end[0]) <= 2 * len(chat.messages)
+    assert session.tokens.count(im_end[0]) <= 2 * len(chat.messages)
     text = chat.render(add_generation_prompt=False)
     assert text.startswith(chat.context_text.rsplit("<|im_start|>assistant\n", 1)[0])
 
@@ -156,7 +156,7 @@ def test_chat_without_template_is_a_one_line_error(tok):
 
     model = argparse.Namespace(tokenizer=NoTemplate(), path="m.gguf", backend=None)
     with pytest.raises(UsageError, match="--start-interactive"):
-        run_chat(model, argparse.Namespace(), colour=False)
+        run_chat(model, GREEDY, None, TurnOptions(), colour=False)
 
 
 # --- the real CLI on the demo model

@@ -24,7 +24,7 @@ PROMPT = "The meaning of life is"
 
 @pytest.fixture(scope="module")
 def server(demo_gguf):
-    cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": 96, "n_slots": 2 + 2,
+    cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": 96,
            "serve": {"max_concurrent": 2, "max_queue": 2, "prompt_cache_size": 2}}
     s = Server(LAUNCHER, json.dumps(cfg))
     yield s

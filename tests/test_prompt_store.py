@@ -1,4 +1,4 @@
-"""The prompt cache on disk, in process: schedulers on the reference model with tiny random weights, one
+"""The prompt cache on disk, in process: engines on the reference model with tiny random weights, one
 after another on the same directory (the server restart test with workers is in test_server.py)."""
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import os
 import pytest
 import torch
 
-from shardllama.backend import LocalBackend
-from shardllama.server.prompt_cache import salt_id
-from shardllama.server.prompt_store import PromptStore, model_identity
-from shardllama.server.scheduler import Scheduler
-from tests.test_scheduler import ARGS, WEIGHTS, job, reference
+from shardllama.engine import Engine
+from shardllama.engine.prompt_cache import salt_id
+from shardllama.engine.prompt_store import PromptStore, model_identity
+from tests.test_engine import ARGS, backend, job, reference
 
 PROMPT = [1, 5, 9, 2, 7, 7, 3]
 
@@ -32,12 +31,12 @@ def store(directory, model_file, dtype=torch.float32, max_seq_len=32) -> PromptS
 
 
 def run(directory, model_file, prompts, n=4, cache_size=4, salt=None, **kw) -> tuple[list, dict]:
-    """A scheduler on a fresh backend with a store on ``directory``: each prompt in turn (with cache_salt
-    ``salt``), then closed (which waits for the writes).  Returns each job's (tokens, stats) and the
-    scheduler's counters."""
-    backend = LocalBackend(ARGS, WEIGHTS, max_seq_len=32, n_slots=2 + cache_size)
-    s = Scheduler(backend, max_concurrent=2, max_queue=4, cache_size=cache_size,
-                  store=store(directory, model_file, **kw))
+    """An engine on a fresh backend with a store on ``directory``: each prompt in turn (with cache_salt
+    ``salt``), then closed (which waits for the writes).  Returns each request's (tokens, stats) and the
+    engine's counters."""
+    s = Engine(backend(2 + cache_size), max_concurrent=2, max_queue=4, cache_size=cache_size,
+               store=store(directory, model_file, **kw))
+    s.start()
     try:
         out = []
         for p in prompts:

@@ -28,13 +28,20 @@ API = "/rllama/v1/inference"
 # serve() on a model opened here, as a program embedding the server would.
 LAUNCHER = """
 import json, logging, sys
-from shardllama.runtime import open_model
+from shardllama.model import BLOCK_SIZE
+from shardllama.runtime import RuntimeConfig
 from shardllama.server import serve
+from shardllama.server.config import ServerConfig
 cfg = json.loads(sys.argv[1])
 logging.basicConfig(level=logging.WARNING, format="shardllama: %(message)s")
-with open_model(cfg["model"], max_seq_len=cfg["max_seq_len"], n_slots=cfg["n_slots"], workers=cfg["workers"],
-                dtype=cfg.get("dtype", "f32")) as m:  # f32: the golden text
-    sys.exit(serve(m, host="127.0.0.1", port=0, **cfg["serve"]))
+config = ServerConfig(host="127.0.0.1", port=0, **cfg["serve"])
+runtime = RuntimeConfig(model_path=cfg["model"], max_seq_len=cfg["max_seq_len"], workers=cfg["workers"],
+                        dtype=cfg.get("dtype", "f32"))  # f32: the golden text
+with runtime.prepare() as prepared:
+    n_blocks = config.kv_blocks(prepared.max_seq_len, prepared.kv_bytes_per_token(cfg["workers"]), BLOCK_SIZE)
+    model = runtime.start(prepared, n_blocks=n_blocks)
+with model:
+    sys.exit(serve(model, config))
 """
 
 # The command-line route: `shardllama --inference-server` (rllama's spelling of `shardllama serve`).
@@ -105,7 +112,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(demo_gguf):
-    cfg = {"model": str(demo_gguf), "workers": 2, "max_seq_len": 64, "n_slots": 2 + 4,
+    cfg = {"model": str(demo_gguf), "workers": 2, "max_seq_len": 64,
            "serve": {"max_concurrent": 2, "max_queue": 1, "prompt_cache_size": 4}}
     s = Server(LAUNCHER, json.dumps(cfg))
     yield s
@@ -500,7 +507,7 @@ def test_prompt_cache_dir_survives_a_restart_with_other_workers(demo_gguf, token
     cache_dir = tmp_path / "prompt-cache"
     prompt = "A standard priming prompt: you are a helpful assistant. Question:"
     n = len(tokenizer.encode(prompt))
-    cfg = {"model": str(demo_gguf), "workers": 2, "max_seq_len": 64, "n_slots": 2 + 4,
+    cfg = {"model": str(demo_gguf), "workers": 2, "max_seq_len": 64,
            "serve": {"max_concurrent": 2, "max_queue": 1, "prompt_cache_size": 4, "prompt_cache_dir": str(cache_dir)}}
     first = Server(LAUNCHER, json.dumps(cfg))
     try:

@@ -32,7 +32,7 @@ ROUTES = [("POST", "/rllama/v1/inference", {"prompt": "Hi", "max_new_tokens": 1}
 
 @pytest.fixture(scope="module")
 def plain(demo_gguf):
-    cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": 64, "n_slots": 2 + 4,
+    cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": 64,
            "serve": {"max_concurrent": 2, "prompt_cache_size": 4, "idle_timeout": IDLE}}
     s = Server(LAUNCHER, json.dumps(cfg))
     yield s
@@ -121,11 +121,12 @@ def test_host_rules():
 
 def test_a_bad_access_flag_fails_before_the_model_is_opened(demo_gguf, monkeypatch, capsys):
     import shardllama.cli
+    import shardllama.runtime
 
     def never(*a, **kw):
         raise AssertionError("the model was opened")
 
-    monkeypatch.setattr(shardllama.cli, "prepare_from_args", never)
+    monkeypatch.setattr(shardllama.runtime.RuntimeConfig, "prepare", never)
     code = shardllama.cli.main(["serve", "--model-path", str(demo_gguf), "--workers", "2", "--cors-origin", "nope"])
     assert code == 2 and "--cors-origin: 'nope' is not an origin" in capsys.readouterr().err
 

@@ -257,7 +257,7 @@ def test_chat_session_on_a_tiny_model(tok: Tokenizer) -> None:
     chat = ChatSession(Session(backend, tok, SamplingParams(temperature=0), max_new_tokens=4), "Be brief.")
     for line in ["Hi", "What is <|eot_id|>?"]:
         chat.turn(line)
-    tokens = chat.session.seq.tokens
+    tokens = chat.session.tokens
     first = tok.encode(render_for(tok, chat.messages[:2]), bos=False)  # system + "Hi", the assistant header
     assert tokens[:len(first)] == first and tokens.count(BOS) == 1
     assert tokens.count(START_HEADER) == tokens.count(END_HEADER) == 5  # system, user, assistant, user, assistant

@@ -3,7 +3,7 @@
 One safetensors file per entry, named by a hash of the model, the token ids and the salt:
 
     tensors   k, v         (n_layers, positions, n_kv_heads, head_dim) in the model's dtype: every KV head
-                           (``Backend.read_slot``), so a file written with N workers loads with any other N
+                           (``Backend.read_blocks``), so a file written with N workers loads with any other N
                            or in-process
     metadata  format       "shardllama-prompt-cache"
               version      "1" for an entry without a salt, "2" for one with a salt: a reader that knows
@@ -29,17 +29,17 @@ directory is created with mode 0700 and must belong to this user and be writable
 UsageError at start-up); files are written 0600; a file that is not a regular file of this user's, or that
 others may write, is skipped with a warning like any foreign file.
 
-**Writing** happens on a thread of its own (the scheduler only reads the slot, one round trip), to a
+**Writing** happens on a thread of its own (the engine only reads the blocks, one round trip), to a
 temporary file in the directory and then ``os.replace``, so a crash leaves either the old file or the new
-one, never half of one.  At most ``MAX_PENDING`` writes wait; beyond that the scheduler waits for the disk.
+one, never half of one.  At most ``MAX_PENDING`` writes wait; beyond that the engine waits for the disk.
 An entry that another one extends (a conversation's earlier turn) is deleted when the longer one is written,
 as the in-memory cache drops it; a memory eviction deletes nothing.  The directory holds at most ``keep``
 entries of this model (the in-memory cache's capacity), least recently used — by file modification time,
 which a cache hit refreshes — deleted first.  Files of other models, other dtypes, other formats, and corrupt
 files are skipped with one warning line each and never deleted: they are not this server's to remove.
 
-**Loading** is eager, at start-up, on the scheduler thread before it serves anything: the ``keep`` most
-recent entries go into free KV-cache slots.  The cost is bounded by the memory the cache may take anyway
+**Loading** is eager, at start-up, on the engine thread before it serves anything: the ``keep`` most
+recent entries go into free KV-cache blocks.  The cost is bounded by the memory the cache may take anyway
 (``--inference-server-prompt-cache-memory``), is paid once instead of on the latency of the first request
 that matches, and a request that arrives meanwhile simply waits in the queue.
 """
@@ -242,7 +242,7 @@ class PromptStore:
 
     def save(self, key: Sequence[int], k: torch.Tensor, v: torch.Tensor,
              replaces: Iterable[Sequence[int]] = ()) -> None:
-        """Write the entry of cache key ``key`` (k and v from ``Backend.read_slot``) and delete the files of
+        """Write the entry of cache key ``key`` (k and v from ``Backend.read_blocks``) and delete the files of
         ``replaces``, the keys of entries that it extends."""
         self._pending.acquire()
         try:

@@ -1,4 +1,5 @@
-"""The server's batching loop, in process, on the reference model with tiny random weights."""
+"""The engine's batched loop, in process, on the reference model with tiny random weights: batching, the
+prompt cache in KV blocks, cancellation, a lost cache, and a batch of one driven by its caller (the CLI)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ import pytest
 
 from shardllama.backend import LocalBackend
 from shardllama.config import ModelArgs
-from shardllama.engine import Sequence, generate
+from shardllama.engine import Engine, Failed, Finished, QueueFull, Request, Token, generate
+from shardllama.engine.loop import prefill_width
 from shardllama.errors import WorkerError
-from shardllama.model import random_weights
+from shardllama.model import BLOCK_SIZE, random_weights
 from shardllama.sampling import SamplingParams
-from shardllama.server.jobs import Failed, Finished, Job, Token
-from shardllama.server.scheduler import QueueFull, Scheduler
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
 WEIGHTS = random_weights(ARGS, seed=3)
@@ -22,12 +22,13 @@ GREEDY = SamplingParams(temperature=0)
 PROMPTS = [[1, 5, 9, 2], [7, 7, 3], [4, 8, 15, 16, 23, 42, 11, 3, 6, 60, 2]]
 
 
-def backend(n_slots: int) -> LocalBackend:
-    return LocalBackend(ARGS, WEIGHTS, max_seq_len=32, n_slots=n_slots)
+def backend(n_seqs: int, extra_blocks: int = 0) -> LocalBackend:
+    """A backend whose KV cache holds ``n_seqs`` sequences of 32 positions (and ``extra_blocks`` more blocks)."""
+    return LocalBackend(ARGS, WEIGHTS, max_seq_len=32, n_blocks=n_seqs * -(-32 // BLOCK_SIZE) + extra_blocks)
 
 
 def reference(prompt: list[int], n: int) -> list[int]:
-    return [e.token for e in generate(backend(1), Sequence(), prompt, GREEDY, max_new_tokens=n)]
+    return [e.id for e in generate(backend(1), prompt, GREEDY, max_new_tokens=n)]
 
 
 class Collector:
@@ -51,18 +52,20 @@ class Collector:
         return self.events[-1].stats
 
 
-def job(prompt, n, **kw) -> tuple[Job, Collector]:
+def job(prompt, n, **kw) -> tuple[Request, Collector]:
     c = Collector()
-    return Job(prompt=list(prompt), params=GREEDY, emit=c, max_new_tokens=n, max_len=32, **kw), c
+    return Request(prompt=list(prompt), params=GREEDY, emit=c, max_new_tokens=n, max_len=32, **kw), c
 
 
 @pytest.fixture
 def make_scheduler():
+    """Engines running in a thread of their own, as the server's does."""
     made = []
 
     def make(b=None, **kw):
         kw = {"max_concurrent": 3, "max_queue": 4, "cache_size": 4, **kw}
-        s = Scheduler(b or backend(kw["max_concurrent"] + kw["cache_size"]), **kw)
+        s = Engine(b or backend(kw["max_concurrent"] + kw["cache_size"]), **kw)
+        s.start()
         made.append(s)
         return s
 
@@ -154,19 +157,25 @@ class Wrapped:
 
     def __init__(self, inner: LocalBackend, fail_at: int = 0, delay: float = 0.0):
         self.inner, self.fail_at, self.delay, self.calls = inner, fail_at, delay, 0
-        self.n_slots, self.max_seq_len, self.cache_epoch = inner.n_slots, inner.max_seq_len, 0
+        self.max_seq_len, self.block_size, self.n_blocks = inner.max_seq_len, inner.block_size, inner.n_blocks
+        self.cache_epoch = 0
+        self.copies: list[tuple[int, int, int]] = []
 
-    def forward(self, tokens, start, slots, lengths=None, all_logits=False):
+    def forward(self, tokens, start, tables, lengths=None, all_logits=False):
         self.calls += 1
         time.sleep(self.delay)
         if self.calls == self.fail_at:
             self.cache_epoch += 1
-            self.inner.cache = self.inner.model.new_cache(self.n_slots)  # everything is gone
-            raise WorkerError("the KV cache of slot 0 was lost when a worker was replaced")
-        return self.inner.forward(tokens, start, slots, lengths, all_logits)
+            self.inner.cache = self.inner.model.new_cache(self.n_blocks)  # everything is gone
+            raise WorkerError("the KV cache was lost when a worker was replaced")
+        return self.inner.forward(tokens, start, tables, lengths, all_logits)
 
-    def copy_slot(self, src, dst, length):
-        self.inner.copy_slot(src, dst, length)
+    def copy_block(self, src, dst, length):
+        self.copies.append((src, dst, length))
+        self.inner.copy_block(src, dst, length)
+
+    def kv_bytes_per_token(self) -> int:
+        return self.inner.kv_bytes_per_token()
 
 
 def test_a_lost_kv_cache_is_recomputed_and_the_stream_goes_on(make_scheduler):
@@ -186,11 +195,11 @@ class Gated(Wrapped):
         super().__init__(inner)
         self.entered, self.gate, self.passes = threading.Event(), threading.Event(), []
 
-    def forward(self, tokens, start, slots, lengths=None, all_logits=False):
+    def forward(self, tokens, start, tables, lengths=None, all_logits=False):
         self.passes.append((tokens.shape[0], tokens.shape[1], None if lengths is None else lengths.tolist()))
         self.entered.set()
         assert self.gate.wait(30)
-        return super().forward(tokens, start, slots, lengths, all_logits)
+        return super().forward(tokens, start, tables, lengths, all_logits)
 
 
 def test_new_prompts_waiting_together_are_prefilled_in_one_pass(make_scheduler):
@@ -224,6 +233,77 @@ def test_new_prompts_waiting_together_are_prefilled_in_one_pass(make_scheduler):
     ([40, 40], 10, 10),  # the cache has 10 positions left in one slot: no row may be padded beyond it
 ])
 def test_prefill_width(wants, room, width):
-    from shardllama.server.scheduler import prefill_width
-
     assert prefill_width(wants, room) == width
+
+
+# ---- KV blocks -------------------------------------------------------------------------------------------
+
+
+def test_a_cache_hit_shares_whole_blocks_and_copies_at_most_one(make_scheduler):
+    b = Wrapped(backend(2, extra_blocks=4))
+    s = make_scheduler(b, max_concurrent=2, cache_size=4)
+    prompt = [(7 * i) % 90 + 1 for i in range(20)]
+    first, c1 = job(prompt, 5)
+    s.submit(first)
+    out = c1.tokens()
+    assert b.copies == []
+    # The prompt and its continuation are cached in positions 0..23: block 0 whole, 8 positions of another.
+    follow = prompt + out + [3]
+    second, c2 = job(follow, 4)
+    s.submit(second)
+    assert c2.tokens() == reference(follow, 4)
+    assert c2.stats.cached_tokens == 24
+    assert len(b.copies) == 1 and b.copies[0][2] == 24 - BLOCK_SIZE  # only the partial block was copied
+    # A prompt that shares exactly the first block: shared, nothing copied.
+    third, c3 = job(prompt[:BLOCK_SIZE] + [5, 5, 5], 3)
+    s.submit(third)
+    assert c3.tokens() == reference(prompt[:BLOCK_SIZE] + [5, 5, 5], 3)
+    assert c3.stats.cached_tokens == BLOCK_SIZE and len(b.copies) == 1
+
+
+def test_blocks_are_held_in_proportion_to_the_tokens(make_scheduler):
+    s = make_scheduler(backend(3, extra_blocks=20), max_concurrent=3, cache_size=8)
+    j, c = job([1, 2, 3], 4)
+    s.submit(j)
+    c.tokens()
+    s.close()
+    assert s.pool.n_held == 1  # 6 positions cached: one block of 16, not a context's worth
+    assert s.stats()["cache_blocks"] == 1 and s.stats()["cache_tokens"] == 6
+
+
+def test_a_full_pool_evicts_the_least_recently_used_entries(make_scheduler):
+    s = make_scheduler(backend(1, extra_blocks=2), max_concurrent=1, cache_size=10)
+    prompts = [[p, p + 1, p + 2] + [p] * 14 for p in range(1, 6)]  # 17 tokens each: two blocks when cached
+    for p in prompts:
+        j, c = job(p, 3)
+        s.submit(j)
+        assert c.tokens() == reference(p, 3)
+    st = s.stats()
+    assert st["cache_entries"] == 2 and st["cache_blocks"] == 4  # the older entries made room for newer ones
+    again, c = job(prompts[-1], 3)
+    s.submit(again)
+    assert c.tokens() == reference(prompts[-1], 3) and c.stats.cached_tokens == 16
+
+
+def test_too_few_blocks_for_the_running_sequences_is_refused():
+    with pytest.raises(ValueError, match="KV-cache blocks"):
+        Engine(backend(1), max_concurrent=2)
+
+
+def test_a_batch_of_one_driven_by_its_caller():
+    engine = Engine(backend(1, extra_blocks=1), cache_size=1)
+    events = []
+    request, _ = job(PROMPTS[2], 6)
+    for event in engine.run(request):
+        events.append(event)
+    assert [e.id for e in events] == reference(PROMPTS[2], 6) and events[-1].last
+    assert events[-1].stats.generated == 6 and events[-1].stats.first_token_s > 0
+    # Stopping early (a stop string, Ctrl-C) cancels it; what was fed stays cached for the next turn.
+    follow, _ = job(request.tokens + [9], 8)
+    stream = engine.run(follow)
+    next(stream)
+    stream.close()
+    assert engine.stats()["cancelled"] == 1
+    again, _ = job(follow.tokens + [4], 3)
+    assert [e.id for e in engine.run(again)] == reference(follow.tokens + [4], 3)
+    assert again.cached_tokens == len(follow.tokens) - 1
