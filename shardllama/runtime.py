@@ -15,9 +15,10 @@ from .backend import Backend, LocalBackend
 from .config import ModelArgs
 from .errors import ModelFileError, UsageError
 from .loading import Checkpoint, open_checkpoint, load_weights
-from .model import DTYPES
+from .model import DTYPES, blocks_for
 from .phases import Phases
 from .quant import source_dtype
+from .slot_bridge import SlotBackend
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,9 @@ def start(
         if workers == 0:
             with phases("read and convert weights"):
                 weights = load_weights(ckpt, p.dtype, progress=progress)
-            backend: Backend = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len, n_slots=n_slots,
-                                            prefill_precision=prefill_precision)
+            local = LocalBackend(p.args, weights, max_seq_len=p.max_seq_len,
+                                 n_blocks=n_slots * blocks_for(p.max_seq_len), prefill_precision=prefill_precision)
+            backend = SlotBackend(local)  # phase 2: tables on the wire; the engine then takes LocalBackend itself
         else:
             from .coordinator import Coordinator
 
