@@ -14,6 +14,8 @@ import time
 import pytest
 
 from shardllama.backend import LocalBackend
+from shardllama.model import blocks_for
+from shardllama.slot_bridge import SlotBackend
 from shardllama.chat_template import render
 from shardllama.config import ModelArgs
 from shardllama.errors import UsageError
@@ -27,11 +29,11 @@ GREEDY = SamplingParams(temperature=0)
 FAST = ["--temperature", "0", "--max-seq-len", "256", "--workers", "0", "-q"]
 
 
-class CountingBackend(LocalBackend):
+class CountingBackend(SlotBackend):
     """Records (start, number of tokens) of every forward pass."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self, *a, max_seq_len: int, **kw):
+        super().__init__(LocalBackend(*a, max_seq_len=max_seq_len, n_blocks=blocks_for(max_seq_len), **kw))
         self.calls: list[tuple[int, int]] = []
 
     def forward(self, tokens, start, slots, lengths=None, all_logits=False):

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from shardllama.backend import LocalBackend
+from shardllama.model import blocks_for
+from shardllama.slot_bridge import SlotBackend
 from shardllama.server.prompt_cache import salt_id
 from shardllama.server.prompt_store import PromptStore, model_identity
 from shardllama.server.scheduler import Scheduler
@@ -35,7 +37,7 @@ def run(directory, model_file, prompts, n=4, cache_size=4, salt=None, **kw) -> t
     """A scheduler on a fresh backend with a store on ``directory``: each prompt in turn (with cache_salt
     ``salt``), then closed (which waits for the writes).  Returns each job's (tokens, stats) and the
     scheduler's counters."""
-    backend = LocalBackend(ARGS, WEIGHTS, max_seq_len=32, n_slots=2 + cache_size)
+    backend = SlotBackend(LocalBackend(ARGS, WEIGHTS, max_seq_len=32, n_blocks=(2 + cache_size) * blocks_for(32)))
     s = Scheduler(backend, max_concurrent=2, max_queue=4, cache_size=cache_size,
                   store=store(directory, model_file, **kw))
     try:

@@ -8,6 +8,8 @@ import time
 import pytest
 
 from shardllama.backend import LocalBackend
+from shardllama.model import blocks_for
+from shardllama.slot_bridge import SlotBackend
 from shardllama.config import ModelArgs
 from shardllama.engine import Sequence, generate
 from shardllama.errors import WorkerError
@@ -22,8 +24,8 @@ GREEDY = SamplingParams(temperature=0)
 PROMPTS = [[1, 5, 9, 2], [7, 7, 3], [4, 8, 15, 16, 23, 42, 11, 3, 6, 60, 2]]
 
 
-def backend(n_slots: int) -> LocalBackend:
-    return LocalBackend(ARGS, WEIGHTS, max_seq_len=32, n_slots=n_slots)
+def backend(n_slots: int) -> SlotBackend:
+    return SlotBackend(LocalBackend(ARGS, WEIGHTS, max_seq_len=32, n_blocks=n_slots * blocks_for(32)))
 
 
 def reference(prompt: list[int], n: int) -> list[int]:
@@ -152,7 +154,7 @@ class Wrapped:
     ``fail_at``: cache_epoch changes and the pass fails, as the coordinator's does when a continued
     sequence's slot was lost."""
 
-    def __init__(self, inner: LocalBackend, fail_at: int = 0, delay: float = 0.0):
+    def __init__(self, inner: SlotBackend, fail_at: int = 0, delay: float = 0.0):
         self.inner, self.fail_at, self.delay, self.calls = inner, fail_at, delay, 0
         self.n_slots, self.max_seq_len, self.cache_epoch = inner.n_slots, inner.max_seq_len, 0
 
@@ -161,7 +163,8 @@ class Wrapped:
         time.sleep(self.delay)
         if self.calls == self.fail_at:
             self.cache_epoch += 1
-            self.inner.cache = self.inner.model.new_cache(self.n_slots)  # everything is gone
+            local = self.inner.inner
+            local.cache = local.model.new_cache(local.n_blocks)  # everything is gone
             raise WorkerError("the KV cache of slot 0 was lost when a worker was replaced")
         return self.inner.forward(tokens, start, slots, lengths, all_logits)
 
@@ -182,7 +185,7 @@ class Gated(Wrapped):
     """A backend whose first pass waits until the test opens the gate, recording (B, T, lengths) of every pass:
     requests submitted meanwhile are all waiting when the loop next admits."""
 
-    def __init__(self, inner: LocalBackend):
+    def __init__(self, inner: SlotBackend):
         super().__init__(inner)
         self.entered, self.gate, self.passes = threading.Event(), threading.Event(), []
 
