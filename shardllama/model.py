@@ -7,10 +7,13 @@ owns a slice of a layer calls the very same function on its slice and the partia
 reference's (``attention`` and ``feed_forward`` end with a row-split projection, so the sum over workers is
 the full result).  The reference :class:`Transformer` never knows about workers; it is the test oracle.
 
-Sequences live in *slots* of a preallocated KV cache.  One forward pass takes a batch of rows, each row
-``b`` holding ``T`` new tokens for slot ``slots[b]`` starting at position ``start[b]``; rows shorter than
-``T`` are right-padded and name their real length in ``lengths`` (padding writes cache entries past the
-row's end, which the causal mask hides and the next real token overwrites).
+The KV cache is a pool of fixed-size *blocks* (``BLOCK_SIZE`` positions each); a sequence is a *block table*,
+the ids of its blocks in order, so position ``p`` lives in block ``table[p // block_size]`` at offset
+``p % block_size``.  Memory then follows the tokens held, and two sequences with a common prefix can share
+its blocks.  One forward pass takes a batch of rows, each row ``b`` holding ``T`` new tokens for the
+sequence whose table is ``tables[b]``, starting at position ``start[b]``; rows shorter than ``T`` are
+right-padded and name their real length in ``lengths`` (padding writes cache entries past the row's end,
+in the row's own blocks, which the causal mask hides and the next real token overwrites).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import dataclasses
 import math
 import mmap
 import zlib
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,9 @@ from .quant import Int8Weight, linear_weight
 # Weight dtypes.  int8 quantizes the matrices and keeps everything else in f32 (shardllama.quant).
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 Linear = torch.Tensor | Int8Weight  # a matrix that linear() multiplies by: float, or int8 with its row scales
+# Positions per KV-cache block: small enough that a sequence wastes little of its last block, large enough that
+# a block table stays short and a block copy moves whole pages' worth of rows.
+BLOCK_SIZE = 16
 
 
 def layer_prefix(i: int) -> str:
@@ -81,36 +87,72 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * cis).flatten(-2).type_as(x)
 
 
+def contiguous_tables(slots: torch.Tensor, blocks_per_seq: int) -> torch.Tensor:
+    """The one-sequence-per-slot layout as block tables: slot s owns blocks s*n .. s*n+n-1; (B,) -> (B, n)."""
+    return torch.as_tensor(slots).long()[:, None] * blocks_per_seq + torch.arange(blocks_per_seq)
+
+
+def blocks_for(n_positions: int, block_size: int = BLOCK_SIZE) -> int:
+    """Blocks that hold ``n_positions`` positions."""
+    return -(-n_positions // block_size)
+
+
+def flat_index(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Where each position of each row lives in a cache flattened to (n_blocks * block_size, ...):
+    tables (B, W), positions (B, N) -> (B, N) long."""
+    return tables.gather(1, positions // block_size) * block_size + positions % block_size
+
+
 @dataclasses.dataclass
 class Step:
     """Everything about one forward pass that is the same for every layer (computed once per pass)."""
 
-    slots: torch.Tensor  # (B,) long: KV-cache slot of each row
     positions: torch.Tensor  # (B, T) long: absolute position of each token
     cis: torch.Tensor  # (B, T, 1, hd/2) complex64: cos + i sin of each rotary angle
     kv_len: int  # keys to attend over: max position + 1
     mask: torch.Tensor | None  # (B, 1, T, kv_len) bool, None when every row sees every key
-    single_slot: int | None  # the slot when B == 1: the cache is then sliced, not gathered
+    # Where keys and values live in the cache flattened to (n_blocks * block_size, hkv, hd):
+    first: int | None  # B == 1 on consecutive blocks: flat index of position 0; the cache is sliced, not gathered
+    write_at: torch.Tensor | None  # otherwise (B, T) long: flat index of each new token
+    read_at: torch.Tensor | None  # and (B, kv_len) long: flat index of each row's keys
 
     @classmethod
-    def make(cls, start: torch.Tensor, n_tokens: int, slots: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> "Step":
+    def make(cls, start: torch.Tensor, n_tokens: int, tables: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+             block_size: int) -> "Step":
         start = start.long()
+        tables = tables.long()
         positions = start[:, None] + torch.arange(n_tokens)  # (B, T)
         kv_len = int(positions.max()) + 1
         cos, sin = rope
         if kv_len > cos.shape[0]:
             raise ValueError(f"position {kv_len - 1} is beyond the rotary table ({cos.shape[0]} positions)")
+        if blocks_for(kv_len, block_size) > tables.shape[1]:
+            raise ValueError(f"position {kv_len - 1} is beyond block tables of {tables.shape[1]} blocks "
+                             f"of {block_size}")
         mask = None
         # T == 1 and equal starts: every row attends to all kv_len keys, no mask needed.
         if n_tokens > 1 or bool((start != start[0]).any()):
             mask = torch.arange(kv_len)[None, None, None, :] <= positions[:, None, :, None]
+        # A lone sequence whose blocks are consecutive (what a lowest-free-first allocator gives it) is a slice
+        # of the flattened cache: decode then reads its keys in place, as from one preallocated slot.
+        first, write_at, read_at = None, None, None
+        used = tables[0, : blocks_for(kv_len, block_size)].tolist() if len(tables) == 1 else None
+        if used is not None and used == list(range(used[0], used[0] + len(used))):
+            first = used[0] * block_size
+        else:
+            write_at = flat_index(tables, positions, block_size)
+            # Keys past a row's own end are masked; clamping them to its last position keeps the gather inside
+            # the row's blocks (trailing table entries are never read).
+            keys = torch.minimum(torch.arange(kv_len)[None, :], positions[:, -1:])  # (B, kv_len)
+            read_at = flat_index(tables, keys, block_size)
         return cls(
-            slots=slots.long(),
             positions=positions,
             cis=torch.complex(cos[positions], sin[positions]).unsqueeze(2),
             kv_len=kv_len,
             mask=mask,
-            single_slot=int(slots[0]) if len(slots) == 1 else None,
+            first=first,
+            write_at=write_at,
+            read_at=read_at,
         )
 
 
@@ -125,49 +167,74 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for ``n_slots`` sequences of up to ``max_seq_len`` tokens.
+    """Keys and values of every layer in ``n_blocks`` blocks of ``block_size`` positions; which blocks make up
+    a sequence is the caller's block table.
 
-    Preallocated once; a worker allocates one for its own KV heads only.
+    Allocated once, lazily zeroed: a block costs memory only once written.  A worker allocates one for its
+    own KV heads only.
     """
 
-    def __init__(self, n_layers: int, n_slots: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
-        shape = (n_layers, n_slots, max_seq_len, n_kv_heads, head_dim)
+    def __init__(self, n_layers: int, n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype):
+        if block_size < 1:
+            raise ValueError(f"KV-cache block size must be >= 1, got {block_size}")
+        shape = (n_layers, n_blocks, block_size, n_kv_heads, head_dim)
         self.k = _lazy_zeros(shape, dtype)
         self.v = _lazy_zeros(shape, dtype)
 
     @property
-    def n_slots(self) -> int:
+    def n_blocks(self) -> int:
         return self.k.shape[1]
 
     @property
-    def max_seq_len(self) -> int:
+    def block_size(self) -> int:
         return self.k.shape[2]
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (prefix reuse)."""
+    def bytes_per_token(self) -> int:
+        """Bytes one cached position takes: k and v, every layer, this cache's KV heads."""
+        L, _, _, H, hd = self.k.shape
+        return 2 * L * H * hd * self.k.element_size()
+
+    def copy_block(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of block ``src`` into block ``dst``, every layer."""
+        if not (0 <= src < self.n_blocks and 0 <= dst < self.n_blocks and 0 <= length <= self.block_size):
+            raise ValueError(f"block copy {src} -> {dst} of {length} positions outside a cache of "
+                             f"{self.n_blocks} blocks of {self.block_size}")
         self.k[:, dst, :length] = self.k[:, src, :length]
         self.v[:, dst, :length] = self.v[:, src, :length]
 
-    def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the first ``length`` positions of ``slot``: k and v, each (n_layers, length, n_kv_heads, hd)."""
-        if not 0 <= length <= self.max_seq_len:
-            raise ValueError(f"cannot read {length} positions of a cache of {self.max_seq_len}")
-        return self.k[:, slot, :length], self.v[:, slot, :length]
+    def _index(self, table: Sequence[int], length: int) -> torch.Tensor:
+        """Flat indices (length,) of the first ``length`` positions of the sequence with this block table."""
+        t = torch.as_tensor(table, dtype=torch.long).reshape(-1)
+        if not 0 <= length <= len(t) * self.block_size:
+            raise ValueError(f"{length} positions do not fit a block table of {len(t)} blocks of {self.block_size}")
+        if len(t) and not (0 <= int(t.min()) and int(t.max()) < self.n_blocks):
+            raise ValueError(f"block table {t.tolist()} names blocks outside the cache's {self.n_blocks}")
+        return flat_index(t[None], torch.arange(length)[None], self.block_size)[0]
 
-    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Fill the first ``k.shape[1]`` positions of ``slot`` from k and v (n_layers, length, n_kv_heads, hd)."""
+    def read(self, table: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the first ``length`` positions of the sequence with block table ``table``: k and v, each
+        (n_layers, length, n_kv_heads, hd)."""
+        at = self._index(table, length)
+        return self.k.flatten(1, 2)[:, at], self.v.flatten(1, 2)[:, at]
+
+    def write(self, table: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill the first ``k.shape[1]`` positions of the sequence with block table ``table`` from k and v
+        (n_layers, length, n_kv_heads, hd)."""
+        room = len(table) * self.block_size
         want = (self.k.shape[0], k.shape[1] if k.dim() == 4 else -1, *self.k.shape[3:])
-        if k.dim() != 4 or tuple(k.shape) != want or tuple(v.shape) != want or k.shape[1] > self.max_seq_len:
-            raise ValueError(f"KV of shapes {tuple(k.shape)} and {tuple(v.shape)} do not fit a cache slot of "
-                             f"(layers, positions <= {self.max_seq_len}, kv heads, head dim) = "
-                             f"({self.k.shape[0]}, {self.max_seq_len}, {self.k.shape[3]}, {self.k.shape[4]})")
+        if k.dim() != 4 or tuple(k.shape) != want or tuple(v.shape) != want or k.shape[1] > room:
+            raise ValueError(f"KV of shapes {tuple(k.shape)} and {tuple(v.shape)} do not fit a block table of "
+                             f"(layers, positions <= {room}, kv heads, head dim) = "
+                             f"({self.k.shape[0]}, {room}, {self.k.shape[3]}, {self.k.shape[4]})")
         if k.dtype != self.k.dtype or v.dtype != self.k.dtype:
             raise ValueError(f"KV of dtype {k.dtype} / {v.dtype} written to a {self.k.dtype} cache")
-        self.k[:, slot, : k.shape[1]] = k
-        self.v[:, slot, : v.shape[1]] = v
+        at = self._index(table, k.shape[1])
+        self.k.flatten(1, 2)[:, at] = k
+        self.v.flatten(1, 2)[:, at] = v
 
 
 def attention(
@@ -176,7 +243,7 @@ def attention(
     wk: Linear,  # (hkv * hd, dim)
     wv: Linear,  # (hkv * hd, dim)
     wo: Linear,  # (dim, hq * hd)
-    cache_k: torch.Tensor,  # (n_slots, max_seq, hkv, hd): this layer's cache
+    cache_k: torch.Tensor,  # (n_blocks, block_size, hkv, hd): this layer's cache
     cache_v: torch.Tensor,
     step: Step,
     head_dim: int,
@@ -194,17 +261,18 @@ def attention(
     q = apply_rope(q, step.cis)
     k = apply_rope(k, step.cis)
 
-    if step.single_slot is not None:
-        s, p0 = step.single_slot, int(step.positions[0, 0])
-        cache_k[s, p0 : p0 + T] = k[0]
-        cache_v[s, p0 : p0 + T] = v[0]
-        keys = cache_k[s, : step.kv_len].unsqueeze(0)  # (1, L, hkv, hd), a view
-        values = cache_v[s, : step.kv_len].unsqueeze(0)
+    flat_k, flat_v = cache_k.flatten(0, 1), cache_v.flatten(0, 1)  # (n_blocks * block_size, hkv, hd), views
+    if step.first is not None:
+        p0 = step.first + int(step.positions[0, 0])
+        flat_k[p0 : p0 + T] = k[0]
+        flat_v[p0 : p0 + T] = v[0]
+        keys = flat_k[step.first : step.first + step.kv_len].unsqueeze(0)  # (1, L, hkv, hd), a view
+        values = flat_v[step.first : step.first + step.kv_len].unsqueeze(0)
     else:
-        cache_k[step.slots[:, None], step.positions] = k
-        cache_v[step.slots[:, None], step.positions] = v
-        keys = cache_k[step.slots, : step.kv_len]  # (B, L, hkv, hd), gathered
-        values = cache_v[step.slots, : step.kv_len]
+        flat_k[step.write_at] = k
+        flat_v[step.write_at] = v
+        keys = flat_k[step.read_at]  # (B, L, hkv, hd), gathered
+        values = flat_v[step.read_at]
 
     if kv_of_q is not None:  # one KV head per query head, picked by the mapping
         keys, values = keys.index_select(2, kv_of_q), values.index_select(2, kv_of_q)
@@ -296,9 +364,9 @@ class Transformer:
         self.output = linear_weight(weights, "tok_embeddings.weight" if tied else "output.weight")
         self.rope = rope_tables(args, self.max_seq_len)
 
-    def new_cache(self, n_slots: int = 1) -> KVCache:
+    def new_cache(self, n_blocks: int, block_size: int = BLOCK_SIZE) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, n_slots, self.max_seq_len, a.n_kv_heads, a.head_dim, self.dtype)
+        return KVCache(a.n_layers, n_blocks, block_size, a.n_kv_heads, a.head_dim, self.dtype)
 
     @torch.inference_mode()
     def forward(
@@ -306,15 +374,21 @@ class Transformer:
         tokens: torch.Tensor,  # (B, T) long
         cache: KVCache,
         start: torch.Tensor | int = 0,  # (B,) first position of each row
-        slots: torch.Tensor | None = None,  # (B,) cache slot of each row; default 0..B-1
+        tables: torch.Tensor | None = None,  # (B, W) block table of each row; default row b in slot b of
+        # the contiguous layout (blocks_for(max_seq_len) blocks a row)
         lengths: torch.Tensor | None = None,  # (B,) real tokens per row; default all T
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Logits (f32) of each row's last real token (B, vocab), or of every token (B, T, vocab)."""
         B, T = tokens.shape
         start = torch.as_tensor(start).long().expand(B)
-        slots = torch.arange(B) if slots is None else torch.as_tensor(slots).long()
-        step = Step.make(start, T, slots, self.rope)
+        bs = cache.block_size
+        if tables is None:
+            tables = contiguous_tables(torch.arange(B), blocks_for(self.max_seq_len, bs))
+        tables = torch.as_tensor(tables)
+        if tables.numel() and not (0 <= int(tables.min()) and int(tables.max()) < cache.n_blocks):
+            raise ValueError(f"block tables name blocks outside the cache's {cache.n_blocks}")
+        step = Step.make(start, T, tables, self.rope, bs)
         a = self.args
         h = F.embedding(tokens, self.weights["tok_embeddings.weight"])  # (B, T, dim)
         with gemm.using(self.prefill_precision):

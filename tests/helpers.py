@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 from shardllama.config import ModelArgs
+from shardllama.model import KVCache, Transformer, blocks_for
+
+
+def seq_cache(model: Transformer, rows: int = 1) -> KVCache:
+    """A block cache with room for ``rows`` sequences of ``max_seq_len`` in the contiguous layout that
+    ``Transformer.forward`` assumes without tables (row b in blocks b * n .. b * n + n - 1)."""
+    return model.new_cache(rows * blocks_for(model.max_seq_len))
 
 
 def hf_to_meta(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:

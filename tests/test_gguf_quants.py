@@ -28,6 +28,7 @@ from shardllama.loading import open_checkpoint
 from shardllama.model import Transformer, expected_shapes
 
 from .gguf_ref_quants import REFERENCE, quantize
+from .helpers import seq_cache
 from .test_loading import add_gguf_metadata, assert_same, esc, gguf_name, load_all, write_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -171,7 +172,7 @@ def transformers_logits(path: Path) -> torch.Tensor:
 
 def our_logits(args: ModelArgs, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     model = Transformer(args, weights)
-    return model.forward(TOKENS, model.new_cache(), all_logits=True)
+    return model.forward(TOKENS, seq_cache(model), all_logits=True)
 
 
 @pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda q: q.name)

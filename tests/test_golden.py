@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from shardllama.backend import LocalBackend
+from shardllama.model import blocks_for, contiguous_tables
 from shardllama.engine import generate
 from shardllama.quant import quantize_weights
 from shardllama.sampling import SamplingParams
@@ -30,7 +31,7 @@ def hf_greedy(demo_model, hf_demo):
 def test_reference_engine_greedy_equals_transformers(demo_model, hf_greedy):
     args, tok, weights = demo_model
     ids, expected = hf_greedy
-    got = greedy(LocalBackend(args, weights, max_seq_len=128), ids)
+    got = greedy(LocalBackend(args, weights, max_seq_len=128, n_blocks=blocks_for(128)), ids)
     assert got == expected
     assert tok.decode(got).startswith(MEANING)
 
@@ -63,7 +64,8 @@ def test_lower_precision_stays_near_transformers_f32(demo_model, hf_greedy, hf_t
     ids, _ = hf_greedy
     context, ref = hf_teacher_forced
     low = quantize_weights(weights) if dtype == "int8" else {k: v.to(dtype) for k, v in weights.items()}
-    logits = LocalBackend(args, low, max_seq_len=64).forward(context, torch.tensor([0]), torch.tensor([0]), all_logits=True)
+    logits = LocalBackend(args, low, max_seq_len=64, n_blocks=blocks_for(64)).forward(
+        context, torch.tensor([0]), contiguous_tables(torch.tensor([0]), blocks_for(64)), all_logits=True)
     assert float((logits - ref).pow(2).mean().sqrt()) < rms_tol
     generated = slice(len(ids) - 1, None)  # positions that predict the continuation
     top1 = (logits[0, generated].argmax(-1) == ref[0, generated].argmax(-1)).float().mean()

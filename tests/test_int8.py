@@ -17,11 +17,12 @@ from shardllama import kernels, model, quant
 from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator
 from shardllama.errors import ModelFileError, UsageError
-from shardllama.model import Transformer, random_weights
+from shardllama.model import Transformer, blocks_for, contiguous_tables, random_weights
 from shardllama.quant import Int8Weight, dequantize, quantize, quantize_weights, reference_linear
 from shardllama.sharding import plan, shard, unshard, worker_weights
 from shardllama.shm import ShardStore
 from tests.test_cli import run_cli
+from tests.helpers import seq_cache
 from tests.test_tensor_parallel import greedy
 
 # ---- quantize / dequantize -----------------------------------------------------------------------------
@@ -253,8 +254,8 @@ def test_int8_model_is_close_to_f32(tie):
         assert torch.equal(int8["output.weight"], quantize(weights["tok_embeddings.weight"]).q)
     tokens = torch.tensor([[3, 14, 15, 92, 65, 35], [8, 9, 7, 9, 3, 2]])
     f32, q8 = Transformer(args, weights), Transformer(args, int8)
-    want = f32.forward(tokens, f32.new_cache(2), all_logits=True)
-    got = q8.forward(tokens, q8.new_cache(2), all_logits=True)
+    want = f32.forward(tokens, seq_cache(f32, 2), all_logits=True)
+    got = q8.forward(tokens, seq_cache(q8, 2), all_logits=True)
     assert got.dtype == torch.float32
     # int8 rounding moves each weight by up to 1/254 of its row's largest: logits move by ~1% of their range
     err = float((got - want).abs().max())
@@ -266,8 +267,8 @@ def test_int8_model_with_and_without_the_kernel():
     m = Transformer(ARGS, quantize_weights(random_weights(ARGS, seed=12)))
 
     def run() -> tuple[list[int], list[torch.Tensor]]:
-        cache = m.new_cache()
-        return greedy(lambda t, s, sl: m.forward(t, cache, s, sl), [5, 17, 42, 7], 6)
+        cache = seq_cache(m)
+        return greedy(lambda t, s, sl: m.forward(t, cache, s), [5, 17, 42, 7], 6)
 
     on = run()
     try:
@@ -336,21 +337,22 @@ def test_sharded_int8_equals_the_reference_in_int8(n, tie, whole_pass):
     args = ARGS.replace(tie_embeddings=tie, n_heads=6, n_kv_heads=2, dim=48)
     weights = random_weights(args, seed=n)
     ref = Transformer(args, quantize_weights(weights))
-    cache = ref.new_cache(2)
+    cache = seq_cache(ref, 2)
+    tables = contiguous_tables(torch.tensor([0, 1]), blocks_for(ref.max_seq_len))
     tokens = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 0, 0]])
     lengths, slots, start = torch.tensor([5, 3]), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long)
     with Coordinator(args, weights, n_workers=n, dtype="int8", max_seq_len=32, n_slots=2, whole_pass=whole_pass) as c:
         assert c.dtype == torch.float32 and c.weight_dtype == torch.int8
         got = c.forward(tokens, start, slots, lengths, all_logits=True)
-        want = ref.forward(tokens, cache, start, slots, lengths, all_logits=True)
+        want = ref.forward(tokens, cache, start, tables, lengths, all_logits=True)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
         nxt = torch.tensor([[11], [12]])
         got = c.forward(nxt, lengths, slots)
-        want = ref.forward(nxt, cache, lengths, slots)
+        want = ref.forward(nxt, cache, lengths, tables)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
         ours = greedy(c.forward, [4, 8, 15, 16], 5)[0]
-    ref_cache = ref.new_cache(1)
-    assert ours == greedy(lambda t, s, sl: ref.forward(t, ref_cache, s, sl), [4, 8, 15, 16], 5)[0]
+    ref_cache = seq_cache(ref)
+    assert ours == greedy(lambda t, s, sl: ref.forward(t, ref_cache, s), [4, 8, 15, 16], 5)[0]
 
 
 def test_kept_int8_shards_are_mapped_again(tmp_path):

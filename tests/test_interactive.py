@@ -14,6 +14,7 @@ import time
 import pytest
 
 from shardllama.backend import LocalBackend
+from shardllama.model import blocks_for
 from shardllama.chat_template import render
 from shardllama.config import ModelArgs
 from shardllama.errors import UsageError
@@ -28,10 +29,11 @@ FAST = ["--temperature", "0", "--max-seq-len", "256", "--workers", "0", "-q"]
 
 
 class CountingBackend(LocalBackend):
-    """Records (start, number of tokens) of every forward pass."""
+    """Records (start, number of tokens) of every forward pass.  Its KV cache holds one context and one block
+    more: what interactive mode opens (``runtime.start``)."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self, *a, max_seq_len: int, **kw):
+        super().__init__(*a, max_seq_len=max_seq_len, n_blocks=blocks_for(max_seq_len) + 1, **kw)
         self.calls: list[tuple[int, int]] = []
 
     def forward(self, tokens, start, tables, lengths=None, all_logits=False):

@@ -24,6 +24,7 @@ from hypothesis import given, settings, strategies as st
 from shardllama import kernels, model
 from shardllama.config import ModelArgs
 from shardllama.kernels import build
+from tests.helpers import seq_cache
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +284,7 @@ def test_decoding_with_the_kernel_agrees_with_torch(lib):
     prompt = torch.tensor([[5, 17, 42, 7]])
 
     def greedy(n: int) -> tuple[list[int], torch.Tensor]:
-        cache = ref.new_cache()
+        cache = seq_cache(ref)
         logits = ref.forward(prompt, cache)  # prefill: torch either way
         tokens, steps = [], []
         for t in range(n):

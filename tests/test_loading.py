@@ -27,6 +27,7 @@ from shardllama.config import ModelArgs
 from shardllama.errors import ModelFileError, UnsupportedError
 from shardllama.loading import Checkpoint, load_weights, open_checkpoint
 from shardllama.model import Transformer, expected_shapes, random_weights
+from tests.helpers import seq_cache
 
 # Tiny LLaMA: dim 64, 2 layers, 8 heads, 2 KV heads, FFN 96 (int(0.5 * int(2 * 256 / 3)) = 85 -> 96), vocab 100.
 PARAMS = {
@@ -415,7 +416,7 @@ def test_hf_sharded_safetensors_match_transformers_logits(tmp_path, n_kv_heads, 
     assert (ckpt.args.n_kv_heads, ckpt.args.tie_embeddings) == (n_kv_heads, tied)
     model = Transformer(ckpt.args, weights)
     tokens = torch.tensor([[1, 17, 42, 99, 3, 3, 64, 8, 0, 55, 21, 70]])
-    ours = model.forward(tokens, model.new_cache(), all_logits=True)
+    ours = model.forward(tokens, seq_cache(model), all_logits=True)
     with torch.no_grad():
         ref = hf(tokens).logits
     assert ref.abs().max() > 1.0
@@ -518,7 +519,7 @@ def test_demo_gguf_matches_transformers_logits(demo_gguf, hf_demo):
     assert ckpt.gguf_fields["tokenizer.ggml.model"] == "gpt2"
     model = Transformer(ckpt.args, weights, max_seq_len=64)
     tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 2]])
-    ours = model.forward(tokens, model.new_cache(), all_logits=True)
+    ours = model.forward(tokens, seq_cache(model), all_logits=True)
     with torch.no_grad():
         ref = hf_demo(tokens).logits
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))

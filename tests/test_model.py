@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from shardllama.config import ModelArgs
-from shardllama.model import Transformer, random_weights
-from tests.helpers import hf_to_meta
+from shardllama.model import Transformer, blocks_for, contiguous_tables, random_weights
+from tests.helpers import hf_to_meta, seq_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,7 +40,7 @@ def test_logits_equal_transformers(config, seed, n_tokens):
     tokens = torch.randint(0, config.vocab_size, (2, n_tokens))
     with torch.no_grad():
         expected = hf(tokens).logits
-    got = ref.forward(tokens, ref.new_cache(2), all_logits=True)
+    got = ref.forward(tokens, seq_cache(ref, 2), all_logits=True)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -49,8 +49,8 @@ def test_incremental_decoding_equals_full_forward(n_kv_heads):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97, hidden_dim=80, max_seq_len=32)
     ref = Transformer(args, random_weights(args, seed=1))
     tokens = torch.randint(0, 97, (3, 14))
-    full = ref.forward(tokens, ref.new_cache(3), all_logits=True)
-    cache = ref.new_cache(3)
+    full = ref.forward(tokens, seq_cache(ref, 3), all_logits=True)
+    cache = seq_cache(ref, 3)
     parts = [ref.forward(tokens[:, :5], cache, all_logits=True)]
     parts += [ref.forward(tokens[:, t : t + 1], cache, start=t, all_logits=True) for t in range(5, 14)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
@@ -63,17 +63,17 @@ def test_ragged_batch_equals_rows_alone():
     rows = [torch.randint(0, 50, (n,)) for n in (7, 3, 5)]
     alone = []
     for row in rows:
-        cache = ref.new_cache(1)
+        cache = seq_cache(ref)
         first = ref.forward(row[None], cache)
         second = ref.forward(torch.tensor([[11]]), cache, start=len(row))
         alone.append((first[0], second[0]))
 
-    cache = ref.new_cache(4)
-    slots = torch.tensor([3, 0, 2])
+    cache = seq_cache(ref, 4)
+    tables = contiguous_tables(torch.tensor([3, 0, 2]), blocks_for(32))
     lengths = torch.tensor([len(r) for r in rows])
     padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=1)
-    first = ref.forward(padded, cache, slots=slots, lengths=lengths)
-    second = ref.forward(torch.full((3, 1), 11), cache, start=lengths, slots=slots)
+    first = ref.forward(padded, cache, tables=tables, lengths=lengths)
+    second = ref.forward(torch.full((3, 1), 11), cache, start=lengths, tables=tables)
     for b, (f, s) in enumerate(alone):
         torch.testing.assert_close(first[b], f, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(second[b], s, atol=1e-5, rtol=1e-5)
@@ -86,7 +86,7 @@ def test_half_precision_close_to_f32(dtype, tol):
     ref32 = Transformer(args, w32)
     ref16 = Transformer(args, {k: v.to(dtype) for k, v in w32.items()})
     tokens = torch.randint(0, 80, (1, 9))
-    a = ref32.forward(tokens, ref32.new_cache(), all_logits=True)
-    b = ref16.forward(tokens, ref16.new_cache(), all_logits=True)
+    a = ref32.forward(tokens, seq_cache(ref32), all_logits=True)
+    b = ref16.forward(tokens, seq_cache(ref16), all_logits=True)
     assert b.dtype == torch.float32
     assert (a - b).abs().max() <= tol * a.abs().max()

@@ -22,6 +22,7 @@ from shardllama.coordinator import Coordinator
 from shardllama.errors import UsageError, WorkerError
 from shardllama.kernels import gemm
 from shardllama.model import Transformer, random_weights
+from tests.helpers import seq_cache
 
 pytestmark = pytest.mark.skipif(not gemm.available(), reason="this torch has no oneDNN linear")
 needs_bf16 = pytest.mark.skipif(not gemm.bf16_supported(), reason="this CPU has neither AVX-512 BF16 nor AMX-BF16 "
@@ -55,7 +56,7 @@ def prompt(n: int = 32) -> torch.Tensor:
 
 
 def all_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    return model.forward(tokens, model.new_cache(1), all_logits=True)[0]  # (T, vocab)
+    return model.forward(tokens, seq_cache(model), all_logits=True)[0]  # (T, vocab)
 
 
 # ---- the product --------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def _sharded_against_reference(precision: str, dtype: torch.dtype, whole_pass: b
     args, weights = tiny(dtype)
     tokens = prompt()
     ref = Transformer(args, weights, prefill_precision=precision)
-    cache = ref.new_cache(1)
+    cache = seq_cache(ref)
     tolerance = SHARDED_TOLERANCE[precision, dtype]
     with Coordinator(args, weights, n_workers=2, dtype=dtype, max_seq_len=args.max_seq_len,
                      prefill_precision=precision, whole_pass=whole_pass) as c:

@@ -20,7 +20,7 @@ from shardllama.config import ModelArgs
 from shardllama.errors import UnsupportedError, UsageError
 from shardllama.loading import load_weights, open_checkpoint
 from shardllama.model import Transformer
-from tests.helpers import hf_to_meta
+from tests.helpers import hf_to_meta, seq_cache
 from tests.test_loading import write_gguf, write_meta
 
 transformers = pytest.importorskip("transformers")
@@ -48,7 +48,7 @@ def hf_logits(model) -> torch.Tensor:
 
 def our_logits(args: ModelArgs, weights) -> torch.Tensor:
     model = Transformer(args, weights, max_seq_len=64)
-    return model.forward(TOKENS, model.new_cache(), all_logits=True)
+    return model.forward(TOKENS, seq_cache(model), all_logits=True)
 
 
 def llamacpp_rope_freqs(scaling: dict, head_dim: int) -> list[float]:

@@ -30,12 +30,14 @@ from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator, default_workers
 from shardllama.curve import make_keys
 from shardllama.errors import UsageError, WorkerError
-from shardllama.model import Transformer, random_weights
+from shardllama.model import Transformer, blocks_for, contiguous_tables, random_weights
 from shardllama.shm import SHM_DIR, clean_kept, list_kept, shard_key
+from tests.helpers import seq_cache
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_SEQ = 24
 N_SLOTS = 3
+BLOCKS = blocks_for(MAX_SEQ)  # of one sequence, in the reference's contiguous layout
 
 # f32 must match to rounding; f16 / bf16 partial sums are rounded per worker, so they are compared
 # relative to the size of the logits.
@@ -75,7 +77,7 @@ def tiny_model(dtype=torch.float32, **kw) -> tuple[ModelArgs, dict[str, torch.Te
 def forward_both(c: Coordinator, ref: Transformer, cache, tokens, start, slots, lengths=None, all_logits=False):
     start, slots = torch.as_tensor(start), torch.as_tensor(slots)
     got = c.forward(tokens, start, slots, lengths, all_logits)
-    want = ref.forward(tokens, cache, start, slots, lengths, all_logits)
+    want = ref.forward(tokens, cache, start, contiguous_tables(slots, BLOCKS), lengths, all_logits)
     return got, want
 
 
@@ -119,7 +121,7 @@ def test_sharded_logits_equal_the_reference(case):
     event(f"{n} workers, {str(dtype).removeprefix('torch.')}")
     weights = random_weights(args, dtype, seed=seed)
     ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
-    cache = ref.new_cache(N_SLOTS)
+    cache = seq_cache(ref, N_SLOTS)
     g = torch.Generator().manual_seed(seed)
     with Coordinator(args, weights, n_workers=n, dtype=dtype, max_seq_len=MAX_SEQ, n_slots=N_SLOTS) as c:
         # A batch of right-padded prompts of different lengths, every position's logits.
@@ -138,8 +140,8 @@ def test_sharded_logits_equal_the_reference(case):
             position += 1
         # Greedy generation: the same tokens, unless the reference itself had a near-tie there.
         ours, _ = greedy(c.forward, prompt, 4)
-        ref_cache = ref.new_cache(1)
-        theirs, ref_logits = greedy(lambda t, s, sl: ref.forward(t, ref_cache, s, sl), prompt, 4)
+        ref_cache = seq_cache(ref)
+        theirs, ref_logits = greedy(lambda t, s, sl: ref.forward(t, ref_cache, s), prompt, 4)
         for i, (a, b) in enumerate(zip(ours, theirs)):
             if a != b:
                 top2 = ref_logits[i].topk(2).values[0]
@@ -156,9 +158,9 @@ def test_demo_model_agrees_with_the_reference(demo_gguf):
     ckpt = open_checkpoint(demo_gguf)
     weights = load_weights(ckpt, torch.float32)
     ref = Transformer(ckpt.args, weights, max_seq_len=64)
-    ref_cache = ref.new_cache(1)
+    ref_cache = seq_cache(ref)
     prompt = [504, 3940, 282, 1029, 314]
-    theirs, ref_logits = greedy(lambda t, s, sl: ref.forward(t, ref_cache, s, sl), prompt, 8)
+    theirs, ref_logits = greedy(lambda t, s, sl: ref.forward(t, ref_cache, s), prompt, 8)
     with Coordinator(ckpt.args, weights, n_workers=2, max_seq_len=64) as c:
         ours, our_logits = greedy(c.forward, prompt, 8)
     assert ours == theirs
@@ -199,10 +201,11 @@ def test_pieces_compute_what_one_pass_does():
     one pass's logits: every row's last real token, padded rows ending in any run."""
     args, weights = tiny_model()
     tokens = torch.randint(0, args.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
-    start, slots, lengths = torch.tensor([0, 0, 2]), torch.tensor([2, 0, 1]), torch.tensor([7, 2, 5])
+    start, lengths = torch.tensor([0, 0, 2]), torch.tensor([7, 2, 5])
+    slots = contiguous_tables(torch.tensor([2, 0, 1]), BLOCKS)
     for all_logits in (False, True):
-        whole = LocalBackend(args, weights, max_seq_len=MAX_SEQ, n_slots=N_SLOTS)
-        cut = LocalBackend(args, weights, max_seq_len=MAX_SEQ, n_slots=N_SLOTS)
+        whole = LocalBackend(args, weights, max_seq_len=MAX_SEQ, n_blocks=N_SLOTS * BLOCKS)
+        cut = LocalBackend(args, weights, max_seq_len=MAX_SEQ, n_blocks=N_SLOTS * BLOCKS)
         want = whole.forward(tokens, start, slots, lengths, all_logits)
         got = chunked.forward(cut.forward, tokens, start, slots, lengths, all_logits, rows=2, positions=3)
         if all_logits:  # padding positions differ (each run pads its own way); real ones must not
@@ -217,7 +220,7 @@ def test_pieces_compute_what_one_pass_does():
 def test_passes_bigger_than_a_frame_go_in_pieces(monkeypatch):
     args, weights = tiny_model()
     ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
-    cache = ref.new_cache(N_SLOTS)
+    cache = seq_cache(ref, N_SLOTS)
     monkeypatch.setattr(P, "MAX_PAYLOAD", 2 * args.dim * 4)  # two positions of h a message
     tokens = torch.randint(0, args.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
     start, slots, lengths = torch.zeros(3, dtype=torch.long), torch.tensor([2, 0, 1]), torch.tensor([7, 2, 5])
@@ -241,12 +244,12 @@ def test_a_running_coordinators_segments_are_its_own_not_orphans():
 def test_copy_slot_and_one_worker_per_head():
     args, weights = tiny_model(n_heads=3, n_kv_heads=1, dim=12)
     ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
-    cache = ref.new_cache(N_SLOTS)
+    cache = seq_cache(ref, N_SLOTS)
     prompt = torch.tensor([[5, 7, 11, 13]])
     with Coordinator(args, weights, n_workers=3, max_seq_len=MAX_SEQ, n_slots=N_SLOTS) as c:
         forward_both(c, ref, cache, prompt, [0], [0])
         c.copy_slot(0, 2, 4)
-        cache.copy_slot(0, 2, 4)
+        cache.copy_block(0, 2 * BLOCKS, 4)
         got, want = forward_both(c, ref, cache, torch.tensor([[17]]), [4], [2])
         assert_logits_close(got, want, torch.float32)
         with pytest.raises(ValueError, match="beyond the context"):
@@ -286,8 +289,8 @@ def test_workers_killed_while_idle_cost_no_request():
     and replaced, so that request succeeds; only a sequence continued across the replacement is refused."""
     args, weights = tiny_model()
     ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
-    ref_cache = ref.new_cache(1)
-    want = greedy(lambda t, s, sl: ref.forward(t, ref_cache, s, sl), [1, 2, 3], 3)[0]
+    ref_cache = seq_cache(ref)
+    want = greedy(lambda t, s, sl: ref.forward(t, ref_cache, s), [1, 2, 3], 3)[0]
     before = own_segments()
     with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, timeout=30) as c:
         mine = {s.name for s in c.store.segments.values()}

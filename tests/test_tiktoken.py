@@ -248,12 +248,12 @@ def test_chat_session_on_a_tiny_model(tok: Tokenizer) -> None:
     from shardllama.backend import LocalBackend
     from shardllama.config import ModelArgs
     from shardllama.interactive import ChatSession, Session
-    from shardllama.model import random_weights
+    from shardllama.model import blocks_for, random_weights
     from shardllama.sampling import SamplingParams
 
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.vocab_size, hidden_dim=64,
                      max_seq_len=256)
-    backend = LocalBackend(args, random_weights(args, seed=3), max_seq_len=256)
+    backend = LocalBackend(args, random_weights(args, seed=3), max_seq_len=256, n_blocks=blocks_for(256) + 1)
     chat = ChatSession(Session(backend, tok, SamplingParams(temperature=0), max_new_tokens=4), "Be brief.")
     for line in ["Hi", "What is <|eot_id|>?"]:
         chat.turn(line)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from shardllama.kernels import build, gemm
 from shardllama.loading import load_weights, open_checkpoint
-from shardllama.model import DTYPES, Transformer
+from shardllama.model import DTYPES, Transformer, blocks_for
 from shardllama.tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +60,7 @@ PROMPTS = [
 
 def text_logits(model: Transformer, tokens: list[int]) -> torch.Tensor:
     """Log-probabilities of the next token after every token of the text but the last: (T - 1, vocab) f64."""
-    logits = model.forward(torch.tensor([tokens]), model.new_cache(1), all_logits=True)[0, :-1]  # (T - 1, vocab)
+    logits = model.forward(torch.tensor([tokens]), model.new_cache(blocks_for(model.max_seq_len)), all_logits=True)[0, :-1]  # (T - 1, vocab)
     return torch.log_softmax(logits.double(), dim=-1)
 
 
@@ -80,7 +80,7 @@ def against(logp: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
 
 def greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
     """n argmax tokens after the prompt, one decode step at a time (as generation runs)."""
-    cache = model.new_cache(1)
+    cache = model.new_cache(blocks_for(model.max_seq_len))
     logits = model.forward(torch.tensor([prompt]), cache)
     out = []
     for i in range(n):

@@ -10,7 +10,8 @@ from shardllama import allreduce
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
 from shardllama.kernels import gemm
-from shardllama.model import KVCache, Layer, Step, attention, feed_forward, last_positions, output_head, rms_norm, rope_tables
+from shardllama.model import (BLOCK_SIZE, KVCache, Layer, Step, attention, blocks_for, contiguous_tables, feed_forward,
+                              last_positions, output_head, rms_norm, rope_tables)
 from shardllama.quant import linear_weight, stored
 from shardllama.sharding import ShardSpec, shard, worker_weights
 
@@ -28,8 +29,33 @@ class ShardModel:
         self.norm = weights["norm.weight"]  # (dim,)
         self.output = linear_weight(weights, "output.weight")  # (vocab slice, dim)
         self.kv_of_q = spec.kv_map()
-        self.cache = KVCache(args.n_layers, n_slots, max_seq_len, len(spec.kv_heads), args.head_dim, dtype)
+        self.max_seq_len = max_seq_len
+        self.n_slots = n_slots
+        self.blocks_per_slot = blocks_for(max_seq_len)
+        self.cache = KVCache(args.n_layers, n_slots * self.blocks_per_slot, BLOCK_SIZE, len(spec.kv_heads),
+                             args.head_dim, dtype)
         self.rope = rope_tables(args, max_seq_len)
+
+    # ---- phase 2: tables on the wire.  Until then the coordinator names slots; slot s is blocks
+    # s * blocks_per_slot .. (s + 1) * blocks_per_slot - 1 of this worker's pool.
+
+    def slot_tables(self, slots: torch.Tensor) -> torch.Tensor:
+        """The block tables (B, blocks_per_slot) of these slots (B,)."""
+        if len(slots) and not (0 <= int(slots.min()) and int(slots.max()) < self.n_slots):
+            raise ValueError(f"slots {slots.tolist()} outside the cache's {self.n_slots}")
+        return contiguous_tables(slots, self.blocks_per_slot)
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into slot ``dst``, block by block."""
+        bs, n = self.cache.block_size, self.blocks_per_slot
+        for j in range(blocks_for(length, bs)):
+            self.cache.copy_block(src * n + j, dst * n + j, min(bs, length - j * bs))
+
+    def slot_kv(self, slot: int, layers: range, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of k and v (layers, positions, heads, hd) of a run of a slot's positions."""
+        base = slot * self.blocks_per_slot * self.cache.block_size
+        L, T = slice(layers.start, layers.stop), slice(base + positions.start, base + positions.stop)
+        return self.cache.k.flatten(1, 2)[L, T], self.cache.v.flatten(1, 2)[L, T]
 
     def compute(self, phase: int, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
         """This worker's term of the layer's sum (B, T, dim), or its logits slice (B, T, vocab slice)."""

@@ -250,7 +250,9 @@ class Worker:
                     P.check_tensor(buf, h, h.B, h.T, model.args.dim, P.CODE_DTYPES[h.dtype])
                     if h.flags & P.NEW_STEP:
                         start, slots = P.read_step(buf, h)
-                        step, step_id = Step.make(start, h.T, slots, model.rope), h.step
+                        step = Step.make(start, h.T, model.slot_tables(slots), model.rope,  # phase 2: tables on the wire
+                                         model.cache.block_size)
+                        step_id = h.step
                     elif h.step != step_id:
                         raise RuntimeError(f"step {h.step} continues a pass this worker never began")
                     x = P.read_tensor(buf, h, model.args.dim)
@@ -281,13 +283,13 @@ class Worker:
 
 
     def copy_slot(self, h: P.Header, buf) -> bytes:
-        cache = self.model.cache
+        model = self.model  # phase 2: tables on the wire
         try:
             body = P.read_body(buf, h)
             src, dst, length = body["src"], body["dst"], body["length"]
-            if not (0 <= src < cache.n_slots and 0 <= dst < cache.n_slots and 0 <= length <= cache.max_seq_len):
+            if not (0 <= src < model.n_slots and 0 <= dst < model.n_slots and 0 <= length <= model.max_seq_len):
                 raise P.BadFrame(f"COPY_SLOT {src} -> {dst} of {length} positions outside the cache")
-            cache.copy_slot(src, dst, length)
+            model.copy_slot(src, dst, length)
             return P.control(P.ACK, step=h.step)
         except Exception as e:
             return P.control(P.ERROR, {"message": f"{type(e).__name__}: {e}"}, step=h.step)
@@ -295,20 +297,19 @@ class Worker:
     def slot_io(self, h: P.Header, buf) -> object:
         """The answer to READ_SLOT (SLOT_DATA: a chunk of the slot, this worker's KV heads) or to WRITE_SLOT
         (ACK once the chunk is in the cache); ERROR if the request does not fit."""
-        cache, args = self.model.cache, self.model.args
+        model, cache, args = self.model, self.model.cache, self.model.args  # phase 2: tables on the wire
         try:
-            if not 0 <= h.layer < cache.n_slots:
-                raise P.BadFrame(f"slot {h.layer} outside the cache's {cache.n_slots}")
-            layers, positions = P.read_slot_range(buf, h, args.n_layers, cache.max_seq_len)
-            L, T = slice(layers.start, layers.stop), slice(positions.start, positions.stop)
+            if not 0 <= h.layer < model.n_slots:
+                raise P.BadFrame(f"slot {h.layer} outside the cache's {model.n_slots}")
+            layers, positions = P.read_slot_range(buf, h, args.n_layers, model.max_seq_len)
+            cache_k, cache_v = model.slot_kv(h.layer, layers, positions)  # (layers, T, heads, hd) views
             if h.kind == P.READ_SLOT:
-                k, v = cache.k[L, h.layer, T], cache.v[L, h.layer, T]  # (layers, T, heads, hd)
-                return P.slot_message(P.SLOT_DATA, h.step, h.layer, layers, positions, k, v).numpy()
+                return P.slot_message(P.SLOT_DATA, h.step, h.layer, layers, positions, cache_k, cache_v).numpy()
             if h.B != cache.k.shape[3]:
                 raise P.BadFrame(f"WRITE_SLOT of {h.B} KV heads to a worker holding {cache.k.shape[3]}")
             k, v = P.read_slot_payload(buf, h, layers, args.head_dim, cache.k.dtype)
-            cache.k[L, h.layer, T] = k
-            cache.v[L, h.layer, T] = v
+            cache_k[:] = k
+            cache_v[:] = v
             return P.control(P.ACK, step=h.step)
         except Exception as e:
             log.debug("%s", traceback.format_exc())
