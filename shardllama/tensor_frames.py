@@ -68,8 +68,7 @@ class StepBlock:
     def unpack(cls, buf: Any, B: int, whole: bool) -> "StepBlock":
         """The block after the head of ``buf`` (copies: it outlives the frame); the frame's length is checked
         already."""
-        words = torch.frombuffer(buf, dtype=torch.int64, count=3 * B + 1 if whole else 2 * B,
-                                 offset=HEAD_BYTES).clone()
+        words = _view(buf, HEAD_BYTES, (3 * B + 1 if whole else 2 * B,), torch.int64).clone()
         if whole:
             return cls(words[:B], words[B : 2 * B], words[2 * B : 3 * B], int(words[3 * B]))
         return cls(words[:B], words[B : 2 * B])
