@@ -43,7 +43,7 @@ import torch
 from . import allreduce, chunked
 from . import protocol as P
 from .config import ModelArgs
-from .errors import UsageError, WorkerError
+from .errors import UsageError
 from .fingerprint import fingerprint
 from .kernels import gemm
 from .launch import CONNECT_TIMEOUT_S, LocalWorkers, default_workers
