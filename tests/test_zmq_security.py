@@ -171,7 +171,8 @@ def test_rogue_peers_on_an_insecure_port_cost_nothing(model, env):
         rogue = dealer(ctx, endpoint)
         junk = [b"x", b"\x00" * 40, frame(99), frame(P.Kind.HELLO, b"not json"), frame(P.Kind.HELLO, b"{}"),
                 frame(P.Kind.HELLO, b"[]"), frame(P.Kind.HELLO, b'{"pid": "1", "rank": null, "host": "h"}'),
-                frame(P.Kind.HELLO, b"[" * 20000), frame(P.Kind.READY, b'{"nbytes": 1}'), frame(P.Kind.RESULT, b"\x01" * 100)]
+                frame(P.Kind.HELLO, b"[" * 20000), frame(P.Kind.READY, b'{"nbytes": 1}'),
+                frame(P.Kind.RESULT, b"\x01" * 100)]
         for j in junk:
             rogue.send(j)
         rogue.send_multipart([frame(P.Kind.HELLO, json.dumps(HELLO).encode()), b"second frame"])
@@ -209,8 +210,8 @@ def test_rogue_peers_on_an_insecure_port_cost_nothing(model, env):
         victim.kill()
         victim.wait()
         seen_ready: list = []
-        r2 = threading.Thread(target=rogue_worker, args=(ctx, endpoint, frame(P.Kind.READY, b'{"nbytes": "lots"}'), None,
-                                                      seen_ready))
+        lots = frame(P.Kind.READY, b'{"nbytes": "lots"}')
+        r2 = threading.Thread(target=rogue_worker, args=(ctx, endpoint, lots, None, seen_ready))
         r2.start()
         time.sleep(1)
         answer: dict = {}
