@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import kernels, quant
 from .kernels import gemm
 from .config import ModelArgs
+from .names import head_source, layer_prefix
 from .quant import Int8Weight, linear_weight
 
 # Weight dtypes.  int8 quantizes the matrices and keeps everything else in f32 (shardllama.quant).
@@ -38,10 +39,6 @@ Linear = torch.Tensor | Int8Weight  # a matrix that linear() multiplies by: floa
 # Positions per KV-cache block: small enough that a sequence wastes little of its last block, large enough that
 # a block table stays short and a block copy moves whole pages' worth of rows.
 BLOCK_SIZE = 16
-
-
-def layer_prefix(i: int) -> str:
-    return f"layers.{i}."
 
 
 # ---- the pieces ----------------------------------------------------------------------------------------
@@ -358,10 +355,7 @@ class Transformer:
         self.dtype = weights["tok_embeddings.weight"].dtype
         self.max_seq_len = max_seq_len or args.max_seq_len
         self.layers = [Layer.from_weights(weights, i) for i in range(args.n_layers)]
-        # A tied head is the embedding, unless the weights carry a head of their own: int8 weights quantize
-        # the head and keep the embedding (a lookup) in f32.
-        tied = args.tie_embeddings and "output.weight" not in weights
-        self.output = linear_weight(weights, "tok_embeddings.weight" if tied else "output.weight")
+        self.output = linear_weight(weights, head_source(args, weights))  # a tied head may be the embedding
         self.rope = rope_tables(args, self.max_seq_len)
 
     def new_cache(self, n_blocks: int, block_size: int = BLOCK_SIZE) -> KVCache:

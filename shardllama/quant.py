@@ -110,17 +110,6 @@ def stored(name: str, full: torch.Tensor, dtype: torch.dtype) -> dict[str, torch
     return {name: w.q, name + SCALE_SUFFIX: w.scale}
 
 
-def quantize_weights(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A full float weights dict (Meta names) as an int8 model stores it.  A tied output head (no
-    ``output.weight``) gets its own int8 copy of ``tok_embeddings``, which itself stays float."""
-    out: dict[str, torch.Tensor] = {}
-    for name, w in weights.items():
-        out.update(stored(name, w, INT8))
-    if "output.weight" not in weights:
-        out.update(stored("output.weight", weights["tok_embeddings.weight"], INT8))
-    return out
-
-
 def linear_weight(weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | Int8Weight:
     """``weights[name]``, or for an int8 weight the Int8Weight of it and its scale."""
     w = weights[name]

@@ -13,19 +13,21 @@ Every layer is cut the Megatron way so that each worker's partial output is a pl
 
 :data:`PLAN` is the table, :func:`plan` turns ``ModelArgs`` + N into one :class:`ShardSpec` per worker,
 :func:`shard` cuts a full tensor for one worker and :func:`unshard` puts the pieces back together.
-The shared-memory writer, remote workers and the tests all go through :func:`shard`.
+The shared-memory writer and remote workers both get their slices from ``convert.cut``, which goes through
+:func:`shard`; so do the tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import NamedTuple, Sequence
 
 import torch
 
 from .config import ModelArgs
 from .errors import UsageError
+from .model import expected_shapes
+from .names import HEAD, head_source, layer_prefix, weight_kind
 from .quant import SCALE_SUFFIX
 
 
@@ -53,8 +55,6 @@ PLAN: dict[str, Split] = {
     "tok_embeddings.weight": COORDINATOR,  # (vocab, dim)
 }
 
-_LAYER = re.compile(r"^layers\.\d+\.")
-
 # FFN and vocabulary ranges start on multiples of this when every worker still gets at least one block:
 # whole cache lines / SIMD widths per worker, and no worker more than one block above another.
 ALIGN = (16, 8)
@@ -69,7 +69,7 @@ def plan_entry(name: str) -> Split:
         split = plan_entry(name.removesuffix(SCALE_SUFFIX))
         return REPLICATED if split.dim == 1 else split
     try:
-        return PLAN[_LAYER.sub("", name)]
+        return PLAN[weight_kind(name)]
     except KeyError:
         raise KeyError(f"{name!r} is not a weight of the sharding plan") from None
 
@@ -146,9 +146,9 @@ LAYER_WEIGHTS = tuple(name for name in PLAN if name not in GLOBAL_WEIGHTS)
 
 def worker_weights(args: ModelArgs) -> dict[str, str]:
     """Every weight a worker holds -> the checkpoint weight it is cut from (the head may be tied)."""
-    names = {f"layers.{i}.{name}": f"layers.{i}.{name}" for i in range(args.n_layers) for name in LAYER_WEIGHTS}
+    names = {layer_prefix(i) + name: layer_prefix(i) + name for i in range(args.n_layers) for name in LAYER_WEIGHTS}
     names["norm.weight"] = "norm.weight"
-    names["output.weight"] = "tok_embeddings.weight" if args.tie_embeddings else "output.weight"
+    names[HEAD] = head_source(args, expected_shapes(args))
     return names
 
 

@@ -26,13 +26,13 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import psutil
 import torch
 
 from .config import ModelArgs
-from .errors import ModelFileError
+from .convert import Loader, cut
 from .model import expected_shapes
 from .phases import Phases
 from .quant import stored
@@ -44,8 +44,6 @@ from .sharding import ShardSpec, shard, worker_weights
 log = logging.getLogger(__name__)
 
 EMBED = "emb"  # the coordinator's segment
-
-Loader = Callable[[str], torch.Tensor]
 
 
 def shard_key(model_path: str | os.PathLike, dtype: torch.dtype, n_workers: int) -> str:
@@ -184,27 +182,11 @@ def _layouts(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype) ->
 
 def _write(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype, load: Loader,
            segments: dict[str, Segment], phases: Phases) -> None:
-    """Load each checkpoint weight once, convert (or quantize) it whole, and copy every worker's part of it
-    into place (``phases``: the time of each of the three)."""
-    shapes = expected_shapes(args)
-    users: dict[str, list[str]] = {"tok_embeddings.weight": ["tok_embeddings.weight"]}  # (the coordinator's)
-    for name, src in worker_weights(args).items():
-        users.setdefault(src, []).append(name)
-    for src, names in users.items():
-        with phases("read checkpoint"):
-            full = load(src)
-        if tuple(full.shape) != shapes[src]:
-            raise ModelFileError(f"weight {src!r} has shape {tuple(full.shape)}, expected {shapes[src]}")
-        for name in names:
-            with phases("convert weights"):
-                parts = stored(name, full, dtype)  # quantized before the cut: every worker holds the reference's numbers
-            with phases("write shards"):
-                for spec in [None] if name == "tok_embeddings.weight" else specs:
-                    seg = segments[EMBED] if spec is None else segments[f"r{spec.rank}"]
-                    for n, t in parts.items():
-                        seg.tensor(n).copy_(t if spec is None else shard(n, t, spec))
-            del parts
-        del full
+    """Copy every worker's part of every weight, and the coordinator's embedding, into place
+    (``convert.cut``: each checkpoint weight read once and converted whole; ``phases`` times the copies)."""
+    for spec, name, part in cut(args, specs, dtype, load, embedding=True, phases=phases):
+        with phases("write shards"):
+            segments[EMBED if spec is None else f"r{spec.rank}"].tensor(name).copy_(part)
 
 
 def _attach_kept(key: str, parts: Sequence[str], identity: dict) -> tuple[ShardStore | None, bool]:

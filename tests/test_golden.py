@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from shardllama.backend import LocalBackend
+from shardllama.convert import full_weights
 from shardllama.model import blocks_for, contiguous_tables
 from shardllama.engine import generate
-from shardllama.quant import quantize_weights
 from shardllama.sampling import SamplingParams
 
 PROMPT = "The meaning of life is"
@@ -63,7 +63,7 @@ def test_lower_precision_stays_near_transformers_f32(demo_model, hf_greedy, hf_t
     args, tok, weights = demo_model
     ids, _ = hf_greedy
     context, ref = hf_teacher_forced
-    low = quantize_weights(weights) if dtype == "int8" else {k: v.to(dtype) for k, v in weights.items()}
+    low = full_weights(args, torch.int8, weights.__getitem__) if dtype == "int8" else {k: v.to(dtype) for k, v in weights.items()}
     logits = LocalBackend(args, low, max_seq_len=64, n_blocks=blocks_for(64)).forward(
         context, torch.tensor([0]), contiguous_tables(torch.tensor([0]), blocks_for(64)), all_logits=True)
     assert float((logits - ref).pow(2).mean().sqrt()) < rms_tol

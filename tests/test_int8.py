@@ -15,12 +15,12 @@ from hypothesis import given, settings, strategies as st
 
 from shardllama import kernels, model, quant
 from shardllama.config import ModelArgs
+from shardllama.convert import full_weights
 from shardllama.coordinator import Coordinator
 from shardllama.errors import ModelFileError, UsageError
 from shardllama.model import Transformer, blocks_for, contiguous_tables, random_weights
-from shardllama.quant import Int8Weight, dequantize, quantize, quantize_weights, reference_linear
+from shardllama.quant import Int8Weight, dequantize, quantize, reference_linear
 from shardllama.sharding import plan, shard, unshard, worker_weights
-from shardllama.shm import ShardStore
 from tests.test_cli import run_cli
 from tests.helpers import seq_cache
 from tests.test_tensor_parallel import greedy
@@ -247,7 +247,7 @@ ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hid
 def test_int8_model_is_close_to_f32(tie):
     args = ARGS.replace(tie_embeddings=tie)
     weights = random_weights(args, seed=11)
-    int8 = quantize_weights(weights)
+    int8 = full_weights(args, torch.int8, weights.__getitem__)
     assert int8["tok_embeddings.weight"].dtype == torch.float32 and int8["norm.weight"].dtype == torch.float32
     assert int8["output.weight"].dtype == torch.int8 and int8["layers.1.feed_forward.w2.weight"].dtype == torch.int8
     if tie:  # the head is the int8 copy of the embedding
@@ -264,7 +264,7 @@ def test_int8_model_is_close_to_f32(tie):
 
 
 def test_int8_model_with_and_without_the_kernel():
-    m = Transformer(ARGS, quantize_weights(random_weights(ARGS, seed=12)))
+    m = Transformer(ARGS, full_weights(ARGS, torch.int8, random_weights(ARGS, seed=12).__getitem__))
 
     def run() -> tuple[list[int], list[torch.Tensor]]:
         cache = seq_cache(m)
@@ -283,15 +283,15 @@ def test_int8_model_with_and_without_the_kernel():
 
 def test_int8_errors_name_the_weight():
     weights = random_weights(ARGS)
-    int8 = quantize_weights(weights)
+    int8 = full_weights(ARGS, torch.int8, weights.__getitem__)
     with pytest.raises(ModelFileError, match=r"'output.weight' is torch.int8: int8 weights are quantized from float"):
-        quantize_weights(int8)
+        full_weights(ARGS, torch.int8, int8.__getitem__)
     del int8["layers.1.feed_forward.w2.weight_scale"]
     with pytest.raises(ModelFileError, match="w2.weight_scale"):
         Transformer(ARGS, int8)
     weights["layers.0.attention.wk.weight"][3, 1] = float("inf")
     with pytest.raises(ModelFileError, match="wk.weight.*infinities"):
-        quantize_weights(weights)
+        full_weights(ARGS, torch.int8, weights.__getitem__)
 
 
 # ---- sharded: the table cuts scales with their rows --------------------------------------------------
@@ -299,7 +299,7 @@ def test_int8_errors_name_the_weight():
 
 def test_shards_of_int8_weights_put_back_together():
     args = ARGS.replace(tie_embeddings=True)
-    int8 = quantize_weights(random_weights(args))
+    int8 = full_weights(args, torch.int8, random_weights(args).__getitem__)
     for n in (1, 2, 3):
         specs = plan(args, n)
         for name in worker_weights(args):
@@ -310,33 +310,13 @@ def test_shards_of_int8_weights_put_back_together():
                     assert all(torch.equal(p, int8[part]) for p in pieces)
 
 
-def test_remote_workers_cut_what_shared_memory_holds():
-    """A tcp worker cuts its own int8 slices from the checkpoint (workers.worker.cut_weights): exactly the
-    tensors the coordinator writes into shared memory for local workers."""
-    from workers.worker import cut_weights
-
-    args = ARGS.replace(tie_embeddings=True)
-    weights = random_weights(args, seed=4)
-    specs = plan(args, 3)
-    store = ShardStore.open(args, specs, torch.int8, weights.__getitem__, key=f"test-int8-{os.getpid()}")
-    try:
-        assert store.embeddings().dtype == torch.float32
-        for spec in specs:
-            mine = cut_weights(args, spec, weights.__getitem__, torch.int8)
-            theirs = store.segments[f"r{spec.rank}"].tensors()
-            assert mine.keys() == theirs.keys()
-            assert all(torch.equal(mine[k], theirs[k]) for k in mine)
-    finally:
-        store.close()
-
-
 @pytest.mark.parametrize("n, tie, whole_pass", [(1, False, None), (2, True, None), (3, False, None), (2, False, False)])
 def test_sharded_int8_equals_the_reference_in_int8(n, tie, whole_pass):
     """N workers on int8 shards against the in-process int8 model: prefill of two rows, batched decode,
     greedy tokens; whole passes and the star.  Only the order of f32 sums differs."""
     args = ARGS.replace(tie_embeddings=tie, n_heads=6, n_kv_heads=2, dim=48)
     weights = random_weights(args, seed=n)
-    ref = Transformer(args, quantize_weights(weights))
+    ref = Transformer(args, full_weights(args, torch.int8, weights.__getitem__))
     cache = seq_cache(ref, 2)
     tables = contiguous_tables(torch.tensor([0, 1]), blocks_for(ref.max_seq_len))
     tokens = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 0, 0]])
@@ -385,7 +365,7 @@ def test_coordinator_dtype_errors():
     with pytest.raises(UsageError, match="unsupported dtype torch.uint8"):
         Coordinator(ARGS, weights, n_workers=1, dtype=torch.uint8)
     with pytest.raises(ModelFileError, match="int8 weights are quantized from float ones"):  # already int8
-        Coordinator(ARGS, quantize_weights(weights), n_workers=1, dtype=torch.int8)
+        Coordinator(ARGS, full_weights(ARGS, torch.int8, weights.__getitem__), n_workers=1, dtype=torch.int8)
 
 
 # ---- loading and the command line ----------------------------------------------------------------------
@@ -442,8 +422,9 @@ def test_load_weights_int8_and_checkpoints_refuse_int8_loads(tmp_path):
         f32 = load_weights(ckpt, torch.float32)
         with pytest.raises(UsageError, match="float dtype"):
             ckpt.load("layers.0.attention.wq.weight", torch.int8)
-    assert int8.keys() == quantize_weights(f32).keys()
-    assert all(torch.equal(int8[k], v) for k, v in quantize_weights(f32).items())
+    want = full_weights(TINY.replace(tie_embeddings=True), torch.int8, f32.__getitem__)
+    assert int8.keys() == want.keys()
+    assert all(torch.equal(int8[k], v) for k, v in want.items())
 
 
 def test_cli_int8_on_the_demo_model(demo_gguf):

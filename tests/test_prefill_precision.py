@@ -8,6 +8,8 @@ back to f32, which the fallback tests check with the capability check patched).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 
 import pytest
@@ -193,14 +195,15 @@ def test_environment_sets_the_process_default_and_code_overrides_it(fresh, monke
 def test_config_without_a_valid_precision_is_refused():
     body = {"rank": 0, "n_workers": 1, "args": {}, "dtype": "f32", "max_seq_len": 8, "n_slots": 1, "threads": 1,
             "spin_us": 0, "segment": None, "reduce": None, "timeout": 1.0}
-    frame = P.control(P.CONFIG, body)
+    frame = bytes(P.Header(P.Kind.CONFIG).pack()) + json.dumps(body).encode()
     with pytest.raises(P.BadFrame, match="prefill_precision"):
-        P.read_body(frame, P.parse(frame, P.TO_WORKER))
+        P.WorkerConfig.unpack(frame)
 
 
 def test_a_worker_refuses_a_bad_precision(monkeypatch):
     config = Coordinator._config
-    monkeypatch.setattr(Coordinator, "_config", lambda self, rank: {**config(self, rank), "prefill_precision": "f16"})
+    monkeypatch.setattr(Coordinator, "_config",
+                        lambda self, rank: dataclasses.replace(config(self, rank), prefill_precision="f16"))
     args, weights = tiny()
     with pytest.raises(WorkerError, match="prefill_precision must be one of f32, bf16, got 'f16'"):
         Coordinator(args, weights, n_workers=1, max_seq_len=args.max_seq_len)
@@ -222,7 +225,7 @@ def test_bf16_falls_back_to_f32_with_one_note_where_unsupported(fresh, monkeypat
             assert used == "f32" and gemm.precision() == "f32"
         with Coordinator(args, weights, n_workers=2, dtype=torch.float16, max_seq_len=args.max_seq_len,
                          prefill_precision="bf16") as c:
-            assert c.prefill_precision == "f32" and c._config(0)["prefill_precision"] == "f32"
+            assert c.prefill_precision == "f32" and c._config(0).prefill_precision == "f32"
             got = c.forward(tokens, torch.tensor([0]), torch.tensor([0]), all_logits=True)[0]
     notes = [r.getMessage() for r in caplog.records if r.name == "shardllama.kernels"]
     assert len(notes) == 1 and "AVX-512 BF16 or AMX-BF16" in notes[0] and "f32" in notes[0], notes

@@ -1,6 +1,9 @@
-"""The sharding plan: specs partition every axis, KV heads follow their query heads, shard/unshard round-trip."""
+"""The sharding plan: specs partition every axis, KV heads follow their query heads, shard/unshard round-trip;
+shared memory and a worker loading its own weights hold the same slices."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from shardllama.config import ModelArgs
 from shardllama.errors import UsageError
 from shardllama.model import expected_shapes, random_weights
 from shardllama.sharding import ALIGN, PLAN, plan, plan_entry, shard, unshard, worker_weights
+from shardllama.shm import ShardStore
+from workers.shard import cut_weights
 
 
 @st.composite
@@ -119,3 +124,23 @@ def test_table_covers_every_weight_and_nothing_else():
         plan_entry("layers.0.attention.bias")
     with pytest.raises(KeyError, match="coordinator"):
         shard("tok_embeddings.weight", torch.zeros(5, 8), plan(args, 1)[0])
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=["f16", "int8"])
+def test_remote_workers_cut_what_shared_memory_holds(dtype, tie):
+    """A worker loading its own weights (``cut_weights``, what a tcp worker with --model-path runs) holds
+    exactly the tensors the coordinator writes into shared memory for local workers: names, dtypes, bytes."""
+    args = ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=101, hidden_dim=80, tie_embeddings=tie)
+    weights = random_weights(args, seed=4)
+    specs = plan(args, 4)  # a KV head on two workers; uneven FFN and vocabulary ranges
+    store = ShardStore.open(args, specs, dtype, weights.__getitem__, key=f"test-path-{os.getpid()}")
+    try:
+        for spec in specs:
+            mine = cut_weights(args, spec, weights.__getitem__, dtype)
+            theirs = store.segments[f"r{spec.rank}"].tensors()
+            assert mine.keys() == theirs.keys() and "output.weight" in mine
+            for name, t in mine.items():
+                assert t.dtype == theirs[name].dtype and torch.equal(t, theirs[name]), name
+    finally:
+        store.close()

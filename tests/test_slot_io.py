@@ -75,7 +75,7 @@ def test_local_backend_refuses_a_state_that_does_not_fit():
 def test_slots_move_in_chunks_that_fit_a_frame(monkeypatch):
     """Whatever the frame bound, a slot read in chunks (runs of positions, or one layer of one position at a
     time) is the slot read at once, and writes back the same way."""
-    from shardllama import protocol as P
+    from shardllama import tensor_frames
 
     weights = random_weights(ARGS, seed=12)
     with Coordinator(ARGS, weights, n_workers=2, max_seq_len=16, n_slots=3) as c:
@@ -83,8 +83,8 @@ def test_slots_move_in_chunks_that_fit_a_frame(monkeypatch):
         k, v = c.read_slot(0, len(PROMPT))
         cell = 2 * 2 * ARGS.head_dim * 4  # a layer's keys and values at one position, 2 KV heads a worker, f32
         for payload in (3 * ARGS.n_layers * cell, cell):
-            monkeypatch.setattr(P, "MAX_PAYLOAD", payload)
-            assert len(c._slot_chunks(len(PROMPT))) > 1
+            monkeypatch.setattr(tensor_frames, "MAX_PAYLOAD", payload)
+            assert len(c.slots.chunks(len(PROMPT))) > 1
             k2, v2 = c.read_slot(0, len(PROMPT))
             assert torch.equal(k2, k) and torch.equal(v2, v)
             c.write_slot(1 + (payload == cell), k2, v2)

@@ -42,10 +42,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def frame(kind: int, body: bytes = b"", **fields) -> bytes:
-    head = bytearray(P.HEADER_BYTES)
-    P.HEADER.pack_into(head, 0, *P.Header(kind, **fields))
-    return bytes(head) + body
+def frame(kind: int, body: bytes = b"", fields: bytes = b"", **prelude) -> bytes:
+    """A head (``prelude``: phase, dtype, step; the kind's raw ``fields``) and whatever ``body`` follows."""
+    return bytes(P.Header(kind, **prelude).pack(fields)) + body
 
 
 class Proc:
@@ -145,16 +144,17 @@ def rogue_worker(ctx: zmq.Context, endpoint: str, reply: bytes, answer: bytes | 
     record the kinds received until STOP."""
     s = dealer(ctx, endpoint)
     try:
-        s.send(frame(P.HELLO, json.dumps(HELLO).encode()))
+        s.send(frame(P.Kind.HELLO, json.dumps(HELLO).encode()))
         while (msg := recv(s, 150)) is not None:
-            kind = P.Header.unpack(msg).kind
+            kind = P.parse(msg, P.TO_WORKER).kind
             seen.append(kind)
-            if kind == P.CONFIG:
+            if kind == P.Kind.CONFIG:
                 s.send(reply)
-            elif kind == P.COMPUTE and answer is not None:
-                h = P.Header.unpack(msg)
-                s.send(frame(P.RESULT, answer, phase=h.phase, dtype=h.dtype, step=h.step, layer=h.layer, B=h.B, T=h.T))
-            elif kind == P.STOP:
+            elif kind == P.Kind.COMPUTE and answer is not None:
+                h = P.parse(msg, P.TO_WORKER)  # answered with the COMPUTE's own layer, B and T
+                s.send(frame(P.Kind.RESULT, answer, msg[P.PRELUDE.size : P.HEAD_BYTES], phase=h.phase, dtype=h.dtype,
+                             step=h.step))
+            elif kind == P.Kind.STOP:
                 return
     finally:
         s.close()
@@ -169,17 +169,18 @@ def test_rogue_peers_on_an_insecure_port_cost_nothing(model, env):
     try:
         # Before any worker: garbage, malformed HELLOs and READYs, answers nobody asked for, an oversized frame.
         rogue = dealer(ctx, endpoint)
-        junk = [b"x", b"\x00" * 40, frame(99), frame(P.HELLO, b"not json"), frame(P.HELLO, b"{}"),
-                frame(P.HELLO, b"[]"), frame(P.HELLO, b'{"pid": "1", "rank": null, "host": "h"}'),
-                frame(P.HELLO, b"[" * 20000), frame(P.READY, b'{"nbytes": 1}'), frame(P.RESULT, b"\x01" * 100)]
+        junk = [b"x", b"\x00" * 40, frame(99), frame(P.Kind.HELLO, b"not json"), frame(P.Kind.HELLO, b"{}"),
+                frame(P.Kind.HELLO, b"[]"), frame(P.Kind.HELLO, b'{"pid": "1", "rank": null, "host": "h"}'),
+                frame(P.Kind.HELLO, b"[" * 20000), frame(P.Kind.READY, b'{"nbytes": 1}'),
+                frame(P.Kind.RESULT, b"\x01" * 100)]
         for j in junk:
             rogue.send(j)
-        rogue.send_multipart([frame(P.HELLO, json.dumps(HELLO).encode()), b"second frame"])
-        assert P.Header.unpack(recv(rogue, 60)).kind == P.STOP  # a malformed HELLO is turned away
+        rogue.send_multipart([frame(P.Kind.HELLO, json.dumps(HELLO).encode()), b"second frame"])
+        assert P.parse(recv(rogue, 60), P.TO_WORKER).kind == P.Kind.STOP  # a malformed HELLO is turned away
         rogue.send(b"\x00" * (100 << 20))  # 100 MB: ZeroMQ drops the connection before storing it
         seen: list = []  # a peer that says HELLO, then that it failed, gives its rank back: it cannot end the wait
-        rogue_worker(ctx, endpoint, frame(P.ERROR, b'{"message": "boom"}'), None, seen)
-        assert seen == [P.CONFIG, P.STOP]
+        rogue_worker(ctx, endpoint, frame(P.Kind.ERROR, b'{"message": "boom"}'), None, seen)
+        assert seen == [P.Kind.CONFIG, P.Kind.STOP]
         workers += [start_worker(model, endpoint, env, "--insecure") for _ in range(2)]
         address = url(server)
         assert "--insecure: " in server.log and "ignoring a peer at 127.0.0.1 that is not a worker" in server.log, server.log
@@ -209,18 +210,18 @@ def test_rogue_peers_on_an_insecure_port_cost_nothing(model, env):
         victim.kill()
         victim.wait()
         seen_ready: list = []
-        r2 = threading.Thread(target=rogue_worker, args=(ctx, endpoint, frame(P.READY, b'{"nbytes": "lots"}'), None,
-                                                      seen_ready))
+        lots = frame(P.Kind.READY, b'{"nbytes": "lots"}')
+        r2 = threading.Thread(target=rogue_worker, args=(ctx, endpoint, lots, None, seen_ready))
         r2.start()
         time.sleep(1)
         answer: dict = {}
         request = threading.Thread(target=lambda: answer.update(r=generate(address)))
         request.start()
         r2.join(150)
-        assert seen_ready == [P.CONFIG, P.STOP]
+        assert seen_ready == [P.Kind.CONFIG, P.Kind.STOP]
         seen_result: list = []
-        rogue_worker(ctx, endpoint, frame(P.READY, b'{"nbytes": 1}'), b"\x00" * 3, seen_result)
-        assert seen_result[0] == P.CONFIG and P.COMPUTE in seen_result and seen_result[-1] == P.STOP
+        rogue_worker(ctx, endpoint, frame(P.Kind.READY, b'{"nbytes": 1}'), b"\x00" * 3, seen_result)
+        assert seen_result[0] == P.Kind.CONFIG and P.Kind.COMPUTE in seen_result and seen_result[-1] == P.Kind.STOP
         request.join(180)
         assert answer["r"].status_code == 503, answer["r"].text  # one line naming it; no 500, no traceback
         assert re.fullmatch(r"worker \d \(pid 4242 on rogue\) sent a malformed answer \(RESULT of 35 bytes, not \d+\)",
@@ -255,7 +256,7 @@ def test_curve_lets_in_only_authorized_workers_that_pin_the_coordinator(model, e
         plain = dealer(ctx, endpoint)  # no Curve at all
         keyed = dealer(ctx, endpoint, curve_publickey=theirs[0], curve_secretkey=theirs[1], curve_serverkey=mine[0])
         for s in (plain, keyed):
-            s.send(frame(P.HELLO, json.dumps(HELLO).encode()))
+            s.send(frame(P.Kind.HELLO, json.dumps(HELLO).encode()))
         refused = start_worker(model, endpoint, env, "--keys-dir", str(stranger), f"--server-key={mine[0].decode()}")
         wrong_server = start_worker(model, endpoint, env, f"--server-key={theirs[0].decode()}")  # (a key may start with '-')
         assert refused.proc.wait(120) == 1 and "refused this worker's CurveZMQ key" in refused.log, refused.log

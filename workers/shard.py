@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
 from shardllama import allreduce
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
+from shardllama.convert import Loader, cut
 from shardllama.kernels import gemm
 from shardllama.model import (BLOCK_SIZE, KVCache, Layer, Step, attention, blocks_for, contiguous_tables, feed_forward,
                               last_positions, output_head, rms_norm, rope_tables)
-from shardllama.quant import linear_weight, stored
-from shardllama.sharding import ShardSpec, shard, worker_weights
+from shardllama.quant import linear_weight
+from shardllama.sharding import ShardSpec
 
 
 class ShardModel:
@@ -87,18 +88,7 @@ class ShardModel:
             return self._compute(P.HEAD, self.args.n_layers, h, step)
 
 
-def cut_weights(args: ModelArgs, spec: ShardSpec, load: Callable[[str], torch.Tensor],
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """This worker's slices in ``dtype``, cut from full float tensors loaded one at a time (copies: the full
-    ones are freed); int8 quantizes each whole weight first, exactly as the shared-memory writer does."""
-    users: dict[str, list[str]] = {}
-    for name, src in worker_weights(args).items():
-        users.setdefault(src, []).append(name)
-    weights = {}
-    for src, names in users.items():
-        full = load(src)
-        for name in names:
-            for n, t in stored(name, full, dtype).items():
-                weights[n] = shard(n, t, spec).clone()
-        del full
-    return weights
+def cut_weights(args: ModelArgs, spec: ShardSpec, load: Loader, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """This worker's slices in ``dtype``, by the shared-memory writer's own path (``convert.cut``), as
+    copies: the full tensors they are cut from are freed one at a time."""
+    return {name: part.clone() for _, name, part in cut(args, [spec], dtype, load)}

@@ -15,9 +15,9 @@ from typing import Mapping
 import torch
 from tqdm import tqdm
 
+from ..convert import full_weights
 from ..errors import ModelFileError, UsageError
-from ..model import expected_shapes
-from ..quant import source_dtype, stored
+from ..quant import source_dtype
 from .base import Checkpoint
 from .gguf_file import GGUFCheckpoint
 from .gguf_split import model_file as gguf_model_file
@@ -49,25 +49,16 @@ def open_checkpoint(model_path: str | Path, param_path: str | Path | None = None
 def load_weights(ckpt: Checkpoint, dtype: torch.dtype, progress: bool = False) -> dict[str, torch.Tensor]:
     """Every weight of the model, read one at a time (converted weights never coexist with a second copy).
 
-    ``torch.int8`` quantizes each matrix as it is read (``quant.stored``: int8 plus ``<name>_scale``, norms
-    and embedding in f32, and a tied head its own int8 copy)."""
-    expected = expected_shapes(ckpt.args)
-    names = ckpt.names()
-    present = set(names)
-    for name in expected:
-        if name not in present:
-            raise ModelFileError(f"{ckpt.path}: missing tensor {name!r}")
-    weights: dict[str, torch.Tensor] = {}
-    for name in tqdm(names, desc=f"loading {ckpt.path.name}", unit="tensor", file=sys.stderr, disable=not progress):
-        if name not in expected:
-            raise ModelFileError(f"{ckpt.path}: unknown tensor {name!r}")
-        t = ckpt.load(name, source_dtype(dtype))
-        if tuple(t.shape) != expected[name]:
-            raise ModelFileError(f"{ckpt.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
-        weights.update(stored(name, t, dtype))
-    if dtype == torch.int8 and ckpt.args.tie_embeddings:
-        weights.update(stored("output.weight", weights["tok_embeddings.weight"], dtype))
-    return weights
+    ``torch.int8`` quantizes each matrix as it is read (``convert.full_weights``: int8 plus
+    ``<name>_scale``, norms and embedding in f32, and a tied head its own int8 copy)."""
+    with tqdm(total=len(ckpt.names()), desc=f"loading {ckpt.path.name}", unit="tensor", file=sys.stderr,
+              disable=not progress) as bar:
+        def load(name: str) -> torch.Tensor:
+            t = ckpt.load(name, source_dtype(dtype))
+            bar.update()
+            return t
+
+        return full_weights(ckpt.args, dtype, load)
 
 
 def find_tokenizer(weights_dir: Path) -> Path | None:

@@ -11,7 +11,6 @@ import abc
 import collections
 import dataclasses
 import functools
-import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -20,9 +19,6 @@ import torch
 from ..config import ModelArgs
 from ..errors import ModelFileError, ShardllamaError, UsageError, one_line
 from ..model import expected_shapes
-
-_LAYER = re.compile(r"^layers\.\d+\.")
-
 
 @dataclasses.dataclass(eq=False)
 class Checkpoint(abc.ABC):
@@ -140,11 +136,6 @@ def check_shapes(path: Path, args: ModelArgs, shapes: Mapping[str, tuple[int, ..
             raise ModelFileError(f"{path}: missing tensor {called(name)}")
         if tuple(shapes[name]) != want:
             raise ModelFileError(f"{path}: tensor {called(name)} has shape {tuple(shapes[name])}, expected {want}")
-
-
-def weight_kind(name: str) -> str:
-    """``layers.3.attention.wq.weight`` -> ``attention.wq.weight`` (the key of per-weight tables)."""
-    return _LAYER.sub("", name)
 
 
 def build_args(path: Path, build: Callable[[], ModelArgs]) -> ModelArgs:

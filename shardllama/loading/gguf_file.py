@@ -23,6 +23,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ..config import ModelArgs
 from ..errors import ModelFileError, UnsupportedError, one_line
+from ..names import carries_head
 from .base import Checkpoint, build_args, check_shapes, layer_table, rename
 from .gguf_dequant import dequantize
 from .gguf_header import TensorInfo, read_header
@@ -135,7 +136,7 @@ class GGUFCheckpoint(Checkpoint):
             vocab = int(by_name["token_embd.weight"].shape[-1])
         else:
             raise ModelFileError(f"{path}: missing tensor 'token_embd.weight'")
-        tied = "output.weight" not in by_name
+        tied = not carries_head(by_name)
         args = build_args(path, lambda: ModelArgs.from_gguf_fields(fields, vocab_size=vocab, tie_embeddings=tied,
                                                                    rope_freqs=rope_freqs))
         table = layer_table(GGUF_NAMES, args.n_layers)

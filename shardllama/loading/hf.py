@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ModelArgs
 from ..errors import ModelFileError, UnsupportedError, one_line
-from .base import Checkpoint, build_args, check_shapes, layer_table, rename, weight_kind
+from ..names import weight_kind
+from .base import Checkpoint, build_args, check_shapes, layer_table, rename
 
 log = logging.getLogger(__name__)
 

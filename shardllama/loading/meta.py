@@ -16,7 +16,8 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import ModelFileError, one_line
-from .base import Checkpoint, build_args, check_shapes, weight_kind
+from ..names import carries_head, weight_kind
+from .base import Checkpoint, build_args, check_shapes
 from .unzipped import find_pickle_dir, load_unzipped
 
 # How Meta's model-parallel checkpoints split each weight across consolidated.NN files: the dimension the
@@ -95,7 +96,7 @@ class MetaCheckpoint(Checkpoint):
         args = build_args(params_path, lambda: ModelArgs.from_params_json(params_path, vocab_size=vocab,
                                                                                 rope_override=rope_override))
         # Meta's tied models (Llama 3.2 1B/3B) may ship without output.weight.
-        args = args.replace(tie_embeddings="output.weight" not in shapes)
+        args = args.replace(tie_embeddings=not carries_head(shapes))
         check_shapes(shard_paths[0] if len(shard_paths) == 1 else model_path, args, shapes)
         return cls(args, "meta", model_path, tokenizer_path, None, shard_paths, shards)
 
