@@ -406,7 +406,7 @@ def test_server_sizes_the_int8_cache_in_f32():
 
     for n in (0, 2):
         assert kv_bytes_per_token(ARGS, torch.int8, n) == kv_bytes_per_token(ARGS, torch.float32, n) > 0
-    backend = LocalBackend(ARGS, quantize_weights(random_weights(ARGS)), max_seq_len=32, n_blocks=2)
+    backend = LocalBackend(ARGS, full_weights(ARGS, torch.int8, random_weights(ARGS).__getitem__), max_seq_len=32, n_blocks=2)
     assert backend.kv_bytes_per_token() == kv_bytes_per_token(ARGS, torch.int8)  # the prediction is what it holds
 
 
