@@ -46,10 +46,10 @@ import torch
 from ..backend import Backend
 from ..errors import ShardllamaError, UsageError
 from ..sampling import choose
-from .blocks import BlockPool, Tables
-from .prompt_cache import Key, PromptCache, positions
-from .prompt_store import PromptStore, StoreError
-from .requests import Event, Failed, Finished, Request, Token
+from .blocks import BlockPool
+from .prefixes import Prefixes
+from .prompt_store import PromptStore
+from .requests import Counters, Event, Failed, Finished, QueueFull, Request, ServerClosing, Token
 
 log = logging.getLogger(__name__)
 
@@ -68,36 +68,6 @@ def prefill_width(wants: list[int], room: int) -> int:
         if len(capped) * width - real <= max(PAD_SLACK, real // 8):
             return width
     raise AssertionError(wants)  # unreachable: the narrowest width pads nothing
-
-
-class QueueFull(ShardllamaError):
-    """Every run place is taken and the waiting queue is full (HTTP 503)."""
-
-
-class ServerClosing(ShardllamaError):
-    """The engine is shutting down (HTTP 503)."""
-
-
-@dataclasses.dataclass
-class Counters:
-    requests: int = 0  # admitted to run
-    completed: int = 0  # ran to their end
-    cancelled: int = 0  # client went away
-    failed: int = 0
-    rejected: int = 0  # queue full
-    prompt_tokens: int = 0
-    computed_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens reused from the cache
-    cache_hits: int = 0  # requests that reused at least one token
-    generated: int = 0
-    decode_passes: int = 0
-    decode_rows: int = 0
-    max_decode_batch: int = 0
-    prefill_passes: int = 0
-    prefill_rows: int = 0  # prompts (chunks) fed by those passes: more rows than passes = batched prefills
-    max_prefill_batch: int = 0
-    cache_loaded: int = 0  # entries read from --prompt-cache-dir at start-up
-    cache_saved: int = 0  # entries handed to it to write
 
 
 def blocks_needed(max_concurrent: int, max_seq_len: int, block_size: int) -> int:
@@ -122,11 +92,8 @@ class Engine:
         self.max_queue = max(0, max_queue)
         self.prefill_chunk = prefill_chunk
         self.pool = BlockPool(backend.n_blocks, backend.block_size)
-        self.cache = PromptCache(max(0, cache_size) if backend.n_blocks > need else 0, self.pool)
-        self.tables = Tables(self.pool, make_room=self.cache.evict)
-        self.store = store if self.cache.capacity > 0 else None
-        if store is not None and self.store is None:
-            log.warning("--prompt-cache-dir %s: the prompt cache has no room (size or memory 0); not used", store.dir)
+        self.prefixes = Prefixes(backend, self.pool, max(0, cache_size) if backend.n_blocks > need else 0, store)
+        self.cache, self.tables = self.prefixes.cache, self.prefixes.tables
         self._epoch = backend.cache_epoch
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -195,6 +162,7 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             c = dataclasses.asdict(self.counters)
+            c.update(cache_loaded=self.prefixes.loaded, cache_saved=self.prefixes.saved)
             entries, tokens, blocks = self._cache_info
             per_block = self.backend.kv_bytes_per_token() * self.pool.block_size
             c.update(
@@ -212,8 +180,7 @@ class Engine:
             self._cond.notify()
         if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-        if self.store is not None:
-            self.store.close()  # what is queued gets written
+        self.prefixes.close()
         with self._cond:
             requests = list(self._waiting) + list(self._active)
             self._waiting.clear()
@@ -224,10 +191,15 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------------
 
+    @property
+    def store(self) -> PromptStore | None:
+        return self.prefixes.store
+
     def _run(self) -> None:
         if self.store is not None:
             try:
-                self._restore()
+                reserve = blocks_needed(self.max_concurrent, self.backend.max_seq_len, self.pool.block_size)
+                self.prefixes.restore(reserve, lost=self._check_epoch)
             except Exception:
                 log.exception("prompt cache: loading %s failed", self.store.dir)
         while True:
@@ -263,59 +235,6 @@ class Engine:
         with self._cond:
             self._cache_info = (len(self.cache), self.cache.n_tokens(), self.cache.n_blocks())
 
-    def _restore(self) -> None:
-        """Load the entries saved in the prompt-cache directory into free blocks (least recently used first,
-        so the in-memory LRU order is the directory's), as many as the blocks beyond the running sequences'
-        hold."""
-        reserve = blocks_needed(self.max_concurrent, self.backend.max_seq_len, self.pool.block_size)
-        loaded = 0
-        for entry in reversed(self.store.open(keep=self.cache.capacity)):
-            try:
-                k, v = self.store.load(entry)
-            except StoreError as e:
-                log.warning("prompt cache: skipping %s", e)
-                continue
-            if self.pool.n_free - self.pool.blocks_for(k.shape[1]) < reserve:
-                log.info("prompt cache: the KV cache is full; %s and older entries not loaded", entry.path)
-                break
-            table: list[int] = []
-            try:
-                self.tables.grow(table, k.shape[1])
-                self.backend.write_blocks(table, k, v)
-            except Exception as e:
-                self.tables.release(table)
-                log.warning("prompt cache: cannot load %s into the KV cache: %s", entry.path, e)
-                if self._check_epoch():
-                    return
-                continue
-            self._add_entry(entry.key, table, save=False)
-            loaded += 1
-        self.counters.cache_loaded = loaded
-        if loaded:
-            log.info("prompt cache: %d entries loaded from %s", loaded, self.store.dir)
-
-    def _add_entry(self, key: Key, table: list[int], save: bool = True) -> None:
-        """Hand ``table`` (holding the positions of ``key``) to the prompt cache and mirror the change on disk:
-        a new entry is written (``save``), entries it extends are deleted, an entry that covers it is marked
-        used."""
-        done = self.cache.insert(key, table)
-        if self.store is None or not positions(key):
-            return
-        if done.entry is None:
-            if done.covered_by is not None:
-                self.store.touch(done.covered_by)
-            return
-        if not save:
-            self.store.forget(done.extended)
-            return
-        try:
-            k, v = self.backend.read_blocks(table, positions(key))
-        except Exception as e:
-            log.warning("prompt cache: cannot read the blocks of a new entry to save it: %s", e)
-            return
-        self.store.save(key, k, v, replaces=done.extended)
-        self.counters.cache_saved += 1
-
     def _start(self, r: Request) -> None:
         self._check_epoch()
         self.counters.requests += 1
@@ -329,21 +248,13 @@ class Engine:
             self.counters.completed += not r.cancelled
             self._end(r, Finished(r.stats()), keep=False)
             return
-        key = r.key(r.prompt)
-        # At least the last prompt token is always fed: its logits are the first prediction.
-        entry, n = self.cache.longest_prefix(key, limit=positions(key) - 1)
-        if entry is not None:
-            try:
-                r.table = self.tables.start_from(self.cache.blocks(entry), n, self.backend.copy_block)
-            except Exception as e:
-                if not self._check_epoch():  # else the copy found its source lost: start from scratch
-                    self._fail(r, e)
-                    return
-                n = 0
-            else:
-                self.cache.touch(entry)
-                if self.store is not None:
-                    self.store.touch(self.cache.key(entry))
+        try:
+            r.table, n = self.prefixes.start(r.key(r.prompt))
+        except Exception as e:
+            if not self._check_epoch():  # else the copy found its source lost: start from scratch
+                self._fail(r, e)
+                return
+            n = 0
         r.n_cached = r.cached_tokens = n
         self.counters.prompt_tokens += len(r.prompt)
         self.counters.cached_tokens += n
@@ -477,7 +388,7 @@ class Engine:
             r.done = True
         if keep and r.n_cached > 0:
             self.tables.release(r.table, keep=r.n_cached)
-            self._add_entry(r.key(r.tokens[: r.n_cached]), r.table)
+            self.prefixes.keep(r.key(r.tokens[: r.n_cached]), r.table)
         else:
             self.tables.release(r.table)
         r.table = []

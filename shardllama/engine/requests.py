@@ -4,7 +4,8 @@ The contract between the engine and its clients (CLI, interactive mode, HTTP han
 Request with an ``emit`` callback; the engine calls it, from the thread that runs the engine, with one
 :class:`Token` per generated token (the last one flagged ``last`` and carrying the request's
 :class:`Stats`), or :class:`Finished` when there was nothing to generate, or :class:`Failed`.  A cancelled
-request gets no further event.
+request gets no further event.  :meth:`~.loop.Engine.submit` may refuse a request (:class:`QueueFull`,
+:class:`ServerClosing`); :meth:`~.loop.Engine.stats` reports the :class:`Counters`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import ShardllamaError
 from ..sampling import SamplingParams
 from .prompt_cache import Key, cache_key, salt_id
 
@@ -106,3 +108,31 @@ class Request:
     def stats(self) -> Stats:
         return Stats(len(self.prompt), self.cached_tokens, self.computed_tokens, self.generated,
                      self.prefill_s, self.first_token_s, self.decode_s)
+
+
+class QueueFull(ShardllamaError):
+    """Every run place is taken and the waiting queue is full (HTTP 503)."""
+
+
+class ServerClosing(ShardllamaError):
+    """The engine is shutting down (HTTP 503)."""
+
+
+@dataclasses.dataclass
+class Counters:
+    requests: int = 0  # admitted to run
+    completed: int = 0  # ran to their end
+    cancelled: int = 0  # client went away
+    failed: int = 0
+    rejected: int = 0  # queue full
+    prompt_tokens: int = 0
+    computed_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the cache
+    cache_hits: int = 0  # requests that reused at least one token
+    generated: int = 0
+    decode_passes: int = 0
+    decode_rows: int = 0
+    max_decode_batch: int = 0
+    prefill_passes: int = 0
+    prefill_rows: int = 0  # prompts (chunks) fed by those passes: more rows than passes = batched prefills
+    max_prefill_batch: int = 0
