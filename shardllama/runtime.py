@@ -19,7 +19,8 @@ from .loading import Checkpoint, open_checkpoint, load_weights
 from .model import BLOCK_SIZE, DTYPES
 from .phases import Phases
 from .quant import activation_dtype, source_dtype
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer
+from .tokenizer_files import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ def demo_model(demo_gguf):
     import torch
 
     from shardllama.loading import load_weights, open_checkpoint
-    from shardllama.tokenizer import load_tokenizer
+    from shardllama.tokenizer_files import load_tokenizer
 
     with open_checkpoint(demo_gguf) as ckpt:
         return ckpt.args, load_tokenizer(demo_gguf, gguf_fields=ckpt.gguf_fields), load_weights(ckpt, torch.float32)

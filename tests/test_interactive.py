@@ -22,7 +22,7 @@ from shardllama.interactive import ChatSession, Session, TurnOptions, run_chat
 from shardllama.stops import StopScanner
 from shardllama.model import random_weights
 from shardllama.sampling import SamplingParams
-from shardllama.tokenizer import load_tokenizer
+from shardllama.tokenizer_files import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0)
 FAST = ["--temperature", "0", "--max-seq-len", "256", "--workers", "0", "-q"]

@@ -17,7 +17,7 @@ import torch
 
 from shardllama.loading import load_weights, open_checkpoint
 from shardllama.model import expected_shapes, random_weight
-from shardllama.tokenizer import load_tokenizer
+from shardllama.tokenizer_files import load_tokenizer
 
 from .test_loading import ARGS, write_gguf
 

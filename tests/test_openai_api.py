@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from shardllama.loading import open_checkpoint
 from shardllama.server.openai_api import ParamError, render_chat
-from shardllama.tokenizer import load_tokenizer
+from shardllama.tokenizer_files import load_tokenizer
 
 from .test_server import JSON, JSON_VALUES, LAUNCHER, LONE_SURROGATES, NOT_JSON, Server
 

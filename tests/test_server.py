@@ -20,7 +20,7 @@ import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from shardllama.loading import open_checkpoint
-from shardllama.tokenizer import load_tokenizer
+from shardllama.tokenizer_files import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 API = "/rllama/v1/inference"

@@ -27,7 +27,8 @@ from shardllama.chat_template import render, render_for
 from shardllama.errors import ModelFileError
 from shardllama.gguf_vocab import CHAR_BYTES
 from shardllama.tiktoken_vocab import LLAMA3_CHAT_TEMPLATE
-from shardllama.tokenizer import Tokenizer, load_tokenizer
+from shardllama.tokenizer import Tokenizer
+from shardllama.tokenizer_files import load_tokenizer
 from tests.test_tokenizer import SETTINGS, TEXT, TEXTS, WORDS, assert_one_line, stream_all
 
 # Written out here from Meta's llama3 tokenizer.py (Llama 3.1), not imported, so the test checks the module's copy.

@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from shardllama.errors import ModelFileError, UnsupportedError
-from shardllama.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from shardllama.tokenizer import StreamDecoder, Tokenizer
+from shardllama.tokenizer_files import load_tokenizer
 
 WORDS = ("the quick brown fox jumps over the lazy dog hello world tokenizer sentence piece café naïve über "
          "größe déjà 東京 日本語 中文 测试 😀 🚀 ❤️ 12345 3.14 x = y + 1; def f(a, b): return a * b").split()
