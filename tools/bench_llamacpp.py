@@ -5,6 +5,7 @@
     python tools/bench_llamacpp.py --models 7b-f16 --rounds 2 --repeat 1 --append   # add rows to the last run
     python tools/bench_llamacpp.py --models path/to/model.gguf --workers 1 2 --llama-threads 1 2
     python tools/bench_llamacpp.py --models 7b-f16 --workers 2 --prefill-precisions f32 bf16 --rounds 2 --repeat 1
+    python tools/bench_llamacpp.py --models demo-f32 --workers 2 --baseline ../before   # a change against its parent
 
 Needs llama-cpp-python, the project's optional ``bench`` extra (never a test dependency); it compiles
 llama.cpp from source (~5 minutes on 2 cores), natively for this CPU with::
@@ -391,7 +392,9 @@ def run_config(cfg: dict, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as d:
         cfg_file, out_file = Path(d, "cfg.json"), Path(d, "out.json")
         cfg_file.write_text(json.dumps(cfg))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(cfg_file), str(out_file)]
+        # A baseline configuration runs the baseline checkout's own copy of this tool, which times that engine.
+        script = Path(cfg["src"]) / "tools" / "bench_llamacpp.py" if "src" in cfg else Path(__file__).resolve()
+        cmd = [sys.executable, str(script), "--child", str(cfg_file), str(out_file)]
         try:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -419,13 +422,27 @@ def clean(samples: list[tuple[float, float]]) -> tuple[list[float], int]:
 
 
 def configs(a: argparse.Namespace) -> list[dict]:
-    return ([dict(engine="llama.cpp", threads=t, label=f"llama.cpp, {t} thread{'s' * (t > 1)}")
-             for t in a.llama_threads]
-            + [dict(engine="shardllama", workers=n, prefill_precision=p,
-                    label=f"shardllama{'' if p == 'f32' else f' {p} prefill'}, {n} worker{'s' * (n > 1)}")
-               for p in a.prefill_precisions for n in a.workers]
+    mine = ([dict(engine="shardllama", workers=n, prefill_precision=p,
+                  label=f"shardllama{'' if p == 'f32' else f' {p} prefill'}, {n} worker{'s' * (n > 1)}")
+             for p in a.prefill_precisions for n in a.workers]
             + [dict(engine="shardllama", workers=n, dtype="int8", label=f"shardllama int8, {n} worker{'s' * (n > 1)}")
                for n in a.int8_workers])
+    baseline = []
+    if a.baseline is not None:
+        rev = git_rev(a.baseline)
+        baseline = [dict(c, src=str(a.baseline.resolve()), label=c["label"].replace("shardllama", f"shardllama@{rev}", 1))
+                    for c in mine]
+    return ([dict(engine="llama.cpp", threads=t, label=f"llama.cpp, {t} thread{'s' * (t > 1)}")
+             for t in a.llama_threads] + mine + baseline)
+
+
+def git_rev(checkout: Path) -> str:
+    """The short commit of a checkout (``--baseline``), or its directory name outside git."""
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return checkout.name
 
 
 def bench_model(name: str, a: argparse.Namespace) -> dict:
@@ -538,7 +555,8 @@ def markdown(result: dict) -> str:
         ok = [r for r in mod["rows"] if "decode_ms" in r]
         ref = max((r for r in ok if r["engine"] == "llama.cpp"), key=lambda r: r["threads"], default=None)
         def plain(r: dict) -> bool:  # shardllama with the model's own weights and f32 prefill
-            return r["engine"] == "shardllama" and "int8" not in r["label"] and "prefill" not in r["label"]
+            return (r["engine"] == "shardllama" and "int8" not in r["label"] and "prefill" not in r["label"]
+                    and "@" not in r["label"])
 
         one = next((r for r in ok if plain(r) and r["workers"] == 1), None)
         s = mod["settings"]
@@ -561,6 +579,13 @@ def markdown(result: dict) -> str:
                 notes.append(f"{mod['model']}: {r['workers']} workers over 1: decode "
                              f"{one['decode_ms'] / r['decode_ms']:.2f}×, prefill {last} "
                              f"{r['prefill_tok_s'][last] / one['prefill_tok_s'][last]:.2f}×")
+        for r in ok:  # --baseline: each configuration against the same one from the other checkout
+            base = next((b for b in ok if "@" in b["label"] and b["label"].split(",")[1:] == r["label"].split(",")[1:]
+                         and b["label"].split(",")[0].split("@")[0] == r["label"].split(",")[0]), None)
+            if base is not None and "@" not in r["label"]:
+                notes.append(f"{mod['model']}: {r['label']} against {base['label']}: decode "
+                             f"{base['decode_ms'] / r['decode_ms']:.2f}× as fast, prefill {last} "
+                             f"{r['prefill_tok_s'][last] / base['prefill_tok_s'][last]:.2f}×")
         if ref is not None:
             same = [f"{r['label']} {len(set(r['top5']) & set(ref['top5']))}/5"
                     + (", same top-1" if r["top5"][0] == ref["top5"][0] else f", top-1 {r['top5'][0]}")
@@ -604,6 +629,9 @@ def main() -> int:
                    help="skip shardllama's start-up with kept shards (two more processes per configuration and round)")
     p.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "bench-llamacpp")
     p.add_argument("--append", action="store_true", help="add these models to the results already at --out")
+    p.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                   help="also time every shardllama configuration from this other checkout (e.g. a git worktree "
+                        "of the commit before a change), taking turns with this one: labelled shardllama@<commit>")
     a = p.parse_args()
     a.prompt_lens = sorted(a.prompt_lens)
     if max(a.prompt_lens + [a.decode_after + a.decode_tokens]) > a.n_ctx:
