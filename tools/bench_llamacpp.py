@@ -65,6 +65,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -580,8 +581,7 @@ def markdown(result: dict) -> str:
                              f"{one['decode_ms'] / r['decode_ms']:.2f}×, prefill {last} "
                              f"{r['prefill_tok_s'][last] / one['prefill_tok_s'][last]:.2f}×")
         for r in ok:  # --baseline: each configuration against the same one from the other checkout
-            base = next((b for b in ok if "@" in b["label"] and b["label"].split(",")[1:] == r["label"].split(",")[1:]
-                         and b["label"].split(",")[0].split("@")[0] == r["label"].split(",")[0]), None)
+            base = next((b for b in ok if "@" in b["label"] and re.sub(r"@\S+", "", b["label"]) == r["label"]), None)
             if base is not None and "@" not in r["label"]:
                 notes.append(f"{mod['model']}: {r['label']} against {base['label']}: decode "
                              f"{base['decode_ms'] / r['decode_ms']:.2f}× as fast, prefill {last} "
