@@ -392,11 +392,11 @@ COORDINATOR_SCRIPT = textwrap.dedent("""
     from shardllama.model import random_weights
     args = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=11, hidden_dim=8, max_seq_len=8)
     with Coordinator(args, random_weights(args), n_workers=2, max_seq_len=8) as c:
-        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), ROW0)
+        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([[0]]))
         print(json.dumps({"pids": c.pids, "segments": [s.name for s in c.store.segments.values()],
                           "ipc": c.endpoint}), flush=True)
         while True:
-            c.forward(torch.tensor([[3]]), torch.tensor([2]), ROW0)
+            c.forward(torch.tensor([[3]]), torch.tensor([2]), torch.tensor([[0]]))
             time.sleep(0.01)
 """)
 
@@ -484,7 +484,7 @@ def test_tcp_workers_load_their_own_shards(tmp_path):
     ckpt = open_checkpoint(tmp_path)
     args = ckpt.args.replace(max_seq_len=MAX_SEQ)
     tokens = torch.tensor([[2, 7, 1, 8], [2, 8, 1, 8]])
-    start, rows = torch.zeros(2, dtype=torch.long), tables([0, 1])
+    start, rows = torch.zeros(2, dtype=torch.long), contiguous_tables(torch.tensor([0, 1]), BLOCKS)
 
     with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, n_blocks=2 * BLOCKS) as c:
         over_ipc = c.forward(tokens, start, rows, all_logits=True)
