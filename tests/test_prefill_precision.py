@@ -228,7 +228,7 @@ def test_bf16_falls_back_to_f32_with_one_note_where_unsupported(fresh, monkeypat
                          prefill_precision="bf16") as c:
             assert c.prefill_precision == "f32" and c._config(0).prefill_precision == "f32"
             table = contiguous_tables(torch.tensor([0]), blocks_for(args.max_seq_len))
-        got = c.forward(tokens, torch.tensor([0]), table, all_logits=True)[0]
+            got = c.forward(tokens, torch.tensor([0]), table, all_logits=True)[0]
     notes = [r.getMessage() for r in caplog.records if r.name == "shardllama.kernels"]
     assert len(notes) == 1 and "AVX-512 BF16 or AMX-BF16" in notes[0] and "f32" in notes[0], notes
     torch.testing.assert_close(got, f32, rtol=0, atol=1e-2 * float(f32.abs().max()))  # f16 partial sums
