@@ -66,6 +66,23 @@ class BlockTransfer:
         for b, p in enumerate(start.tolist()):
             self._found(tables[b, : blocks_for(p + T, self.block_size)])
 
+    def check_pass(self, start: torch.Tensor, T: int, tables: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        """The block tables (B, W) of a pass of T tokens a row from ``start`` (B,), cut to the blocks the pass
+        reaches (the rest is never read: the wire carries only what it uses); ValueError unless the positions
+        lie in the context and the tables cover them with blocks of the cache."""
+        tables = torch.as_tensor(tables, dtype=torch.long)
+        B, end = len(start), int(start.max()) + T
+        if int(start.min()) < 0 or end > max_seq_len:
+            raise ValueError(f"positions {int(start.min())}..{end - 1} are outside the context ({max_seq_len} "
+                             "positions)")
+        need = blocks_for(end, self.block_size)
+        if tables.dim() != 2 or len(tables) != B or tables.shape[1] < need:
+            raise ValueError(f"block tables of shape {tuple(tables.shape)} for {B} rows reaching position {end - 1} "
+                             f"(at least {need} blocks of {self.block_size} a row)")
+        if not (0 <= int(tables.min()) and int(tables.max()) < self.n_blocks):
+            raise ValueError(f"block tables name blocks outside the cache's {self.n_blocks}")
+        return tables[:, :need]
+
     def check_table(self, table: Sequence[int], length: int) -> torch.Tensor:
         """``table`` as a tensor; ValueError unless it holds ``length`` positions in blocks of the cache."""
         t = torch.as_tensor(table, dtype=torch.long).reshape(-1)

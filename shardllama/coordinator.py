@@ -216,21 +216,10 @@ class Coordinator:
         self._check_open()
         B, T = tokens.shape
         start = torch.as_tensor(start, dtype=torch.long).expand(B)
-        tables = torch.as_tensor(tables, dtype=torch.long)
-        end = int(start.max()) + T
-        if int(start.min()) < 0 or end > self.max_seq_len:
-            raise ValueError(f"positions {int(start.min())}..{end - 1} are outside the context "
-                             f"({self.max_seq_len} positions)")
-        need = blocks_for(end, self.block_size)
-        if tables.dim() != 2 or len(tables) != B or tables.shape[1] < need:
-            raise ValueError(f"block tables of shape {tuple(tables.shape)} for {B} rows reaching position {end - 1} "
-                             f"(at least {need} blocks of {self.block_size} a row)")
-        if not (0 <= int(tables.min()) and int(tables.max()) < self.n_blocks):
-            raise ValueError(f"block tables name blocks outside the cache's {self.n_blocks}")
-        tables = tables[:, :need]  # the rest is never read: the wire carries what the pass uses
+        tables = self.blocks.check_pass(start, T, tables, self.max_seq_len)  # (B, blocks the pass reaches)
         self._ready()
         width = max(self.args.dim, *(len(s.vocab) for s in self.specs)) if all_logits else self.args.dim
-        max_rows = min(self.max_rows, StepBlock.max_rows(need))
+        max_rows = min(self.max_rows, StepBlock.max_rows(tables.shape[1]))
         rows, positions = chunked.piece_shape(B, T, width, self.dtype.itemsize, max_rows)
         if rows < B or positions < T:
             return chunked.forward(self._forward, tokens, start, tables, lengths, all_logits, rows, positions)
