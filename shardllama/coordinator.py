@@ -45,8 +45,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import allreduce, chunked
-from .block_transfer import BlockTransfer
 from . import protocol as P
+from .block_transfer import BlockTransfer
 from .config import ModelArgs
 from .errors import UsageError
 from .fingerprint import fingerprint
@@ -196,7 +196,8 @@ class Coordinator:
         """What worker ``rank`` is told to build (CONFIG)."""
         return P.WorkerConfig(
             rank=rank, n_workers=self.n_workers, args=self.args, dtype=self.dtype_name, max_seq_len=self.max_seq_len,
-            n_blocks=self.n_blocks, block_size=self.block_size, threads=self.threads_per_worker, spin_us=self.spin_s * 1e6,
+            n_blocks=self.n_blocks, block_size=self.block_size, threads=self.threads_per_worker,
+            spin_us=self.spin_s * 1e6,
             segment=self.store.worker_segment(rank) if self.store is not None else None,
             reduce=self._reduce_seg.name if self._reduce_seg is not None and self.whole_pass else None,
             timeout=self.timeout, prefill_precision=self.prefill_precision)
