@@ -26,23 +26,24 @@ def piece_shape(B: int, T: int, width: int, itemsize: int, max_rows: int) -> tup
     return rows, max(1, min(T, P.MAX_PAYLOAD // (rows * per_position)))
 
 
-def forward(fwd: Forward, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor,
+def forward(fwd: Forward, tokens: torch.Tensor, start: torch.Tensor, tables: torch.Tensor,
             lengths: torch.Tensor | None, all_logits: bool, rows: int, positions: int) -> torch.Tensor:
-    """``fwd(tokens, start, slots, lengths, all_logits)`` over pieces of at most ``rows`` x ``positions``,
-    joined: (B, vocab), or (B, T, vocab) with ``all_logits``."""
+    """``fwd(tokens, start, tables, lengths, all_logits)`` over pieces of at most ``rows`` x ``positions``,
+    joined: (B, vocab), or (B, T, vocab) with ``all_logits``.  Each piece carries its rows' block tables
+    (B, W): a run of positions continues in the blocks the runs before it filled."""
     B, T = tokens.shape
     if B > rows:
-        return torch.cat([forward(fwd, tokens[i : i + rows], start[i : i + rows], slots[i : i + rows],
+        return torch.cat([forward(fwd, tokens[i : i + rows], start[i : i + rows], tables[i : i + rows],
                                   None if lengths is None else lengths[i : i + rows], all_logits, rows, positions)
                           for i in range(0, B, rows)])
     if T <= positions:
-        return fwd(tokens, start, slots, lengths, all_logits)
+        return fwd(tokens, start, tables, lengths, all_logits)
     real = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths).long()  # (B,)
     pieces, out = [], None
     for s in range(0, T, positions):
         t = min(positions, T - s)
         here = (real - s).clamp(1, t)  # (B,) real tokens of each row in this run (at least one: its logits are unused)
-        logits = fwd(tokens[:, s : s + t], start + s, slots, here if bool((here < t).any()) else None, all_logits)
+        logits = fwd(tokens[:, s : s + t], start + s, tables, here if bool((here < t).any()) else None, all_logits)
         if all_logits:
             pieces.append(logits)  # (B, t, vocab)
             continue

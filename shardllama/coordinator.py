@@ -22,7 +22,11 @@ Local workers (``endpoint="ipc"``) map their shards from shared memory (``shm``)
 themselves and load their own slices.  Starting, admitting, watching and replacing them is the
 ``pool``'s job; this module runs the passes over it.  After a replacement the KV caches hold nothing valid
 (``cache_epoch`` counts that; continuing a sequence across the replacement raises instead of computing
-garbage).  Passes and slot transfers too big for one frame go in pieces (``chunked``, ``slot_transfer``).
+garbage).  Passes and KV transfers too big for one frame go in pieces (``chunked``, ``block_transfer``).
+
+Each worker's KV cache is a pool of ``n_blocks`` blocks of ``block_size`` positions of its own KV heads; the
+caller (the engine) allocates blocks and names each row's blocks in a block table, which travels in the
+first COMPUTE of each pass (``tensor_frames.StepBlock``).
 
 Latency: a round costs ~150-250 us on top of the compute (ZeroMQ wakes an I/O thread on each side of each
 hop; on a VM every wake of a sleeping CPU is expensive), so when every process has a core of its own, both
@@ -36,25 +40,25 @@ import subprocess
 import uuid
 import weakref
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from . import allreduce, chunked
 from . import protocol as P
+from .block_transfer import BlockTransfer
 from .config import ModelArgs
 from .errors import UsageError
 from .fingerprint import fingerprint
 from .kernels import gemm
 from .launch import CONNECT_TIMEOUT_S, LocalWorkers, default_workers
 from .liveness import Deadline
-from .model import DTYPES, last_positions
+from .model import BLOCK_SIZE, DTYPES, blocks_for, last_positions
 from .phases import Phases
 from .pool import WorkerPool
 from .quant import activation_dtype
 from .sharding import plan
 from .shm import Segment, ShardStore, shard_key
-from .slot_transfer import SlotTransfer
 from .tensor_frames import StepBlock, TensorFrame
 from .transport import Router
 
@@ -81,7 +85,8 @@ class Coordinator:
     """A :class:`~shardllama.backend.Backend` that runs every layer split over ``n_workers`` processes."""
 
     n_workers: int
-    n_slots: int
+    n_blocks: int
+    block_size: int
 
     def __init__(
         self,
@@ -90,7 +95,8 @@ class Coordinator:
         n_workers: int | None = None,  # default: one per physical core
         dtype: torch.dtype | str = torch.float32,
         max_seq_len: int | None = None,
-        n_slots: int = 1,
+        n_blocks: int | None = None,  # KV-cache blocks; default: one sequence of max_seq_len
+        block_size: int = BLOCK_SIZE,  # positions per block
         keep_shards: bool = False,  # map this user's kept shards or keep new ones (needs model_path)
         model_path: str | os.PathLike | None = None,  # names the shards of this model file
         timeout: float = 60.0,  # seconds a worker may take for one step of one layer
@@ -113,7 +119,15 @@ class Coordinator:
         self.n_workers = default_workers(args) if n_workers is None else n_workers
         self.specs = plan(args, self.n_workers)  # UsageError for a bad N
         self.max_seq_len = max_seq_len or args.max_seq_len
-        self.n_slots = n_slots
+        if block_size < 1:
+            raise UsageError(f"KV-cache block size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.n_blocks = blocks_for(self.max_seq_len, block_size) if n_blocks is None else n_blocks
+        if self.n_blocks < 1:
+            raise UsageError(f"the KV cache needs at least one block, got {self.n_blocks}")
+        # Rows of one pass piece: as many as the cache holds sequences of the whole context -- what the engine
+        # runs at once at most (it refuses fewer blocks); a bigger batch goes in several pieces.
+        self.max_rows = min(P.MAX_ROWS, max(1, self.n_blocks // blocks_for(self.max_seq_len, block_size)))
         self.timeout = timeout
         self.threads_per_worker = threads_per_worker
         self.local = endpoint == "ipc"
@@ -125,7 +139,7 @@ class Coordinator:
         self.spin_s = spin_us * 1e-6
         if keep_shards and model_path is None:
             raise UsageError("keeping shards needs the model's path (it names them)")
-        self._epoch_seen = 0  # the pool's epoch that the slots' ``lost`` accounts for
+        self._epoch_seen = 0  # the pool's epoch that the blocks' ``lost`` accounts for
         self.store: ShardStore | None = None
         self.embeddings: torch.Tensor | None = None  # (vocab, dim)
         self._pass = 0  # whole passes so far: numbers the reductions' tickets (never wraps)
@@ -137,9 +151,9 @@ class Coordinator:
         # Also runs at interpreter exit if close() was never called.
         self._finalizer = weakref.finalize(self, _release, self._procs, self._owned)
         try:
-            # The largest frame a worker sends is a batch's logits slice (one row per slot); the rest is cut
-            # to fit MAX_FRAME (``chunked``, ``slot_transfer``).
-            head = P.HEAD_BYTES + n_slots * max(len(s.vocab) for s in self.specs) * self.dtype.itemsize
+            # The largest frame a worker sends is a piece's logits slice (``max_rows`` rows); the rest is cut
+            # to fit MAX_FRAME (``chunked``, ``block_transfer``).
+            head = P.HEAD_BYTES + self.max_rows * max(len(s.vocab) for s in self.specs) * self.dtype.itemsize
             started = local_workers.take(self.n_workers, threads_per_worker) if local_workers and self.local else None
             self.router = Router(endpoint, max_frame=max(P.MAX_FRAME, head),
                                  keys_dir=Path(keys_dir) if keys_dir is not None else None, insecure=insecure,
@@ -148,7 +162,7 @@ class Coordinator:
             self.pool = WorkerPool(self.router, self.n_workers, self._config, local=self.local, timeout=timeout,
                                    connect_timeout=connect_timeout, threads=threads_per_worker, spin_s=self.spin_s,
                                    phases=self.phases, procs=self._procs)
-            self.slots = SlotTransfer(self.pool, args, self.specs, self.dtype, self.n_slots, self.max_seq_len)
+            self.blocks = BlockTransfer(self.pool, args, self.specs, self.dtype, self.n_blocks, block_size)
             # Local workers start before the shards are written: they import torch meanwhile.
             self.pool.start(range(self.n_workers), started[1] if started else None)
             load = weights.__getitem__ if isinstance(weights, Mapping) else weights
@@ -182,7 +196,8 @@ class Coordinator:
         """What worker ``rank`` is told to build (CONFIG)."""
         return P.WorkerConfig(
             rank=rank, n_workers=self.n_workers, args=self.args, dtype=self.dtype_name, max_seq_len=self.max_seq_len,
-            n_slots=self.n_slots, threads=self.threads_per_worker, spin_us=self.spin_s * 1e6,
+            n_blocks=self.n_blocks, block_size=self.block_size, threads=self.threads_per_worker,
+            spin_us=self.spin_s * 1e6,
             segment=self.store.worker_segment(rank) if self.store is not None else None,
             reduce=self._reduce_seg.name if self._reduce_seg is not None and self.whole_pass else None,
             timeout=self.timeout, prefill_precision=self.prefill_precision)
@@ -194,7 +209,7 @@ class Coordinator:
         self,
         tokens: torch.Tensor,  # (B, T) long
         start: torch.Tensor,  # (B,) long
-        slots: torch.Tensor,  # (B,) long
+        tables: torch.Tensor,  # (B, W) long: block table of each row
         lengths: torch.Tensor | None = None,  # (B,) real tokens per right-padded row
         all_logits: bool = False,
     ) -> torch.Tensor:
@@ -202,33 +217,29 @@ class Coordinator:
         self._check_open()
         B, T = tokens.shape
         start = torch.as_tensor(start, dtype=torch.long).expand(B)
-        slots = torch.as_tensor(slots, dtype=torch.long).expand(B)
-        if int(start.max()) + T > self.max_seq_len:
-            raise ValueError(f"position {int(start.max()) + T - 1} is beyond the context "
-                             f"({self.max_seq_len} positions)")
-        if int(slots.min()) < 0 or int(slots.max()) >= self.n_slots:
-            raise ValueError(f"slots {slots.tolist()} outside the cache's {self.n_slots} slots")
+        tables = self.blocks.check_pass(start, T, tables, self.max_seq_len)  # (B, blocks the pass reaches)
         self._ready()
         width = max(self.args.dim, *(len(s.vocab) for s in self.specs)) if all_logits else self.args.dim
-        rows, positions = chunked.piece_shape(B, T, width, self.dtype.itemsize, min(P.MAX_ROWS, self.n_slots))
+        max_rows = min(self.max_rows, StepBlock.max_rows(tables.shape[1]))
+        rows, positions = chunked.piece_shape(B, T, width, self.dtype.itemsize, max_rows)
         if rows < B or positions < T:
-            return chunked.forward(self._forward, tokens, start, slots, lengths, all_logits, rows, positions)
-        return self._forward(tokens, start, slots, lengths, all_logits)
+            return chunked.forward(self._forward, tokens, start, tables, lengths, all_logits, rows, positions)
+        return self._forward(tokens, start, tables, lengths, all_logits)
 
-    def _forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor,
+    def _forward(self, tokens: torch.Tensor, start: torch.Tensor, tables: torch.Tensor,
                  lengths: torch.Tensor | None, all_logits: bool) -> torch.Tensor:
         B, T = tokens.shape
-        self.slots.check_rows(start, slots, self.pool.replaced_why)
+        self.blocks.check_rows(start, tables, T)
         step = self.pool.next_step()
         dim, n_layers = self.args.dim, self.args.n_layers
         if self.whole_pass and (self.n_workers == 1 or B * T <= WHOLE_PASS_ROWS):
-            return self._whole_pass(tokens, start, slots, lengths, all_logits)
+            return self._whole_pass(tokens, start, tables, lengths, all_logits)
 
         def compute(phase: P.Phase, layer: int, rows: int = T, block: StepBlock | None = None) -> TensorFrame:
             return TensorFrame(P.Kind.COMPUTE, phase, step, layer, B, rows, self.dtype, block)
 
         # h always lives in the payload of the next message to send: it is never copied to be sent.
-        msg, h = compute(P.Phase.ATTN, 0, block=StepBlock(start, slots)).pack(dim)
+        msg, h = compute(P.Phase.ATTN, 0, block=StepBlock(start, tables)).pack(dim)
         torch.index_select(self.embeddings, 0, tokens.reshape(-1), out=h.view(B * T, dim))  # the embedding
         for i in range(n_layers):
             msg, h = self._reduce(h, self._round(msg, i, P.Phase.ATTN, B, T), compute(P.Phase.FFN, i))
@@ -241,12 +252,12 @@ class Coordinator:
         logits = torch.cat(self._round(msg, n_layers, P.Phase.HEAD, B, T if all_logits else 1), dim=-1).float()
         return logits if all_logits else logits.squeeze(1)  # (B, T, vocab) or (B, vocab)
 
-    def _whole_pass(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor,
+    def _whole_pass(self, tokens: torch.Tensor, start: torch.Tensor, tables: torch.Tensor,
                     lengths: torch.Tensor | None, all_logits: bool) -> torch.Tensor:
         B, T = tokens.shape
         self._pass += 1
         lengths = torch.full((B,), T, dtype=torch.long) if lengths is None else torch.as_tensor(lengths).long()
-        block = StepBlock(start, slots, lengths, self._pass)
+        block = StepBlock(start, tables, lengths, self._pass)
         msg, h = TensorFrame(P.Kind.COMPUTE, P.Phase.WHOLE, self.pool.step, self.args.n_layers, B, T, self.dtype,
                              block, all_logits).pack(self.args.dim)
         torch.index_select(self.embeddings, 0, tokens.reshape(-1), out=h.view(B * T, -1))
@@ -259,28 +270,34 @@ class Coordinator:
         logits = torch.cat(parts, dim=-1).float()  # (B, T or 1, vocab)
         return logits if all_logits else logits.squeeze(1)
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Every worker copies the first ``length`` positions of its cache slot ``src`` to ``dst``."""
+    def copy_block(self, src: int, dst: int, length: int) -> None:
+        """Every worker copies the first ``length`` positions of its cache block ``src`` to ``dst``."""
         self._check_open()
         self._ready()
-        self.slots.copy(int(src), int(dst), int(length))
+        self.blocks.copy(int(src), int(dst), int(length))
 
-    def read_slot(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``length`` positions of ``slot``, every KV head: k and v, each (n_layers, length,
-        n_kv_heads, head_dim)."""
+    def read_blocks(self, table: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``length`` positions of the sequence with block table ``table``, every KV head: k and v,
+        each (n_layers, length, n_kv_heads, head_dim)."""
         self._check_open()
-        self.slots.check_range(slot, length)
+        t = self.blocks.check_table(table, length)
         self._ready()
-        return self.slots.read(slot, length)
+        return self.blocks.read(t, length)
 
-    def write_slot(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Fill the first ``k.shape[1]`` positions of ``slot``: each worker gets its ``kv_heads`` of k and v
-        (each (n_layers, length, n_kv_heads, head_dim), as :meth:`read_slot` gives them)."""
-        self.slots.check_kv(k, v)
+    def write_blocks(self, table: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill the first ``k.shape[1]`` positions of the sequence with block table ``table``: each worker gets
+        its ``kv_heads`` of k and v (each (n_layers, length, n_kv_heads, head_dim), as :meth:`read_blocks`
+        gives them)."""
         self._check_open()
-        self.slots.check_range(slot, k.shape[1])
+        self.blocks.check_kv(k, v)
+        t = self.blocks.check_table(table, k.shape[1])
         self._ready()
-        self.slots.write(slot, k, v)
+        self.blocks.write(t, k, v)
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes of one position over all workers (a KV head that two workers hold counts twice)."""
+        heads = sum(len(s.kv_heads) for s in self.specs)
+        return 2 * self.args.n_layers * heads * self.args.head_dim * self.dtype.itemsize
 
     def close(self) -> None:
         """Stop the workers, close the socket, remove the ipc files and unlink the shards (unless kept)."""
@@ -338,10 +355,10 @@ class Coordinator:
             self._note_replacements()
 
     def _note_replacements(self) -> None:
-        """After the pool replaced a worker, no slot's cache holds anything valid."""
+        """After the pool replaced a worker, no block of the cache holds anything valid."""
         if self.pool.epoch != self._epoch_seen:
             self._epoch_seen = self.pool.epoch
-            self.slots.lost = set(range(self.n_slots))
+            self.blocks.lose_all(self.pool.replaced_why)
 
     # ---- the hot path -----------------------------------------------------------------------------
 

@@ -4,12 +4,15 @@ Every message is one frame (the ROUTER adds the worker's routing id in front), n
 
     offset 0    prelude  <BBBBI: kind, phase, flags, dtype code, step id                  (:class:`Header`)
     offset 8    fields   the kind's own fixed fields (at most 24 bytes, zeros after them):
-                         COMPUTE / RESULT <III layer, B, T; slot chunks <IIIIII slot, first layer, layers,
-                         first position, positions, KV heads; COPY_SLOT <qqq src, dst, length; ERROR <I layer
-    offset 32   step     only COMPUTE with flag NEW_STEP (:class:`StepBlock`): start[B], slots[B] as int64,
-                         in a WHOLE pass also lengths[B] and the pass number; padded to 32 bytes
+                         COMPUTE / RESULT <IIII layer, B, T, W (block-table width: 0 without a step block);
+                         block chunks <IIIIII first layer, layers, offset, positions, KV heads, blocks;
+                         COPY_BLOCK <qqq src, dst, length; ERROR <I layer
+    offset 32   step     only COMPUTE with flag NEW_STEP (:class:`StepBlock`): start[B], tables[B, W] as int64,
+                         in a WHOLE pass also lengths[B] and the pass number; padded to 32 bytes (at most
+                         MAX_STEP_BYTES)
+                or ids   only block chunks (:class:`BlockChunk`): the chunk's block ids as int64, padded to 32
     then        payload  the raw bytes of one C-contiguous tensor: (B, T, dim) activations or partial sums,
-                         (B, T, vocab slice) logits, a slot chunk's keys and values; or, for the start-up
+                         (B, T, vocab slice) logits, a block chunk's keys and values; or, for the start-up
                          messages (HELLO, CONFIG, READY, ERROR), a UTF-8 JSON object
 
 One frame instead of header + payload frames: each extra frame costs a send call (~10 us), more than
@@ -24,16 +27,20 @@ Step ids let the coordinator drop late answers to a pass it has given up on.  A 
 local workers summing through shared memory: ``allreduce``) is one ``COMPUTE(WHOLE, embedded tokens)`` ->
 ``RESULT(logits slice)`` per worker: the workers run every layer and reduce among themselves.
 
-Reading and writing a KV-cache slot (the server's prompt cache on disk) goes in :class:`SlotChunk` s that
-fit a frame (:func:`slot_chunks`), one request and one answer per worker per chunk:
+Each worker's KV cache is a pool of ``n_blocks`` blocks of ``block_size`` positions (its own KV heads only;
+both numbers come with CONFIG), and a COMPUTE that begins a pass names each row's blocks (its block table).
+Reading and writing a sequence's cached positions (the server's prompt cache) goes in
+:class:`BlockChunk` s that fit a frame (:func:`kv_chunks`), one request and one answer per worker per chunk;
+a chunk names the blocks that hold its positions (position ``p`` of the chunk lives in block
+``blocks[(offset + p) // block_size]`` at ``(offset + p) % block_size``):
 
-    READ_SLOT   coordinator -> worker, the chunk's fields, no payload (KV heads 0)
-    SLOT_DATA   worker -> coordinator, the answer: payload (2, layers, T, heads, head_dim) -- keys then
-                values of the worker's own KV heads (its ``kv_heads`` range), in the cache dtype
-    WRITE_SLOT  coordinator -> worker, the same payload for the worker's KV heads; answered by ACK
+    READ_BLOCKS   coordinator -> worker, the chunk's fields and block ids, no payload (KV heads 0)
+    BLOCK_DATA    worker -> coordinator, the answer: the same fields and ids, payload (2, layers, T, heads,
+                  head_dim) -- keys then values of the worker's own KV heads (its ``kv_heads``), cache dtype
+    WRITE_BLOCKS  coordinator -> worker, the same payload for the worker's KV heads; answered by ACK
 
 The coordinator assembles the full heads from the workers' ranges and cuts them again to write, so a state
-read with N workers can be written with any other N (``slot_transfer``).
+read with N workers can be written with any other N (``block_transfer``).
 
 Every frame is bounded (``MAX_FRAME``, ZMQ_MAXMSGSIZE on both ends: ZeroMQ drops a peer that announces a
 bigger one before reading it) and checked before use: :func:`parse` (length, kind, phase, flags), then the
@@ -60,13 +67,17 @@ ALIGN = 32
 HEAD_BYTES = ALIGN  # prelude and fields; a step block, payload or JSON body starts here
 
 # Frame bounds.  A tensor payload is at most MAX_PAYLOAD: bigger passes are cut into pieces (``chunked``)
-# and slots moved in chunks.  4 MiB is 256 positions of a 4096-wide model in f32 -- a piece costs one extra
-# round of messages, noise next to computing 256 rows -- and keeps what an unauthenticated peer can make
-# the coordinator hold small.  The step block of MAX_ROWS rows fits in the slack.  Only the logits of a
-# batch (n_slots rows x a vocabulary slice) may be bigger: the coordinator raises its bound to fit them.
+# and cached positions moved in chunks.  4 MiB is 256 positions of a 4096-wide model in f32 -- a piece
+# costs one extra round of messages, noise next to computing 256 rows -- and keeps what an unauthenticated
+# peer can make the coordinator hold small.  A step block (start, block tables, lengths) is at most
+# MAX_STEP_BYTES: 1 MiB holds the tables of 256 rows of 8192 positions in blocks of 16; a batch with bigger
+# tables goes in pieces of fewer rows.  Only the logits of a batch (rows x a vocabulary slice) may be
+# bigger than a frame: the coordinator raises its own bound to fit its largest batch.
 MAX_PAYLOAD = 4 << 20
 MAX_ROWS = 2048  # rows (B) of one pass piece
-MAX_FRAME = MAX_PAYLOAD + (64 << 10)
+MAX_STEP_BYTES = 1 << 20
+MAX_CHUNK_BLOCKS = 1024  # block ids one block chunk names
+MAX_FRAME = MAX_PAYLOAD + MAX_STEP_BYTES
 MAX_BODY = 64 << 10  # a start-up message's JSON
 
 
@@ -77,23 +88,23 @@ class Kind(enum.IntEnum):
     COMPUTE = 4  # coordinator -> worker: one phase of one layer (:class:`TensorFrame`)
     RESULT = 5  # worker -> coordinator: the partial sum (or logits slice)
     ERROR = 6  # worker -> coordinator: a request failed, the worker carries on (:class:`Error`)
-    COPY_SLOT = 7  # coordinator -> worker: copy a cache slot's first positions (:class:`CopySlot`)
+    COPY_BLOCK = 7  # coordinator -> worker: copy a cache block's first positions (:class:`CopyBlock`)
     ACK = 8  # worker -> coordinator: a request without an answer of its own is done (:class:`Ack`)
     STOP = 9  # coordinator -> worker: exit now
     PING = 10  # coordinator -> remote worker, before a request and while waiting: refused at once if it is gone
-    READ_SLOT = 11  # coordinator -> worker: send a chunk of a cache slot (:class:`SlotChunk`)
-    SLOT_DATA = 12  # worker -> coordinator: that chunk, keys and values of its KV heads
-    WRITE_SLOT = 13  # coordinator -> worker: fill a chunk of a slot; answered by ACK
+    READ_BLOCKS = 11  # coordinator -> worker: send a chunk of cached positions (:class:`BlockChunk`)
+    BLOCK_DATA = 12  # worker -> coordinator: that chunk, keys and values of its KV heads
+    WRITE_BLOCKS = 13  # coordinator -> worker: fill a chunk of cached positions; answered by ACK
 
 
 class Phase(enum.IntEnum):
-    """Of COMPUTE / RESULT (and of an ERROR answering them); SLOT_IO of slot chunks."""
+    """Of COMPUTE / RESULT (and of an ERROR answering them); KV_IO of block chunks."""
 
     ATTN = 0
     FFN = 1
     HEAD = 2
     WHOLE = 3
-    SLOT_IO = 4
+    KV_IO = 4
 
     @property
     def label(self) -> str:
@@ -101,7 +112,7 @@ class Phase(enum.IntEnum):
 
 
 _PHASE_LABELS = {Phase.ATTN: "attention", Phase.FFN: "feed-forward", Phase.HEAD: "output head",
-                 Phase.WHOLE: "whole pass", Phase.SLOT_IO: "KV-cache slot transfer"}
+                 Phase.WHOLE: "whole pass", Phase.KV_IO: "KV-cache transfer"}
 # workers/shard.py compares a COMPUTE's phase with these names.
 ATTN, FFN, HEAD, WHOLE = Phase.ATTN, Phase.FFN, Phase.HEAD, Phase.WHOLE
 
@@ -114,9 +125,9 @@ class Flag(enum.IntFlag):
 # Value -> member, looked up on every frame (calling an enum class costs microseconds).
 _KINDS, _PHASES = dict(Kind._value2member_map_), dict(Phase._value2member_map_)
 _FLAGS = {f: Flag(f) for f in range((Flag.NEW_STEP | Flag.ALL_LOGITS) + 1)}
-FROM_WORKER = frozenset({Kind.HELLO, Kind.READY, Kind.RESULT, Kind.ERROR, Kind.ACK, Kind.SLOT_DATA})
-TO_WORKER = frozenset({Kind.CONFIG, Kind.COMPUTE, Kind.COPY_SLOT, Kind.STOP, Kind.PING, Kind.READ_SLOT,
-                       Kind.WRITE_SLOT})
+FROM_WORKER = frozenset({Kind.HELLO, Kind.READY, Kind.RESULT, Kind.ERROR, Kind.ACK, Kind.BLOCK_DATA})
+TO_WORKER = frozenset({Kind.CONFIG, Kind.COMPUTE, Kind.COPY_BLOCK, Kind.STOP, Kind.PING, Kind.READ_BLOCKS,
+                       Kind.WRITE_BLOCKS})
 
 DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -271,7 +282,7 @@ class Error:
         return cls(body["message"], header.step, header.phase, cls.LAYER.unpack_from(buf, PRELUDE.size)[0])
 
     def where(self) -> str:
-        if self.phase == Phase.SLOT_IO:
+        if self.phase == Phase.KV_IO:
             return f"in a {self.phase.label}"
         return f"in layer {self.layer} ({self.phase.label})"
 
@@ -285,7 +296,8 @@ class WorkerConfig:
     args: ModelArgs
     dtype: str  # a model.DTYPES name: of the weights
     max_seq_len: int
-    n_slots: int
+    n_blocks: int  # KV-cache blocks (of this worker's KV heads)
+    block_size: int  # positions per block
     threads: int
     spin_us: float  # busy-wait this long for a message before sleeping
     segment: str | None  # its shard in shared memory; None: the worker reads its own checkpoint
@@ -293,7 +305,7 @@ class WorkerConfig:
     timeout: float  # the coordinator's per-layer timeout
     prefill_precision: str  # as the coordinator resolved it (``kernels.gemm``)
     FIELDS: ClassVar = {"rank": _INT, "n_workers": _INT, "args": (dict,), "dtype": _STR, "max_seq_len": _INT,
-                        "n_slots": _INT, "threads": _INT, "spin_us": _NUM, "segment": _STR + _NONE,
+                        "n_blocks": _INT, "block_size": _INT, "threads": _INT, "spin_us": _NUM, "segment": _STR + _NONE,
                         "reduce": _STR + _NONE, "timeout": _NUM, "prefill_precision": _STR}
 
     def pack(self) -> bytes:
@@ -305,6 +317,9 @@ class WorkerConfig:
         body = _read_json(buf, check_kind(buf, header, Kind.CONFIG), cls.FIELDS)
         if not 0 <= body["rank"] < body["n_workers"]:
             raise BadFrame(f"CONFIG of rank {body['rank']} among {body['n_workers']} workers")
+        for key in ("max_seq_len", "n_blocks", "block_size"):
+            if not 1 <= body[key] < 1 << 31:
+                raise BadFrame(f"CONFIG whose {key!r} is {body[key]}, not between 1 and 2**31")
         try:
             args = ModelArgs(**body["args"])
         except (TypeError, ValueError, ModelFileError) as e:
@@ -313,8 +328,8 @@ class WorkerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CopySlot:
-    """Copy the first ``length`` positions of cache slot ``src`` to ``dst``; answered by ACK."""
+class CopyBlock:
+    """Copy the first ``length`` positions of cache block ``src`` to ``dst``; answered by ACK."""
 
     step: int
     src: int
@@ -323,11 +338,11 @@ class CopySlot:
     FIELDS: ClassVar = struct.Struct("<qqq")
 
     def pack(self) -> bytes:
-        return bytes(Header(Kind.COPY_SLOT, step=self.step).pack(self.FIELDS.pack(self.src, self.dst, self.length)))
+        return bytes(Header(Kind.COPY_BLOCK, step=self.step).pack(self.FIELDS.pack(self.src, self.dst, self.length)))
 
     @classmethod
-    def unpack(cls, buf: Any, header: Header | None = None) -> "CopySlot":
-        header = check_kind(buf, header, Kind.COPY_SLOT)
+    def unpack(cls, buf: Any, header: Header | None = None) -> "CopyBlock":
+        header = check_kind(buf, header, Kind.COPY_BLOCK)
         check_length(buf, header, HEAD_BYTES)
         return cls(header.step, *cls.FIELDS.unpack_from(buf, PRELUDE.size))
 

@@ -1,5 +1,5 @@
 """The messages whose payload is a tensor (``protocol`` has the frame layout): COMPUTE / RESULT, the hot
-path, and the chunks of a KV-cache slot.
+path, and the chunks of cached positions moved between the coordinator and the workers' block pools.
 
 A tensor frame is built around its payload: ``pack`` makes the whole frame and returns a view of the payload
 for the caller to write the tensor into (the coordinator embeds tokens, sums partials and the worker copies
@@ -15,8 +15,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from .protocol import (ALIGN, DTYPE_CODES, HEAD_BYTES, MAX_PAYLOAD, PRELUDE, BadFrame, Flag, Header, Kind, Phase,
-                       check_kind, check_length, frame_dtype)
+from .protocol import (ALIGN, DTYPE_CODES, HEAD_BYTES, MAX_CHUNK_BLOCKS, MAX_PAYLOAD, MAX_STEP_BYTES, PRELUDE, BadFrame,
+                       Flag, Header, Kind, Phase, check_kind, check_length, frame_dtype)
 
 
 def _padded(nbytes: int) -> int:
@@ -39,42 +39,67 @@ def _view(buf: Any, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepBlock:
-    """What a COMPUTE that begins a step carries (flag NEW_STEP): where each row starts and which cache slot
-    it uses; in a whole pass also each row's real length and the pass number (the reductions' tickets).
-    The worker builds its ``model.Step`` from it and keeps it for the step's later layers."""
+    """What a COMPUTE that begins a step carries (flag NEW_STEP): where each row starts and its block table;
+    in a whole pass also each row's real length and the pass number (the reductions' tickets).  The worker
+    checks it against its cache (:meth:`check_within`), builds its ``model.Step`` from it and keeps it for
+    the step's later layers."""
 
     start: torch.Tensor  # (B,) int64
-    slots: torch.Tensor  # (B,) int64
+    tables: torch.Tensor  # (B, W) int64: row b's position p lives in block tables[b, p // block_size]
     lengths: torch.Tensor | None = None  # (B,) int64, a whole pass only
     pass_no: int = 0  # a whole pass only
 
     @staticmethod
-    def nbytes(B: int, whole: bool) -> int:
-        return _padded(8 * (3 * B + 1 if whole else 2 * B))
+    def words(B: int, W: int, whole: bool) -> int:
+        return B * (W + 1) + (B + 1 if whole else 0)
+
+    @staticmethod
+    def nbytes(B: int, W: int, whole: bool) -> int:
+        return _padded(8 * StepBlock.words(B, W, whole))
+
+    @staticmethod
+    def max_rows(W: int) -> int:
+        """Rows whose step block of tables W wide fits MAX_STEP_BYTES (at least 1)."""
+        return max(1, (MAX_STEP_BYTES // 8 - 1) // (W + 2))
 
     def pack_into(self, block: torch.Tensor) -> None:
         """Write into ``block``, the uint8 bytes of the frame it goes to (:meth:`nbytes` of them)."""
-        B = len(self.start)
-        words = block[: 8 * (3 * B + 1 if self.lengths is not None else 2 * B)].view(torch.int64)
-        assert len(self.slots) == B, (self.start, self.slots)
+        B, W = self.tables.shape
+        whole = self.lengths is not None
+        words = block[: 8 * self.words(B, W, whole)].view(torch.int64)
+        assert len(self.start) == B, (self.start, self.tables)
         words[:B] = self.start
-        words[B : 2 * B] = self.slots
-        if self.lengths is not None:
+        words[B : B * (W + 1)].view(B, W).copy_(self.tables)
+        if whole:
             assert len(self.lengths) == B, (self.start, self.lengths)
-            words[2 * B : 3 * B] = self.lengths
-            words[3 * B] = self.pass_no
+            words[B * (W + 1) : -1] = self.lengths
+            words[-1] = self.pass_no
 
     @classmethod
-    def unpack(cls, buf: Any, B: int, whole: bool) -> "StepBlock":
+    def unpack(cls, buf: Any, B: int, W: int, whole: bool) -> "StepBlock":
         """The block after the head of ``buf`` (copies: it outlives the frame); the frame's length is checked
         already."""
-        words = _view(buf, HEAD_BYTES, (3 * B + 1 if whole else 2 * B,), torch.int64).clone()
+        words = _view(buf, HEAD_BYTES, (cls.words(B, W, whole),), torch.int64).clone()
+        start, tables = words[:B], words[B : B * (W + 1)].view(B, W)
         if whole:
-            return cls(words[:B], words[B : 2 * B], words[2 * B : 3 * B], int(words[3 * B]))
-        return cls(words[:B], words[B : 2 * B])
+            return cls(start, tables, words[B * (W + 1) : -1], int(words[-1]))
+        return cls(start, tables)
+
+    def check_within(self, n_blocks: int, max_seq_len: int, T: int) -> None:
+        """BadFrame unless every row's T positions lie inside the context and its table names blocks of a
+        pool of ``n_blocks`` (a row's table must cover its positions: ``model.Step.make`` checks that)."""
+        start, tables = self.start, self.tables
+        if len(start) and not (0 <= int(start.min()) and int(start.max()) + T <= max_seq_len):
+            raise BadFrame(f"COMPUTE of rows starting at {start.tolist()} with {T} tokens, beyond a context of "
+                           f"{max_seq_len} positions")
+        if tables.numel() and not (0 <= int(tables.min()) and int(tables.max()) < n_blocks):
+            raise BadFrame(f"COMPUTE whose block tables name blocks outside the cache's {n_blocks}")
+        if self.lengths is not None and len(self.lengths) and not (
+                1 <= int(self.lengths.min()) and int(self.lengths.max()) <= T):
+            raise BadFrame(f"COMPUTE of real lengths {self.lengths.tolist()}, not between 1 and {T}")
 
 
-_FIELDS = struct.Struct("<III")  # a TensorFrame's: layer, B, T
+_FIELDS = struct.Struct("<IIII")  # a TensorFrame's: layer, B, T, W (0 without a step block)
 _TENSOR_KINDS = frozenset({Kind.COMPUTE, Kind.RESULT})
 # Members looked up once: reading one off its enum class takes ~1 us (a descriptor), too much per frame.
 _NEW_STEP, _ALL_LOGITS, _WHOLE = int(Flag.NEW_STEP), int(Flag.ALL_LOGITS), Phase.WHOLE
@@ -99,7 +124,9 @@ class TensorFrame(NamedTuple):
     all_logits: bool = False  # a whole pass's COMPUTE: logits of every position
 
     def _offset(self) -> int:
-        return HEAD_BYTES + (StepBlock.nbytes(self.B, self.phase == Phase.WHOLE) if self.block is not None else 0)
+        if self.block is None:
+            return HEAD_BYTES
+        return HEAD_BYTES + StepBlock.nbytes(self.B, self.block.tables.shape[1], self.phase == Phase.WHOLE)
 
     def pack(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A new frame (uint8, sent as is) and a view of its (B, T, width) payload to write the tensor into."""
@@ -108,7 +135,8 @@ class TensorFrame(NamedTuple):
         buf = torch.empty(offset + self.B * self.T * width * self.dtype.itemsize, dtype=torch.uint8)
         mem = buf.numpy()
         PRELUDE.pack_into(mem, 0, self.kind, self.phase, flags, DTYPE_CODES[self.dtype], self.step)
-        _FIELDS.pack_into(mem, PRELUDE.size, self.layer, self.B, self.T)
+        W = self.block.tables.shape[1] if self.block is not None else 0
+        _FIELDS.pack_into(mem, PRELUDE.size, self.layer, self.B, self.T, W)
         mem[PRELUDE.size + _FIELDS.size : HEAD_BYTES] = 0
         if self.block is not None:
             assert (self.block.lengths is not None) == (self.phase == Phase.WHOLE), self.phase
@@ -121,89 +149,117 @@ class TensorFrame(NamedTuple):
         holds exactly that."""
         header = check_kind(buf, header, _TENSOR_KINDS)
         dtype = frame_dtype(header)
-        layer, B, T = _FIELDS.unpack_from(buf, PRELUDE.size)
+        layer, B, T, W = _FIELDS.unpack_from(buf, PRELUDE.size)
         flags = int(header.flags)  # (an IntFlag's & takes microseconds)
         new_step, whole = bool(flags & _NEW_STEP), header.phase == _WHOLE
-        offset = HEAD_BYTES + (StepBlock.nbytes(B, whole) if new_step else 0)
+        offset = HEAD_BYTES
+        if new_step:
+            if W == 0 or StepBlock.nbytes(B, W, whole) > MAX_STEP_BYTES:
+                raise BadFrame(f"COMPUTE with a step block of {B} rows of block tables {W} wide (at most "
+                               f"{MAX_STEP_BYTES} bytes)")
+            offset += StepBlock.nbytes(B, W, whole)
+        elif W:
+            raise BadFrame(f"{header.kind.name} with block tables {W} wide but no step block")
         check_length(buf, header, offset + B * T * width * dtype.itemsize)
-        block = StepBlock.unpack(buf, B, whole) if new_step else None
+        block = StepBlock.unpack(buf, B, W, whole) if new_step else None
         msg = cls(header.kind, header.phase, header.step, layer, B, T, dtype, block,
                   bool(flags & _ALL_LOGITS))
         return msg, _view(buf, offset, (B, T, width), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class SlotChunk:
-    """A chunk of KV-cache slot ``slot``: ``positions`` of ``layers``.  READ_SLOT asks for it (no payload,
-    ``heads`` 0); SLOT_DATA answers and WRITE_SLOT fills it, with a payload (2, layers, T, heads, head_dim):
-    keys then values of the sender's / receiver's ``heads`` KV heads in ``dtype``."""
+class BlockChunk:
+    """``positions`` cached positions of ``layers`` of one sequence, in the blocks ``blocks``: position ``p`` of
+    the chunk lives in block ``blocks[(offset + p) // block_size]`` at ``(offset + p) % block_size``.
+    READ_BLOCKS asks for it (no payload, ``heads`` 0); BLOCK_DATA answers and WRITE_BLOCKS fills it, with a
+    payload (2, layers, T, heads, head_dim): keys then values of the sender's / receiver's ``heads`` KV heads
+    in ``dtype``."""
 
     kind: Kind
     step: int
-    slot: int
+    blocks: tuple[int, ...]
+    offset: int
+    positions: int
     layers: range
-    positions: range
     heads: int = 0
     dtype: torch.dtype | None = None
-    FIELDS: ClassVar = struct.Struct("<IIIIII")  # slot, first layer, layers, first position, positions, heads
+    FIELDS: ClassVar = struct.Struct("<IIIIII")  # first layer, layers, offset, positions, heads, blocks
+
+    def _ids_bytes(self) -> int:
+        return _padded(8 * len(self.blocks))
 
     def pack(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
-        """The frame (uint8); SLOT_DATA and WRITE_SLOT copy k and v (each (layers, T, heads, head_dim)) in."""
-        fields = self.FIELDS.pack(self.slot, self.layers.start, len(self.layers), self.positions.start,
-                                  len(self.positions), self.heads)
+        """The frame (uint8); BLOCK_DATA and WRITE_BLOCKS copy k and v (each (layers, T, heads, head_dim)) in."""
+        fields = self.FIELDS.pack(self.layers.start, len(self.layers), self.offset, self.positions, self.heads,
+                                  len(self.blocks))
         code = DTYPE_CODES[self.dtype] if self.dtype is not None else 0
-        head = torch.frombuffer(Header(self.kind, Phase.SLOT_IO, dtype=code, step=self.step).pack(fields),
-                                dtype=torch.uint8)
-        if self.kind == Kind.READ_SLOT:
-            return head
+        offset = HEAD_BYTES + self._ids_bytes()
+        payload = 0 if self.kind == Kind.READ_BLOCKS else 2 * _numel(k.shape) * k.element_size()
+        buf = torch.zeros(offset + payload, dtype=torch.uint8)
+        buf[:HEAD_BYTES] = torch.frombuffer(Header(self.kind, Phase.KV_IO, dtype=code, step=self.step).pack(fields),
+                                            dtype=torch.uint8)
+        buf[HEAD_BYTES : HEAD_BYTES + 8 * len(self.blocks)].view(torch.int64)[:] = torch.tensor(self.blocks)
+        if self.kind == Kind.READ_BLOCKS:
+            return buf
         assert k is not None and v is not None and k.dtype == v.dtype == self.dtype, (k, v, self.dtype)
-        assert k.shape[:3] == (len(self.layers), len(self.positions), self.heads), (k.shape, self)
-        buf = torch.empty(HEAD_BYTES + 2 * k.numel() * k.element_size(), dtype=torch.uint8)
-        buf[:HEAD_BYTES] = head
-        payload = buf[HEAD_BYTES:].view(k.dtype).view(2, *k.shape)
-        payload[0].copy_(k)
-        payload[1].copy_(v)
+        assert k.shape[:3] == (len(self.layers), self.positions, self.heads), (k.shape, self)
+        both = buf[offset:].view(k.dtype).view(2, *k.shape)
+        both[0].copy_(k)
+        both[1].copy_(v)
         return buf
 
     @classmethod
-    def unpack(cls, buf: Any, header: Header | None = None) -> "SlotChunk":
-        """The chunk's fields (its payload: :meth:`kv`)."""
-        header = check_kind(buf, header, frozenset({Kind.READ_SLOT, Kind.SLOT_DATA, Kind.WRITE_SLOT}))
-        slot, layer0, n_layers, first, T, heads = cls.FIELDS.unpack_from(buf, PRELUDE.size)
+    def unpack(cls, buf: Any, header: Header | None = None) -> "BlockChunk":
+        """The chunk's fields and block ids (its payload: :meth:`kv`)."""
+        header = check_kind(buf, header, frozenset({Kind.READ_BLOCKS, Kind.BLOCK_DATA, Kind.WRITE_BLOCKS}))
+        layer0, n_layers, offset, T, heads, n_ids = cls.FIELDS.unpack_from(buf, PRELUDE.size)
+        if not 1 <= n_ids <= MAX_CHUNK_BLOCKS:
+            raise BadFrame(f"{header.kind.name} naming {n_ids} blocks (1 to {MAX_CHUNK_BLOCKS})")
+        ids_end = HEAD_BYTES + _padded(8 * n_ids)
         dtype = None
-        if header.kind == Kind.READ_SLOT:
-            check_length(buf, header, HEAD_BYTES)
+        if header.kind == Kind.READ_BLOCKS:
+            check_length(buf, header, ids_end)
         else:
             dtype = frame_dtype(header)
-        return cls(header.kind, header.step, slot, range(layer0, layer0 + n_layers), range(first, first + T), heads,
-                   dtype)
+            if memoryview(buf).nbytes < ids_end:
+                raise BadFrame(f"{header.kind.name} of {memoryview(buf).nbytes} bytes, shorter than its block ids")
+        blocks = tuple(memoryview(buf).cast("B")[HEAD_BYTES : HEAD_BYTES + 8 * n_ids].cast("q").tolist())
+        return cls(header.kind, header.step, blocks, offset, T, range(layer0, layer0 + n_layers), heads, dtype)
 
-    def check_within(self, n_slots: int, n_layers: int, max_seq_len: int) -> None:
-        """BadFrame unless the chunk lies inside a cache of ``n_slots`` x ``n_layers`` x ``max_seq_len``."""
-        if self.slot >= n_slots:
-            raise BadFrame(f"{self.kind.name} of slot {self.slot}, outside the cache's {n_slots}")
-        if not (self.positions.stop <= max_seq_len and 0 < len(self.layers) and self.layers.stop <= n_layers):
-            raise BadFrame(f"{self.kind.name} of positions {self.positions.start}+{len(self.positions)}, layers "
-                           f"{self.layers.start}+{len(self.layers)}: outside a cache of {max_seq_len} positions, "
+    def check_within(self, n_blocks: int, block_size: int, n_layers: int) -> None:
+        """BadFrame unless the chunk lies inside a pool of ``n_blocks`` blocks of ``block_size`` positions of
+        ``n_layers`` layers, and names exactly the blocks its positions take."""
+        name = self.kind.name
+        if not (0 < len(self.layers) and self.layers.stop <= n_layers):
+            raise BadFrame(f"{name} of layers {self.layers.start}+{len(self.layers)}: outside a cache of "
                            f"{n_layers} layers")
+        if not (self.offset < block_size and self.positions > 0
+                and len(self.blocks) == -(-(self.offset + self.positions) // block_size)):
+            raise BadFrame(f"{name} of {self.positions} positions from offset {self.offset} in {len(self.blocks)} "
+                           f"blocks of {block_size}")
+        if not (0 <= min(self.blocks) and max(self.blocks) < n_blocks):
+            raise BadFrame(f"{name} of blocks {list(self.blocks)}, outside the cache's {n_blocks}")
 
     def kv(self, buf: Any, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k and v (each (layers, T, heads, head_dim)) of a SLOT_DATA / WRITE_SLOT frame, viewing it (no copy)."""
+        """k and v (each (layers, T, heads, head_dim)) of a BLOCK_DATA / WRITE_BLOCKS frame, viewing it (no
+        copy)."""
         assert self.dtype is not None, self.kind
-        shape = (2, len(self.layers), len(self.positions), self.heads, head_dim)
-        want = HEAD_BYTES + _numel(shape) * self.dtype.itemsize
+        shape = (2, len(self.layers), self.positions, self.heads, head_dim)
+        offset = HEAD_BYTES + self._ids_bytes()
+        want = offset + _numel(shape) * self.dtype.itemsize
         if memoryview(buf).nbytes != want:
             raise BadFrame(f"{self.kind.name} of {memoryview(buf).nbytes} bytes, not {want}")
-        both = _view(buf, HEAD_BYTES, shape, self.dtype)
+        both = _view(buf, offset, shape, self.dtype)
         return both[0], both[1]
 
 
-def slot_chunks(n_layers: int, length: int, cell_bytes: int) -> list[tuple[range, range]]:
-    """(layers, positions) chunks covering ``length`` positions of a slot, each at most MAX_PAYLOAD bytes when
-    one layer's keys and values at one position take ``cell_bytes``: whole layers by runs of positions, or
-    runs of layers one position at a time where a position of every layer is too big."""
+def kv_chunks(n_layers: int, length: int, cell_bytes: int, max_positions: int) -> list[tuple[range, range]]:
+    """(layers, positions) chunks covering ``length`` cached positions, each at most MAX_PAYLOAD bytes when one
+    layer's keys and values at one position take ``cell_bytes``, and at most ``max_positions`` positions:
+    whole layers by runs of positions, or runs of layers one position at a time where a position of every
+    layer is too big."""
     cells = max(1, MAX_PAYLOAD // cell_bytes)
     if cells >= n_layers:
-        step = cells // n_layers
+        step = min(cells // n_layers, max_positions)
         return [(range(n_layers), range(p, min(p + step, length))) for p in range(0, length, step)]
     return [(range(l, min(l + cells, n_layers)), range(p, p + 1)) for p in range(length) for l in range(0, n_layers, cells)]

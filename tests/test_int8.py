@@ -320,14 +320,15 @@ def test_sharded_int8_equals_the_reference_in_int8(n, tie, whole_pass):
     cache = seq_cache(ref, 2)
     tables = contiguous_tables(torch.tensor([0, 1]), blocks_for(ref.max_seq_len))
     tokens = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 0, 0]])
-    lengths, slots, start = torch.tensor([5, 3]), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long)
-    with Coordinator(args, weights, n_workers=n, dtype="int8", max_seq_len=32, n_slots=2, whole_pass=whole_pass) as c:
+    lengths, start = torch.tensor([5, 3]), torch.zeros(2, dtype=torch.long)
+    with Coordinator(args, weights, n_workers=n, dtype="int8", max_seq_len=32, n_blocks=tables.numel(),
+                     whole_pass=whole_pass) as c:
         assert c.dtype == torch.float32 and c.weight_dtype == torch.int8
-        got = c.forward(tokens, start, slots, lengths, all_logits=True)
+        got = c.forward(tokens, start, tables, lengths, all_logits=True)
         want = ref.forward(tokens, cache, start, tables, lengths, all_logits=True)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
         nxt = torch.tensor([[11], [12]])
-        got = c.forward(nxt, lengths, slots)
+        got = c.forward(nxt, lengths, tables)
         want = ref.forward(nxt, cache, lengths, tables)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
         ours = greedy(c.forward, [4, 8, 15, 16], 5)[0]
@@ -346,14 +347,14 @@ def test_kept_int8_shards_are_mapped_again(tmp_path):
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     try:
         with Coordinator(ARGS, weights, n_workers=2, dtype="int8", keep_shards=True, model_path=model_file) as c:
-            first = c.forward(prompt, torch.tensor([0]), torch.tensor([0]))
+            first = c.forward(prompt, torch.tensor([0]), torch.tensor([[0]]))
         assert [(i.dtype, i.n_workers) for i in list_kept() if i.key == key] == [("int8", 2)]
 
         def must_not_load(name):
             raise AssertionError(f"kept shards were rebuilt (asked for {name})")
 
         with Coordinator(ARGS, must_not_load, n_workers=2, dtype="int8", keep_shards=True, model_path=model_file) as c:
-            assert torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([0])), first)
+            assert torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([[0]])), first)
     finally:
         clean_kept(key)
 

@@ -23,7 +23,7 @@ from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator
 from shardllama.errors import UsageError, WorkerError
 from shardllama.kernels import gemm
-from shardllama.model import Transformer, random_weights
+from shardllama.model import Transformer, blocks_for, contiguous_tables, random_weights
 from tests.helpers import seq_cache
 
 pytestmark = pytest.mark.skipif(not gemm.available(), reason="this torch has no oneDNN linear")
@@ -137,14 +137,15 @@ def _sharded_against_reference(precision: str, dtype: torch.dtype, whole_pass: b
     with Coordinator(args, weights, n_workers=2, dtype=dtype, max_seq_len=args.max_seq_len,
                      prefill_precision=precision, whole_pass=whole_pass) as c:
         assert c.prefill_precision == precision
-        got = c.forward(tokens, torch.tensor([0]), torch.tensor([0]), all_logits=True)[0]
+        table = contiguous_tables(torch.tensor([0]), blocks_for(args.max_seq_len))
+        got = c.forward(tokens, torch.tensor([0]), table, all_logits=True)[0]
         want = ref.forward(tokens, cache, all_logits=True)[0]
         scale = float(want.abs().max())
         err = float((got - want).abs().max())
         assert err <= tolerance * scale, f"prefill: max error {err:.3g}, scale {scale:.3g}"
         for i in range(4):  # decode steps read the keys and values the prefill wrote
             token = torch.tensor([[int(want[-1].argmax())]])
-            got_step = c.forward(token, torch.tensor([32 + i]), torch.tensor([0]))[0]
+            got_step = c.forward(token, torch.tensor([32 + i]), table)[0]
             want = ref.forward(token, cache, start=32 + i)
             assert int(got_step.argmax()) == int(want[0].argmax())
             torch.testing.assert_close(got_step, want[0], rtol=0, atol=tolerance * scale)
@@ -193,8 +194,8 @@ def test_environment_sets_the_process_default_and_code_overrides_it(fresh, monke
 
 
 def test_config_without_a_valid_precision_is_refused():
-    body = {"rank": 0, "n_workers": 1, "args": {}, "dtype": "f32", "max_seq_len": 8, "n_slots": 1, "threads": 1,
-            "spin_us": 0, "segment": None, "reduce": None, "timeout": 1.0}
+    body = {"rank": 0, "n_workers": 1, "args": {}, "dtype": "f32", "max_seq_len": 8, "n_blocks": 1, "block_size": 16,
+            "threads": 1, "spin_us": 0, "segment": None, "reduce": None, "timeout": 1.0}
     frame = bytes(P.Header(P.Kind.CONFIG).pack()) + json.dumps(body).encode()
     with pytest.raises(P.BadFrame, match="prefill_precision"):
         P.WorkerConfig.unpack(frame)
@@ -226,7 +227,8 @@ def test_bf16_falls_back_to_f32_with_one_note_where_unsupported(fresh, monkeypat
         with Coordinator(args, weights, n_workers=2, dtype=torch.float16, max_seq_len=args.max_seq_len,
                          prefill_precision="bf16") as c:
             assert c.prefill_precision == "f32" and c._config(0).prefill_precision == "f32"
-            got = c.forward(tokens, torch.tensor([0]), torch.tensor([0]), all_logits=True)[0]
+            table = contiguous_tables(torch.tensor([0]), blocks_for(args.max_seq_len))
+            got = c.forward(tokens, torch.tensor([0]), table, all_logits=True)[0]
     notes = [r.getMessage() for r in caplog.records if r.name == "shardllama.kernels"]
     assert len(notes) == 1 and "AVX-512 BF16 or AMX-BF16" in notes[0] and "f32" in notes[0], notes
     torch.testing.assert_close(got, f32, rtol=0, atol=1e-2 * float(f32.abs().max()))  # f16 partial sums

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
-from shardllama.tensor_frames import StepBlock, SlotChunk, TensorFrame, slot_chunks
+from shardllama.tensor_frames import BlockChunk, StepBlock, TensorFrame, kv_chunks
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=96)
-CONFIG = P.WorkerConfig(rank=1, n_workers=2, args=ARGS, dtype="f32", max_seq_len=16, n_slots=3, threads=1,
+CONFIG = P.WorkerConfig(rank=1, n_workers=2, args=ARGS, dtype="f32", max_seq_len=16, n_blocks=3, block_size=4, threads=1,
                         spin_us=0.0, segment="seg", reduce=None, timeout=5.0, prefill_precision="f32")
 
 
@@ -27,8 +27,8 @@ def frame(kind: int, body: bytes = b"", fields: bytes = b"", **prelude) -> bytes
 def _compute(block: bool, whole: bool = False) -> TensorFrame:
     step = None
     if block:
-        start, slots = torch.tensor([3, 0]), torch.tensor([1, 2])
-        step = StepBlock(start, slots, torch.tensor([2, 1]), 7) if whole else StepBlock(start, slots)
+        start, tables = torch.tensor([3, 0]), torch.tensor([[1, 0, 2], [2, 2, 2]])
+        step = StepBlock(start, tables, torch.tensor([2, 1]), 7) if whole else StepBlock(start, tables)
     phase = P.Phase.WHOLE if whole else P.Phase.FFN
     return TensorFrame(P.Kind.COMPUTE, phase, 9, 1, 2, 3, torch.float16, step, all_logits=whole)
 
@@ -36,11 +36,11 @@ def _compute(block: bool, whole: bool = False) -> TensorFrame:
 def _packed() -> list[tuple[object, bytes]]:
     """One of each message, packed."""
     k, v = torch.randn(2, 3, 2, 4).half(), torch.randn(2, 3, 2, 4).half()  # (layers, positions, heads, hd)
-    data = SlotChunk(P.Kind.SLOT_DATA, 9, 1, range(0, 2), range(5, 8), 2, torch.float16)
+    data = BlockChunk(P.Kind.BLOCK_DATA, 9, (1, 0), 2, 3, range(0, 2), 2, torch.float16)
     msgs = [P.Hello(3, None, "h"), P.Hello(4, 1, "host"), P.Ready(10, {"map shard": 0.5}),
-            P.Error("boom", 4, P.Phase.HEAD, 2), P.CopySlot(5, 0, 2, 7), P.Signal(P.Kind.ACK, 6),
+            P.Error("boom", 4, P.Phase.HEAD, 2), P.CopyBlock(5, 0, 2, 3), P.Signal(P.Kind.ACK, 6),
             P.Signal(P.Kind.STOP), P.Signal(P.Kind.PING), CONFIG]
-    read = SlotChunk(P.Kind.READ_SLOT, 8, 2, range(1, 2), range(0, 4))
+    read = BlockChunk(P.Kind.READ_BLOCKS, 8, (2,), 0, 4, range(1, 2))
     return [(m, m.pack()) for m in msgs] + [(read, bytes(read.pack().numpy())), (data, bytes(data.pack(k, v).numpy()))]
 
 
@@ -61,7 +61,7 @@ def test_tensor_frames_round_trip_with_a_payload_view_on_32_bytes(block, whole):
         (msg.kind, msg.phase, msg.step, msg.layer, msg.B, msg.T, msg.dtype, msg.all_logits)
     assert (got.block is None) == (msg.block is None)
     if block:
-        for name in ("start", "slots") + (("lengths",) if whole else ()):
+        for name in ("start", "tables") + (("lengths",) if whole else ()):
             assert torch.equal(getattr(got.block, name), getattr(msg.block, name))
         assert got.block.pass_no == msg.block.pass_no
     assert torch.equal(view, payload)
@@ -95,9 +95,9 @@ def test_malformed_preludes():
         P.parse(frame(P.Kind.RESULT, flags=4), P.FROM_WORKER)
     with pytest.raises(P.BadFrame, match="HELLO where READY"):
         P.Ready.unpack(P.Hello(1, None, "h").pack(), P.parse(P.Hello(1, None, "h").pack(), P.FROM_WORKER))
-    for signal in (P.Signal(P.Kind.ACK, 1).pack() + b"x", P.CopySlot(1, 0, 1, 2).pack()[:-1] + b"{}"):
+    for signal in (P.Signal(P.Kind.ACK, 1).pack() + b"x", P.CopyBlock(1, 0, 1, 2).pack()[:-1] + b"{}"):
         with pytest.raises(P.BadFrame, match="bytes, not 32"):
-            (P.Signal if signal[0] == P.Kind.ACK else P.CopySlot).unpack(signal)
+            (P.Signal if signal[0] == P.Kind.ACK else P.CopyBlock).unpack(signal)
 
 
 @pytest.mark.parametrize("body, why", [
@@ -123,7 +123,9 @@ def test_extra_fields_are_allowed_and_configs_must_make_a_model():
     body = json.loads(CONFIG.pack()[P.HEAD_BYTES:])
     for change, why in (({"args": {**body["args"], "dim": 65}}, "not a model's"),
                         ({"args": {**body["args"], "colour": 1}}, "not a model's"),
-                        ({"rank": 2}, "rank 2 among 2"), ({"segment": 5}, "'segment' is of type int")):
+                        ({"rank": 2}, "rank 2 among 2"), ({"segment": 5}, "'segment' is of type int"),
+                        ({"n_blocks": 0}, "'n_blocks' is 0"), ({"block_size": -1}, "'block_size' is -1"),
+                        ({"block_size": 1 << 40}, "not between"), ({"n_blocks": None}, "'n_blocks' is of type")):
         with pytest.raises(P.BadFrame, match=why):
             P.WorkerConfig.unpack(frame(P.Kind.CONFIG, json.dumps({**body, **change}).encode()))
 
@@ -135,10 +137,16 @@ def test_ready_keeps_only_plausible_figures():
 
 def _readers(buf: bytes, h: P.Header) -> list:
     """Every reader a received frame of ``h.kind`` may meet, at either end."""
-    chunk = lambda: SlotChunk.unpack(buf, h)  # noqa: E731
+    chunk = lambda: BlockChunk.unpack(buf, h)  # noqa: E731
+
+    def step_block():
+        msg, _ = TensorFrame.unpack(buf, h, 4)
+        if msg.block is not None:
+            msg.block.check_within(3, 16, msg.T)
+
     return [lambda: P.Hello.unpack(buf, h), lambda: P.Ready.unpack(buf, h), lambda: P.Error.unpack(buf, h),
-            lambda: P.WorkerConfig.unpack(buf, h), lambda: P.CopySlot.unpack(buf, h), lambda: P.Signal.unpack(buf, h),
-            lambda: TensorFrame.unpack(buf, h, 4), lambda: chunk().check_within(3, 2, 16),
+            lambda: P.WorkerConfig.unpack(buf, h), lambda: P.CopyBlock.unpack(buf, h), lambda: P.Signal.unpack(buf, h),
+            step_block, lambda: chunk().check_within(3, 4, 2),
             lambda: chunk().kv(buf, 4) if chunk().dtype is not None else None]
 
 
@@ -179,31 +187,67 @@ def test_truncated_or_damaged_messages_raise_badframe(data):
     _read_everything(bytes(buf))
 
 
-@given(st.integers(1, 80), st.integers(0, 300), st.integers(1, 3 * P.MAX_PAYLOAD))
-def test_slot_chunks_cover_every_cell_once_and_fit_a_frame(n_layers, length, cell_bytes):
+@given(st.integers(1, 80), st.integers(0, 300), st.integers(1, 3 * P.MAX_PAYLOAD), st.integers(1, 50))
+def test_kv_chunks_cover_every_cell_once_and_fit_a_frame(n_layers, length, cell_bytes, max_positions):
     seen = torch.zeros(n_layers, length, dtype=torch.int32)
-    for layers, positions in slot_chunks(n_layers, length, cell_bytes):
+    for layers, positions in kv_chunks(n_layers, length, cell_bytes, max_positions):
         assert len(layers) * len(positions) * cell_bytes <= max(P.MAX_PAYLOAD, cell_bytes)
+        assert 0 < len(positions) <= max_positions
         seen[layers.start : layers.stop, positions.start : positions.stop] += 1
     assert bool((seen == 1).all())
 
 
-def test_slot_chunks_round_trip_and_check_their_range():
+def test_block_chunks_round_trip_and_check_their_range():
     k, v = torch.randn(2, 3, 2, 4).half(), torch.randn(2, 3, 2, 4).half()  # (layers, positions, heads, hd)
-    sent = SlotChunk(P.Kind.SLOT_DATA, 9, 1, range(1, 3), range(5, 8), 2, torch.float16)
+    sent = BlockChunk(P.Kind.BLOCK_DATA, 9, (4, 1), 3, 3, range(1, 3), 2, torch.float16)  # blocks of 4: 3 | 0 1
     buf = sent.pack(k, v).numpy()
-    got = SlotChunk.unpack(buf, P.parse(buf, P.FROM_WORKER))
+    got = BlockChunk.unpack(buf, P.parse(buf, P.FROM_WORKER))
     assert got == sent
-    got.check_within(2, 3, 8)
+    got.check_within(5, 4, 3)
     got_k, got_v = got.kv(buf, 4)
     assert torch.equal(got_k, k) and torch.equal(got_v, v)
-    with pytest.raises(P.BadFrame, match="outside a cache"):
-        got.check_within(2, 2, 8)  # layers 1-2 of a 2-layer cache
-    with pytest.raises(P.BadFrame, match="outside a cache"):
-        got.check_within(2, 3, 7)  # positions 5-7 of 7
-    with pytest.raises(P.BadFrame, match="slot 1, outside the cache's 1"):
-        got.check_within(1, 3, 8)
+    with pytest.raises(P.BadFrame, match="outside a cache of 2 layers"):
+        got.check_within(5, 4, 2)  # layers 1-2 of a 2-layer cache
+    with pytest.raises(P.BadFrame, match="outside the cache's 4"):
+        got.check_within(4, 4, 3)  # block 4 of 4
+    with pytest.raises(P.BadFrame, match="in 2 blocks of 8"):
+        got.check_within(5, 8, 3)  # in blocks of 8 the positions take one block, not two
+    with pytest.raises(P.BadFrame, match="in 2 blocks of 2"):
+        got.check_within(5, 2, 3)  # offset 3 is beyond a block of 2
     with pytest.raises(P.BadFrame, match="bytes, not"):
         got.kv(buf[:-1], 4)
     with pytest.raises(P.BadFrame, match="bytes, not"):
         got.kv(buf, 5)
+    read = BlockChunk(P.Kind.READ_BLOCKS, 1, (0,), 0, 1, range(0, 1)).pack().numpy()
+    for n_ids, why in ((0, "naming 0 blocks"), (P.MAX_CHUNK_BLOCKS + 1, "naming 1025 blocks"), (5, "bytes, not")):
+        bad = bytearray(read)
+        bad[28:32] = n_ids.to_bytes(4, "little")
+        with pytest.raises(P.BadFrame, match=why):
+            BlockChunk.unpack(bytes(bad))
+    with pytest.raises(P.BadFrame, match="shorter than its block ids"):
+        BlockChunk.unpack(bytes(sent.pack(k, v).numpy()[:40]))
+
+
+def test_step_blocks_are_bounded_and_checked_against_the_cache():
+    buf, _ = _compute(True).pack(4)  # tables of 2 rows, 3 wide; 3 positions a row
+    msg, _ = TensorFrame.unpack(buf.numpy(), None, 4)
+    msg.block.check_within(3, 6, 3)
+    with pytest.raises(P.BadFrame, match="outside the cache's 2"):
+        msg.block.check_within(2, 6, 3)  # block 2 of 2
+    with pytest.raises(P.BadFrame, match="beyond a context of 5"):
+        msg.block.check_within(3, 5, 3)  # row 0 reaches position 5
+    negative = StepBlock(torch.tensor([-1]), torch.tensor([[0]]))
+    with pytest.raises(P.BadFrame, match="beyond a context"):
+        negative.check_within(3, 6, 1)
+    with pytest.raises(P.BadFrame, match="real lengths"):
+        StepBlock(torch.tensor([0]), torch.tensor([[0]]), torch.tensor([0]), 1).check_within(3, 6, 2)
+    for W, why in ((0, "tables 0 wide"), (P.MAX_STEP_BYTES // 8, "at most")):  # the W field: bytes 20-24
+        bad = bytearray(buf.numpy())
+        bad[20:24] = W.to_bytes(4, "little")
+        with pytest.raises(P.BadFrame, match=why):
+            TensorFrame.unpack(bytes(bad), None, 4)
+    plain = bytearray(_compute(False).pack(4)[0].numpy())
+    plain[20] = 1
+    with pytest.raises(P.BadFrame, match="no step block"):
+        TensorFrame.unpack(bytes(plain), None, 4)
+    assert StepBlock.nbytes(StepBlock.max_rows(100), 100, True) <= P.MAX_STEP_BYTES

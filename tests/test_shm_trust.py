@@ -142,7 +142,7 @@ def test_a_kept_set_planted_by_another_user_is_ignored(tmp_path, caplog):
     planted: dict[str, bytes] = {}
     try:
         with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, keep_shards=True, model_path=model_file) as c:
-            mine = c.forward(prompt, torch.tensor([0]), torch.tensor([0]))
+            mine = c.forward(prompt, torch.tensor([0]), torch.tensor([[0]]))
             real = {s.name: bytes(s.buf) for s in c.store.segments.values()}
             starts = {s.name: s.manifest["data_start"] for s in c.store.segments.values()}
         assert sorted(clean_kept(key)) == sorted(real)
@@ -163,7 +163,7 @@ def test_a_kept_set_planted_by_another_user_is_ignored(tmp_path, caplog):
                 with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, keep_shards=keep,
                                  model_path=model_file) as c:
                     assert c.store.owned and not c.store.kept
-                    assert torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([0])), mine)
+                    assert torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([[0]])), mine)
             lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             if keep:
                 [line] = lines
@@ -187,7 +187,7 @@ def test_a_kept_set_planted_by_another_user_is_ignored(tmp_path, caplog):
         with Coordinator(args, _must_not_load, n_workers=2, max_seq_len=MAX_SEQ, keep_shards=True,
                          model_path=model_file) as c:
             assert not c.store.owned
-            assert not torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([0])), mine)
+            assert not torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([[0]])), mine)
     finally:
         unlink(planted)
         clean_kept(key)

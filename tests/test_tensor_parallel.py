@@ -36,8 +36,17 @@ from tests.helpers import seq_cache
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_SEQ = 24
-N_SLOTS = 3
-BLOCKS = blocks_for(MAX_SEQ)  # of one sequence, in the reference's contiguous layout
+N_SLOTS = 3  # sequences of MAX_SEQ the tests' caches hold
+BLOCKS = blocks_for(MAX_SEQ)  # of one sequence
+# Sequence s of the tests lives in blocks SHUFFLE[s * BLOCKS : (s + 1) * BLOCKS]: out of order, so the workers
+# follow block tables rather than assume a contiguous layout.
+SHUFFLE = torch.randperm(N_SLOTS * BLOCKS, generator=torch.Generator().manual_seed(0))
+ROW0 = torch.tensor([[0]])  # the block table of one row in block 0 (positions below BLOCK_SIZE)
+
+
+def tables(slots) -> torch.Tensor:
+    """The block tables (B, BLOCKS) of the tests' sequences ``slots`` (B,)."""
+    return SHUFFLE[contiguous_tables(torch.as_tensor(slots), BLOCKS)]
 
 # f32 must match to rounding; f16 / bf16 partial sums are rounded per worker, so they are compared
 # relative to the size of the logits.
@@ -75,19 +84,19 @@ def tiny_model(dtype=torch.float32, **kw) -> tuple[ModelArgs, dict[str, torch.Te
 
 
 def forward_both(c: Coordinator, ref: Transformer, cache, tokens, start, slots, lengths=None, all_logits=False):
-    start, slots = torch.as_tensor(start), torch.as_tensor(slots)
-    got = c.forward(tokens, start, slots, lengths, all_logits)
-    want = ref.forward(tokens, cache, start, contiguous_tables(slots, BLOCKS), lengths, all_logits)
-    return got, want
+    """The coordinator's and the reference's logits of one pass of sequences ``slots`` (in ``tables``)."""
+    start, t = torch.as_tensor(start), tables(slots)
+    return c.forward(tokens, start, t, lengths, all_logits), ref.forward(tokens, cache, start, t, lengths, all_logits)
 
 
 def greedy(forward, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """An argmax loop in slot 0; returns the tokens and each step's logits."""
-    logits = forward(torch.tensor([prompt]), torch.tensor([0]), torch.tensor([0]))
+    """An argmax loop of one sequence in blocks 0..; returns the tokens and each step's logits."""
+    table = contiguous_tables(torch.tensor([0]), BLOCKS)
+    logits = forward(torch.tensor([prompt]), torch.tensor([0]), table)
     tokens, seen = [], [logits]
     for i in range(steps):
         tokens.append(int(logits.argmax(-1)))
-        logits = forward(torch.tensor([[tokens[-1]]]), torch.tensor([len(prompt) + i]), torch.tensor([0]))
+        logits = forward(torch.tensor([[tokens[-1]]]), torch.tensor([len(prompt) + i]), table)
         seen.append(logits)
     return tokens, seen
 
@@ -123,7 +132,7 @@ def test_sharded_logits_equal_the_reference(case):
     ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
     cache = seq_cache(ref, N_SLOTS)
     g = torch.Generator().manual_seed(seed)
-    with Coordinator(args, weights, n_workers=n, dtype=dtype, max_seq_len=MAX_SEQ, n_slots=N_SLOTS) as c:
+    with Coordinator(args, weights, n_workers=n, dtype=dtype, max_seq_len=MAX_SEQ, n_blocks=N_SLOTS * BLOCKS) as c:
         # A batch of right-padded prompts of different lengths, every position's logits.
         B, T = len(lengths), max(lengths)
         tokens = torch.randint(0, args.vocab_size, (B, T), generator=g)
@@ -178,18 +187,18 @@ def test_whole_passes_compute_exactly_what_the_star_does(n, dtype, monkeypatch):
     args, weights = tiny_model(dtype, n_heads=6, n_kv_heads=2, dim=24, n_layers=3)
     g = torch.Generator().manual_seed(n)
     prompts = torch.randint(0, args.vocab_size, (2, 6), generator=g)  # 12 rows: more than the buffers hold
-    lengths, slots = torch.tensor([6, 4]), torch.tensor([1, 0])
+    lengths, rows = torch.tensor([6, 4]), tables([1, 0])
     seen = {}
     for whole in (True, False):
-        with Coordinator(args, weights, n_workers=n, dtype=dtype, max_seq_len=MAX_SEQ, n_slots=N_SLOTS,
+        with Coordinator(args, weights, n_workers=n, dtype=dtype, max_seq_len=MAX_SEQ, n_blocks=N_SLOTS * BLOCKS,
                          whole_pass=whole) as c:
             assert c.whole_pass is whole
-            out = [c.forward(prompts, torch.zeros(2, dtype=torch.long), slots, lengths, all_logits=True),
-                   c.forward(prompts[:, :3], torch.zeros(2, dtype=torch.long), slots, all_logits=True),
-                   c.forward(prompts[:1, :4], torch.tensor([3]), torch.tensor([2]))]
+            out = [c.forward(prompts, torch.zeros(2, dtype=torch.long), rows, lengths, all_logits=True),
+                   c.forward(prompts[:, :3], torch.zeros(2, dtype=torch.long), rows, all_logits=True),
+                   c.forward(prompts[:1, :4], torch.tensor([3]), tables([2]))]
             position = lengths.clone()
             for i in range(3):  # batched decode, rows at different positions
-                out.append(c.forward(prompts[:, i : i + 1], position, slots))
+                out.append(c.forward(prompts[:, i : i + 1], position, rows))
                 position += 1
             seen[whole] = out
     for a, b in zip(seen[True], seen[False]):
@@ -202,18 +211,18 @@ def test_pieces_compute_what_one_pass_does():
     args, weights = tiny_model()
     tokens = torch.randint(0, args.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
     start, lengths = torch.tensor([0, 0, 2]), torch.tensor([7, 2, 5])
-    slots = contiguous_tables(torch.tensor([2, 0, 1]), BLOCKS)
+    rows = tables([2, 0, 1])
     for all_logits in (False, True):
         whole = LocalBackend(args, weights, max_seq_len=MAX_SEQ, n_blocks=N_SLOTS * BLOCKS)
         cut = LocalBackend(args, weights, max_seq_len=MAX_SEQ, n_blocks=N_SLOTS * BLOCKS)
-        want = whole.forward(tokens, start, slots, lengths, all_logits)
-        got = chunked.forward(cut.forward, tokens, start, slots, lengths, all_logits, rows=2, positions=3)
+        want = whole.forward(tokens, start, rows, lengths, all_logits)
+        got = chunked.forward(cut.forward, tokens, start, rows, lengths, all_logits, rows=2, positions=3)
         if all_logits:  # padding positions differ (each run pads its own way); real ones must not
             mask = torch.arange(7) < lengths[:, None]
             want, got = want[mask], got[mask]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         nxt = torch.tensor([[1], [2], [3]])  # and the caches they left continue alike
-        torch.testing.assert_close(cut.forward(nxt, start + lengths, slots), whole.forward(nxt, start + lengths, slots),
+        torch.testing.assert_close(cut.forward(nxt, start + lengths, rows), whole.forward(nxt, start + lengths, rows),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -224,7 +233,7 @@ def test_passes_bigger_than_a_frame_go_in_pieces(monkeypatch):
     monkeypatch.setattr(P, "MAX_PAYLOAD", 2 * args.dim * 4)  # two positions of h a message
     tokens = torch.randint(0, args.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
     start, slots, lengths = torch.zeros(3, dtype=torch.long), torch.tensor([2, 0, 1]), torch.tensor([7, 2, 5])
-    with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, n_slots=N_SLOTS) as c:
+    with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, n_blocks=N_SLOTS * BLOCKS) as c:
         got, want = forward_both(c, ref, cache, tokens, start, slots, lengths)
         assert_logits_close(got, want, torch.float32)
         nxt = torch.tensor([[1], [2], [3]])
@@ -241,19 +250,31 @@ def test_a_running_coordinators_segments_are_its_own_not_orphans():
         assert c._reduce_seg.name in mine[0].segments and len(mine[0].segments) == 4  # embedding, 2 shards, reduce
 
 
-def test_copy_slot_and_one_worker_per_head():
+def test_copy_block_and_one_worker_per_head():
     args, weights = tiny_model(n_heads=3, n_kv_heads=1, dim=12)
     ref = Transformer(args, weights, max_seq_len=MAX_SEQ)
     cache = seq_cache(ref, N_SLOTS)
     prompt = torch.tensor([[5, 7, 11, 13]])
-    with Coordinator(args, weights, n_workers=3, max_seq_len=MAX_SEQ, n_slots=N_SLOTS) as c:
+    with Coordinator(args, weights, n_workers=3, max_seq_len=MAX_SEQ, n_blocks=N_SLOTS * BLOCKS) as c:
         forward_both(c, ref, cache, prompt, [0], [0])
-        c.copy_slot(0, 2, 4)
-        cache.copy_block(0, 2 * BLOCKS, 4)
+        src, dst = int(tables([0])[0, 0]), int(tables([2])[0, 0])
+        c.copy_block(src, dst, 4)  # sequence 2 starts with sequence 0's first 4 positions
+        cache.copy_block(src, dst, 4)
         got, want = forward_both(c, ref, cache, torch.tensor([[17]]), [4], [2])
         assert_logits_close(got, want, torch.float32)
-        with pytest.raises(ValueError, match="beyond the context"):
-            c.forward(torch.tensor([[1]]), torch.tensor([MAX_SEQ]), torch.tensor([0]))
+        with pytest.raises(ValueError, match="outside the context"):
+            c.forward(torch.tensor([[1]]), torch.tensor([MAX_SEQ]), tables([0]))
+        with pytest.raises(ValueError, match="outside the cache's 6"):
+            c.forward(torch.tensor([[1]]), torch.tensor([0]), torch.tensor([[N_SLOTS * BLOCKS]]))
+        with pytest.raises(ValueError, match="at least 2 blocks"):
+            c.forward(torch.tensor([[1]]), torch.tensor([BLOCKS * 8]), ROW0)  # a table too short for position 16
+        with pytest.raises(ValueError, match="outside a cache of 6 blocks"):
+            c.copy_block(0, 6, 1)
+        with pytest.raises(ValueError, match="outside a cache"):
+            c.copy_block(0, 1, 17)  # more than a block
+        # The workers carry on.
+        got, want = forward_both(c, ref, cache, torch.tensor([[19]]), [5], [2])
+        assert_logits_close(got, want, torch.float32)
 
 
 def test_bad_worker_counts_fail_before_anything_starts():
@@ -300,11 +321,19 @@ def test_workers_killed_while_idle_cost_no_request():
         os.kill(victim, signal.SIGKILL)
         _wait_dead(victim)
         epoch = c.cache_epoch
-        with pytest.raises(WorkerError, match=rf"slot 0 was lost when worker 1 \(pid {victim}\) was replaced "
-                                              r"\(died \(killed by SIGKILL\)\); start its sequence again"):
-            c.forward(torch.tensor([[4]]), torch.tensor([6]), torch.tensor([0]))
+        with pytest.raises(WorkerError, match=rf"row 0's first 6 positions was lost when worker 1 \(pid {victim}\) "
+                                              r"was replaced \(died \(killed by SIGKILL\)\); start its sequence again"):
+            c.forward(torch.tensor([[4]]), torch.tensor([6]), ROW0)
         assert c.cache_epoch == epoch + 1 and c.pids[1] != victim
         assert greedy(c.forward, [1, 2, 3], 3)[0] == want  # the replacement maps the same shards
+        # Blocks written from position 0 since hold something again; the others do not.
+        assert c.read_blocks([0], 6)[0].shape[1] == 6
+        with pytest.raises(WorkerError, match="was lost when worker 1"):
+            c.read_blocks([1], 1)
+        with pytest.raises(WorkerError, match="block 1 was lost"):
+            c.copy_block(1, 0, 3)
+        c.copy_block(0, 1, 3)  # block 1 now holds block 0's first positions
+        assert c.read_blocks([1], 3)[0].shape[1] == 3
         victims = list(c.pids)
         for pid in victims:  # both at once: still no request fails
             os.kill(pid, signal.SIGKILL)
@@ -319,17 +348,17 @@ def test_workers_killed_while_idle_cost_no_request():
 def test_a_worker_killed_during_a_pass_is_named_at_once_then_replaced():
     args, weights = tiny_model()
     with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, timeout=30) as c:
-        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))
+        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), ROW0)
         victim = c.pids[1]
         os.kill(victim, signal.SIGSTOP)  # it takes the pass's message, then dies in it
         killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))
         killer.start()
         t0 = time.monotonic()
         with pytest.raises(WorkerError, match=rf"worker 1 \(pid {victim}\) died \(killed by SIGKILL\)"):
-            c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))
+            c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), ROW0)
         killer.join()
         assert time.monotonic() - t0 < 5, "a dead worker must be noticed in seconds, not at the timeout"
-        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))
+        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), ROW0)
         assert c.pids[1] != victim
 
 
@@ -340,16 +369,16 @@ def test_a_silent_worker_is_named_at_the_timeout_then_replaced(whole):
     timeout = 2.0
     args, weights = tiny_model()
     with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, timeout=timeout, whole_pass=whole) as c:
-        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))
+        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), ROW0)
         stuck = c.pids[0]
         os.kill(stuck, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
             with pytest.raises(WorkerError, match=rf"worker 0 \(pid {stuck}\) did not answer within 2 s"):
-                c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))
+                c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), ROW0)
             named = time.monotonic() - t0
             assert timeout <= named < 1.5 * timeout, named
-            c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))  # the replacement
+            c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), ROW0)  # the replacement
         finally:
             if psutil.pid_exists(stuck):
                 os.kill(stuck, signal.SIGCONT)
@@ -363,11 +392,11 @@ COORDINATOR_SCRIPT = textwrap.dedent("""
     from shardllama.model import random_weights
     args = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=11, hidden_dim=8, max_seq_len=8)
     with Coordinator(args, random_weights(args), n_workers=2, max_seq_len=8) as c:
-        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]))
+        c.forward(torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([[0]]))
         print(json.dumps({"pids": c.pids, "segments": [s.name for s in c.store.segments.values()],
                           "ipc": c.endpoint}), flush=True)
         while True:
-            c.forward(torch.tensor([[3]]), torch.tensor([2]), torch.tensor([0]))
+            c.forward(torch.tensor([[3]]), torch.tensor([2]), torch.tensor([[0]]))
             time.sleep(0.01)
 """)
 
@@ -410,7 +439,7 @@ def test_kept_shards_outlive_the_run_and_are_mapped_again(tmp_path):
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     try:
         with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, keep_shards=True, model_path=model_file) as c:
-            first = c.forward(prompt, torch.tensor([0]), torch.tensor([0]))
+            first = c.forward(prompt, torch.tensor([0]), ROW0)
         kept = [i for i in list_kept() if i.key == key]
         assert len(kept) == 1 and kept[0].kept and kept[0].ready and len(kept[0].segments) == 3
 
@@ -420,7 +449,7 @@ def test_kept_shards_outlive_the_run_and_are_mapped_again(tmp_path):
         with Coordinator(args, must_not_load, n_workers=2, max_seq_len=MAX_SEQ, keep_shards=True,
                          model_path=model_file) as c:
             assert not c.store.owned
-            assert torch.equal(c.forward(prompt, torch.tensor([0]), torch.tensor([0])), first)
+            assert torch.equal(c.forward(prompt, torch.tensor([0]), ROW0), first)
         assert [i.key for i in list_kept() if i.key == key] == [key], "a run that did not make them keeps them"
         # A run that does not ask for kept shards never maps them: it writes private ones, removed after it.
         with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, model_path=model_file) as c:
@@ -455,10 +484,10 @@ def test_tcp_workers_load_their_own_shards(tmp_path):
     ckpt = open_checkpoint(tmp_path)
     args = ckpt.args.replace(max_seq_len=MAX_SEQ)
     tokens = torch.tensor([[2, 7, 1, 8], [2, 8, 1, 8]])
-    start, slots = torch.zeros(2, dtype=torch.long), torch.tensor([0, 1])
+    start, rows = torch.zeros(2, dtype=torch.long), contiguous_tables(torch.tensor([0, 1]), BLOCKS)
 
-    with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, n_slots=2) as c:
-        over_ipc = c.forward(tokens, start, slots, all_logits=True)
+    with Coordinator(args, weights, n_workers=2, max_seq_len=MAX_SEQ, n_blocks=2 * BLOCKS) as c:
+        over_ipc = c.forward(tokens, start, rows, all_logits=True)
 
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -476,10 +505,10 @@ def test_tcp_workers_load_their_own_shards(tmp_path):
         for _ in range(2):
             start_remote()
         load = lambda name: ckpt.load(name, torch.float32)  # noqa: E731 -- the coordinator needs only the embedding
-        with Coordinator(args, load, n_workers=2, max_seq_len=MAX_SEQ, n_slots=2,
+        with Coordinator(args, load, n_workers=2, max_seq_len=MAX_SEQ, n_blocks=2 * BLOCKS,
                          endpoint=f"tcp://127.0.0.1:{port}", connect_timeout=60, timeout=30, keys_dir=keys) as c:
             assert sorted(c.pids) == sorted(p.pid for p in remote)
-            assert_logits_close(c.forward(tokens, start, slots, all_logits=True), over_ipc, torch.float32)
+            assert_logits_close(c.forward(tokens, start, rows, all_logits=True), over_ipc, torch.float32)
             # A remote worker that died while idle is noticed before the next request (its connection is gone),
             # which waits for a replacement to connect instead of failing.
             victim = remote[1]
@@ -488,7 +517,7 @@ def test_tcp_workers_load_their_own_shards(tmp_path):
             victim.wait()
             time.sleep(1)  # idle: long enough for the coordinator's ZeroMQ to see the connection close
             start_remote()
-            assert_logits_close(c.forward(tokens, start, slots, all_logits=True), over_ipc, torch.float32)
+            assert_logits_close(c.forward(tokens, start, rows, all_logits=True), over_ipc, torch.float32)
             assert c.pids[rank] == remote[-1].pid
         for p in remote:
             if p is not victim:

@@ -151,9 +151,9 @@ def rogue_worker(ctx: zmq.Context, endpoint: str, reply: bytes, answer: bytes | 
             if kind == P.Kind.CONFIG:
                 s.send(reply)
             elif kind == P.Kind.COMPUTE and answer is not None:
-                h = P.parse(msg, P.TO_WORKER)  # answered with the COMPUTE's own layer, B and T
-                s.send(frame(P.Kind.RESULT, answer, msg[P.PRELUDE.size : P.HEAD_BYTES], phase=h.phase, dtype=h.dtype,
-                             step=h.step))
+                h = P.parse(msg, P.TO_WORKER)  # answered with the COMPUTE's own layer, B and T (no block tables)
+                s.send(frame(P.Kind.RESULT, answer, msg[P.PRELUDE.size : P.PRELUDE.size + 12], phase=h.phase,
+                             dtype=h.dtype, step=h.step))
             elif kind == P.Kind.STOP:
                 return
     finally:

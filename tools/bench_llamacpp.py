@@ -314,6 +314,7 @@ def run_shardllama(cfg: dict) -> dict:
     import torch
 
     from shardllama.launch import LocalWorkers
+    from shardllama.model import blocks_for, contiguous_tables
     from shardllama.runtime import open_model
 
     torch.set_num_threads(1)  # the coordinator's own work (embedding lookup, sums) stays on one thread
@@ -328,11 +329,11 @@ def run_shardllama(cfg: dict) -> dict:
     with model:
         backend = model.backend
         pids = [os.getpid(), *backend.pids]
-        slot = torch.tensor([0])
+        table = contiguous_tables(torch.tensor([0]), blocks_for(backend.max_seq_len))
         last: list[torch.Tensor] = []
 
         def forward(tokens: list[int], pos: int) -> None:
-            last[:] = [backend.forward(torch.tensor([tokens]), torch.tensor([pos]), slot)]
+            last[:] = [backend.forward(torch.tensor([tokens]), torch.tensor([pos]), table)]
 
         def top() -> list[int]:
             return torch.argsort(last[0][0], descending=True, stable=True)[:5].tolist()
@@ -351,12 +352,13 @@ def startup_only(model, cfg: dict) -> dict:
     """A kept-shards run: its start-up, and whether it wrote the set (else it mapped it) of which key."""
     import torch
 
+    from shardllama.model import blocks_for, contiguous_tables
     from shardllama.shm import shard_key
 
     with model:
         backend = model.backend
-        slot = torch.tensor([0])
-        startup_s = first_token(lambda tokens, pos: backend.forward(torch.tensor([tokens]), torch.tensor([pos]), slot),
+        table = contiguous_tables(torch.tensor([0]), blocks_for(backend.max_seq_len))
+        startup_s = first_token(lambda tokens, pos: backend.forward(torch.tensor([tokens]), torch.tensor([pos]), table),
                                 lambda: None, model.args.vocab_size, cfg)
         wrote = bool(backend.store.owned)
     return dict(startup_s=startup_s, wrote=wrote, key=shard_key(model.path, model.dtype, cfg["workers"]))

@@ -92,6 +92,7 @@ def gemm_bench(shapes: list[tuple[int, int]], rows: list[int], threads: int, rep
 
 
 def engine_bench(model_path, dtype: str, workers: int, prompt_len: int, rounds: int, repeat: int) -> list[dict]:
+    from shardllama.model import blocks_for, contiguous_tables
     from shardllama.runtime import open_model
 
     torch.set_num_threads(1)  # the coordinator's own work stays on one thread
@@ -104,11 +105,11 @@ def engine_bench(model_path, dtype: str, workers: int, prompt_len: int, rounds: 
                 assert model.backend.prefill_precision == p
                 g = torch.Generator().manual_seed(1)
                 tokens = torch.randint(16, model.args.vocab_size, (1, prompt_len), generator=g)
-                start, slot = torch.tensor([0]), torch.tensor([0])
-                model.backend.forward(tokens, start, slot)  # warm-up: pages the weights in, builds kernels
+                start, table = torch.tensor([0]), contiguous_tables(torch.tensor([0]), blocks_for(prompt_len + 8))
+                model.backend.forward(tokens, start, table)  # warm-up: pages the weights in, builds kernels
                 for _ in range(repeat):
                     t0 = time.perf_counter()
-                    model.backend.forward(tokens, start, slot)
+                    model.backend.forward(tokens, start, table)
                     samples[p].append(prompt_len / (time.perf_counter() - t0))
             print(f"{dtype} {workers} workers round {r + 1}/{rounds}, {p} prefill: "
                   f"{statistics.median(samples[p][-repeat:]):.1f} tok/s", file=sys.stderr, flush=True)

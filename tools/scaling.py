@@ -31,7 +31,7 @@ import torch
 from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator, default_workers
 from shardllama.loading import open_checkpoint
-from shardllama.model import DTYPES, expected_shapes, random_weight, random_weights
+from shardllama.model import DTYPES, blocks_for, contiguous_tables, expected_shapes, random_weight, random_weights
 from shardllama.quant import activation_dtype, source_dtype, stored
 
 
@@ -46,17 +46,18 @@ SHAPES = {
 
 
 def time_backend(backend, vocab: int, prompt_len: int, decode_tokens: int, repeat: int) -> tuple[float, float]:
-    """Median prefill tok/s and decode ms/token over ``repeat`` runs in slot 0."""
+    """Median prefill tok/s and decode ms/token over ``repeat`` runs of one sequence in blocks 0.."""
     g = torch.Generator().manual_seed(0)
+    table = contiguous_tables(torch.tensor([0]), blocks_for(backend.max_seq_len))
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
     prefill, decode = [], []
     for _ in range(repeat):
         t = time.perf_counter()
-        backend.forward(prompt, torch.tensor([0]), torch.tensor([0]))
+        backend.forward(prompt, torch.tensor([0]), table)
         prefill.append(prompt_len / (time.perf_counter() - t))
         t = time.perf_counter()
         for i in range(decode_tokens):
-            backend.forward(torch.tensor([[i % vocab]]), torch.tensor([prompt_len + i]), torch.tensor([0]))
+            backend.forward(torch.tensor([[i % vocab]]), torch.tensor([prompt_len + i]), table)
         decode.append(1000 * (time.perf_counter() - t) / decode_tokens)
     return statistics.median(prefill), statistics.median(decode)
 

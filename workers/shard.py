@@ -11,10 +11,11 @@ from shardllama import protocol as P
 from shardllama.config import ModelArgs
 from shardllama.convert import Loader, cut
 from shardllama.kernels import gemm
-from shardllama.model import (BLOCK_SIZE, KVCache, Layer, Step, attention, blocks_for, contiguous_tables, feed_forward,
-                              last_positions, output_head, rms_norm, rope_tables)
+from shardllama.model import (KVCache, Layer, Step, attention, feed_forward, flat_index, last_positions, output_head,
+                              rms_norm, rope_tables)
 from shardllama.quant import linear_weight
 from shardllama.sharding import ShardSpec
+from shardllama.tensor_frames import BlockChunk, StepBlock
 
 
 class ShardModel:
@@ -22,7 +23,7 @@ class ShardModel:
     the prefill products at the reference's precision (``prefill_precision``, as :class:`Transformer`)."""
 
     def __init__(self, args: ModelArgs, spec: ShardSpec, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                 max_seq_len: int, n_slots: int, prefill_precision: str | None = None):
+                 max_seq_len: int, n_blocks: int, block_size: int, prefill_precision: str | None = None):
         self.args = args
         self.spec = spec
         self.prefill_precision = gemm.resolve(prefill_precision)
@@ -31,32 +32,39 @@ class ShardModel:
         self.output = linear_weight(weights, "output.weight")  # (vocab slice, dim)
         self.kv_of_q = spec.kv_map()
         self.max_seq_len = max_seq_len
-        self.n_slots = n_slots
-        self.blocks_per_slot = blocks_for(max_seq_len)
-        self.cache = KVCache(args.n_layers, n_slots * self.blocks_per_slot, BLOCK_SIZE, len(spec.kv_heads),
-                             args.head_dim, dtype)
+        # A pool of blocks of this worker's KV heads; the coordinator's block tables say which make up a row.
+        self.cache = KVCache(args.n_layers, n_blocks, block_size, len(spec.kv_heads), args.head_dim, dtype)
         self.rope = rope_tables(args, max_seq_len)
 
-    # ---- phase 2: tables on the wire.  Until then the coordinator names slots; slot s is blocks
-    # s * blocks_per_slot .. (s + 1) * blocks_per_slot - 1 of this worker's pool.
+    def step(self, block: StepBlock, T: int) -> Step:
+        """The ``model.Step`` of a pass of ``T`` tokens a row; BadFrame if ``block`` does not fit the cache."""
+        block.check_within(self.cache.n_blocks, self.max_seq_len, T)
+        return Step.make(block.start, T, block.tables, self.rope, self.cache.block_size)
 
-    def slot_tables(self, slots: torch.Tensor) -> torch.Tensor:
-        """The block tables (B, blocks_per_slot) of these slots (B,)."""
-        if len(slots) and not (0 <= int(slots.min()) and int(slots.max()) < self.n_slots):
-            raise ValueError(f"slots {slots.tolist()} outside the cache's {self.n_slots}")
-        return contiguous_tables(slots, self.blocks_per_slot)
+    def chunk_kv(self, chunk: BlockChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``chunk``'s positions (layers, T, heads, hd), gathered (copies); BadFrame if it
+        does not fit the cache."""
+        at = self._chunk_index(chunk)
+        L = slice(chunk.layers.start, chunk.layers.stop)
+        return self.cache.k.flatten(1, 2)[L, at], self.cache.v.flatten(1, 2)[L, at]
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` positions of slot ``src`` into slot ``dst``, block by block."""
-        bs, n = self.cache.block_size, self.blocks_per_slot
-        for j in range(blocks_for(length, bs)):
-            self.cache.copy_block(src * n + j, dst * n + j, min(bs, length - j * bs))
+    def write_chunk(self, chunk: BlockChunk, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill ``chunk``'s positions with k and v (layers, T, heads, hd); BadFrame if they do not fit."""
+        cache = self.cache
+        if chunk.heads != cache.k.shape[3] or chunk.dtype != cache.k.dtype:
+            raise P.BadFrame(f"{chunk.kind.name} of {chunk.heads} KV heads of {chunk.dtype} to a worker holding "
+                             f"{cache.k.shape[3]} of {cache.k.dtype}")
+        at = self._chunk_index(chunk)
+        L = slice(chunk.layers.start, chunk.layers.stop)
+        cache.k.flatten(1, 2)[L, at] = k
+        cache.v.flatten(1, 2)[L, at] = v
 
-    def slot_kv(self, slot: int, layers: range, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of k and v (layers, positions, heads, hd) of a run of a slot's positions."""
-        base = slot * self.blocks_per_slot * self.cache.block_size
-        L, T = slice(layers.start, layers.stop), slice(base + positions.start, base + positions.stop)
-        return self.cache.k.flatten(1, 2)[L, T], self.cache.v.flatten(1, 2)[L, T]
+    def _chunk_index(self, chunk: BlockChunk) -> torch.Tensor:
+        """Where the chunk's positions live in the cache flattened to (n_blocks * block_size, ...): (T,) long."""
+        bs = self.cache.block_size
+        chunk.check_within(self.cache.n_blocks, bs, self.args.n_layers)
+        blocks = torch.tensor(chunk.blocks, dtype=torch.long)[None]  # (1, blocks)
+        return flat_index(blocks, chunk.offset + torch.arange(chunk.positions)[None], bs)[0]
 
     def compute(self, phase: int, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
         """This worker's term of the layer's sum (B, T, dim), or its logits slice (B, T, vocab slice)."""

@@ -33,7 +33,7 @@ from shardllama.phases import Phases
 from shardllama.quant import activation_dtype, source_dtype
 from shardllama.sharding import ShardSpec, plan
 from shardllama.shm import Segment
-from shardllama.tensor_frames import SlotChunk, TensorFrame
+from shardllama.tensor_frames import BlockChunk, TensorFrame
 from shardllama.transport import Dealer, Hangup
 
 from .shard import ShardModel, cut_weights
@@ -110,7 +110,7 @@ class Worker:
                 weights = self._load_own(args, spec, dtype)
         with self.phases("KV cache and rope tables"):
             self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config.max_seq_len,
-                                    config.n_slots, prefill)
+                                    config.n_blocks, config.block_size, prefill)
         if config.reduce:
             self.reduce_segment = Segment.attach(config.reduce, writable=True)
             # Later than the coordinator's deadline: it names the worker that fell behind and aborts the pass.
@@ -146,10 +146,10 @@ class Worker:
                 continue
             if h.kind == P.Kind.COMPUTE:
                 step, step_id = self.compute(h, buf, step, step_id)
-            elif h.kind == P.Kind.COPY_SLOT:
-                self.wire.send(self.copy_slot(h, buf))
-            elif h.kind in (P.Kind.READ_SLOT, P.Kind.WRITE_SLOT):
-                self.wire.send(self.slot_io(h, buf), copy=False)
+            elif h.kind == P.Kind.COPY_BLOCK:
+                self.wire.send(self.copy_block(h, buf))
+            elif h.kind in (P.Kind.READ_BLOCKS, P.Kind.WRITE_BLOCKS):
+                self.wire.send(self.block_io(h, buf), copy=False)
             elif h.kind == P.Kind.STOP:
                 raise Hangup("stopped by the coordinator")
             elif h.kind != P.Kind.PING:
@@ -162,8 +162,7 @@ class Worker:
         try:
             msg, x = TensorFrame.unpack(buf, h, model.args.dim)
             if msg.block is not None:
-                step = Step.make(msg.block.start, msg.T, model.slot_tables(msg.block.slots), model.rope,  # phase 2: tables
-                                 model.cache.block_size)
+                step = model.step(msg.block, msg.T)
                 step_id = msg.step
             elif msg.step != step_id:
                 raise RuntimeError(f"step {msg.step} continues a pass this worker never began")
@@ -184,43 +183,36 @@ class Worker:
             self.wire.send(P.Error(f"{type(e).__name__}: {e}", h.step, h.phase, layer).pack())
             return None, None
 
-    def copy_slot(self, h: P.Header, buf) -> bytes:
-        model = self.model
+    def copy_block(self, h: P.Header, buf) -> bytes:
+        cache = self.model.cache
         try:
-            c = P.CopySlot.unpack(buf, h)
-            if not (0 <= c.src < model.n_slots and 0 <= c.dst < model.n_slots and 0 <= c.length <= model.max_seq_len):
-                raise P.BadFrame(f"COPY_SLOT {c.src} -> {c.dst} of {c.length} positions outside the cache")
-            model.copy_slot(c.src, c.dst, c.length)
+            c = P.CopyBlock.unpack(buf, h)
+            if not (0 <= c.src < cache.n_blocks and 0 <= c.dst < cache.n_blocks and 0 <= c.length <= cache.block_size):
+                raise P.BadFrame(f"COPY_BLOCK {c.src} -> {c.dst} of {c.length} positions outside a cache of "
+                                 f"{cache.n_blocks} blocks of {cache.block_size}")
+            cache.copy_block(c.src, c.dst, c.length)
             return P.Signal(P.Kind.ACK, h.step).pack()
         except Exception as e:
-            return P.Error(f"{type(e).__name__}: {e}", h.step).pack()
+            return P.Error(f"{type(e).__name__}: {e}", h.step, P.Phase.KV_IO).pack()
 
-    def slot_io(self, h: P.Header, buf) -> object:
-        """The answer to READ_SLOT (SLOT_DATA: a chunk of the slot, this worker's KV heads) or to WRITE_SLOT
-        (ACK once the chunk is in the cache); ERROR if the request does not fit."""
-        cache, args = self.model.cache, self.model.args
+    def block_io(self, h: P.Header, buf) -> object:
+        """The answer to READ_BLOCKS (BLOCK_DATA: the chunk's positions, this worker's KV heads) or to
+        WRITE_BLOCKS (ACK once the chunk is in the cache); ERROR if the request does not fit."""
         chunk = None
         try:
-            chunk = SlotChunk.unpack(buf, h)
-            chunk.check_within(self.model.n_slots, args.n_layers, self.model.max_seq_len)
-            if chunk.kind == P.Kind.READ_SLOT:
-                k, v = self.model.slot_kv(chunk.slot, chunk.layers, chunk.positions)  # (layers, T, heads, hd)
-                answer = SlotChunk(P.Kind.SLOT_DATA, h.step, chunk.slot, chunk.layers, chunk.positions, k.shape[2],
-                                   k.dtype)
+            chunk = BlockChunk.unpack(buf, h)
+            if chunk.kind == P.Kind.READ_BLOCKS:
+                k, v = self.model.chunk_kv(chunk)  # (layers, T, heads, hd)
+                answer = BlockChunk(P.Kind.BLOCK_DATA, h.step, chunk.blocks, chunk.offset, chunk.positions,
+                                    chunk.layers, k.shape[2], k.dtype)
                 return answer.pack(k, v).numpy()
-            if chunk.heads != cache.k.shape[3]:
-                raise P.BadFrame(f"WRITE_SLOT of {chunk.heads} KV heads to a worker holding {cache.k.shape[3]}")
-            if chunk.dtype != cache.k.dtype:
-                raise P.BadFrame(f"WRITE_SLOT of {chunk.dtype}, not {cache.k.dtype}")
-            k, v = chunk.kv(buf, args.head_dim)
-            cache_k, cache_v = self.model.slot_kv(chunk.slot, chunk.layers, chunk.positions)
-            cache_k[:] = k
-            cache_v[:] = v
+            k, v = chunk.kv(buf, self.model.args.head_dim)
+            self.model.write_chunk(chunk, k, v)
             return P.Signal(P.Kind.ACK, h.step).pack()
         except Exception as e:
             log.debug("%s", traceback.format_exc())
-            where = f"slot {chunk.slot}: " if chunk is not None else ""
-            return P.Error(f"{where}{type(e).__name__}: {e}", h.step, P.Phase.SLOT_IO).pack()
+            where = f"blocks {list(chunk.blocks)[:8]}: " if chunk is not None else ""
+            return P.Error(f"{where}{type(e).__name__}: {e}", h.step, P.Phase.KV_IO).pack()
 
 
 def _rank(rank: int | None) -> str:
