@@ -424,7 +424,7 @@ def test_prompt_cache_reuses_prompts_and_their_continuations(server, tokenizer):
     stats = entry(third[-1])[1]
     assert stats["cached_tokens"] == n + 5 and stats["computed_tokens"] == stats["prompt_tokens"] - (n + 5)
     s = server.stats()
-    assert s["cache_entries"] <= 4 and s["cache_bytes_used"] > 0 and s["cache_bytes_reserved"] >= s["cache_bytes_used"]
+    assert s["cache_entries"] <= 4 and s["cache_bytes_used"] > 0 and s["cache_blocks_limit"] >= s["cache_blocks"]
 
 
 def test_a_dead_worker_fails_its_stream_and_the_next_request_gets_a_replacement(server):
@@ -482,12 +482,12 @@ def test_example_client(server):
 
 
 def test_exit_after_one_query(demo_gguf):
-    # The reference model in one process; a 4 MiB cache budget holds 2 slots of 32 positions (1.5 MiB each).
+    # The reference model in one process; a 4 MiB cache budget holds 5 KV blocks of 16 positions (720 KiB each).
     s = Server(CLI_LAUNCHER, "--model-path", str(demo_gguf), "--workers", "0", "--max-seq-len", "32",
                "--inference-server-port", "0", "--inference-server-prompt-cache-memory", "4",
                "--inference-server-exit-after-one-query")
     try:
-        assert "prompt cache 2 entries x 1.4 MiB" in "".join(s.lines)
+        assert "in 5 KV blocks of 720 KiB" in "".join(s.lines)
         assert s.post({"prompt": 1}).status_code == 400  # a refused request is not a query served
         assert s.proc.poll() is None
         lines = s.generate(prompt="Hi", temperature=0, max_new_tokens=2)

@@ -92,6 +92,7 @@ class Engine:
         self.max_queue = max(0, max_queue)
         self.prefill_chunk = prefill_chunk
         self.pool = BlockPool(backend.n_blocks, backend.block_size)
+        self._reserve = need  # blocks the running sequences may hold; the rest is the prompt cache's
         self.prefixes = Prefixes(backend, self.pool, max(0, cache_size) if backend.n_blocks > need else 0, store)
         self.cache, self.tables = self.prefixes.cache, self.prefixes.tables
         self._epoch = backend.cache_epoch
@@ -170,6 +171,7 @@ class Engine:
                 max_queue=self.max_queue, cache_entries=entries, cache_capacity=self.cache.capacity,
                 cache_tokens=tokens, kv_block_size=self.pool.block_size, kv_blocks=self.pool.n_blocks,
                 kv_bytes_per_block=per_block, cache_blocks=blocks, cache_bytes_used=blocks * per_block,
+                cache_blocks_limit=self.pool.n_blocks - self._reserve if self.cache.capacity else 0,
             )
             return c
 
@@ -198,8 +200,7 @@ class Engine:
     def _run(self) -> None:
         if self.store is not None:
             try:
-                reserve = blocks_needed(self.max_concurrent, self.backend.max_seq_len, self.pool.block_size)
-                self.prefixes.restore(reserve, lost=self._check_epoch)
+                self.prefixes.restore(self._reserve, lost=self._check_epoch)
             except Exception:
                 log.exception("prompt cache: loading %s failed", self.store.dir)
         while True:

@@ -66,10 +66,10 @@ def serve(model, config: ServerConfig) -> int:
                         api_path=c.api_path, model_name=name, exit_after_one_query=c.exit_after_one_query,
                         access=c.access(), idle_timeout=IDLE_TIMEOUT_S if c.idle_timeout is None else c.idle_timeout)
     per_block = backend.kv_bytes_per_token() * backend.block_size
-    spare = backend.n_blocks - c.max_concurrent * -(-backend.max_seq_len // backend.block_size)
-    summary = (f"{c.max_concurrent} concurrent, queue {c.max_queue}, context {backend.max_seq_len}; prompt cache "
-               f"{engine.cache.capacity} entries in up to {spare} blocks x {per_block / 2**10:.0f} KiB = "
-               f"{spare * per_block / 2**20:.0f} MiB of KV cache, taken as used"
+    spare = engine.stats()["cache_blocks_limit"]
+    summary = (f"{c.max_concurrent} concurrent, queue {c.max_queue}, context {backend.max_seq_len}; prompt cache up to "
+               f"{engine.cache.capacity} entries in {spare} KV blocks of {per_block / 2**10:.0f} KiB "
+               f"({spare * per_block / 2**20:.1f} MiB, taken as used)"
                + (f", kept in {c.prompt_cache_dir}" if engine.store is not None else ""))
     try:
         return asyncio.run(_run(create_app(state), state, c.host, c.port, summary, c.quiet))
