@@ -145,13 +145,15 @@ def test_gguf_rope_freqs_tensor(tmp_path):
 @pytest.mark.parametrize("n_workers", [1, 2, 3])
 def test_sharded_engine_equals_the_reference_with_scaling(n_workers):
     from shardllama.coordinator import Coordinator
+    from shardllama.model import blocks_for, contiguous_tables
 
     model = hf_model(LLAMA3)
     args = ModelArgs.from_hf_config({**BASE, "rope_theta": THETA, "rope_scaling": LLAMA3, "num_attention_heads": 4})
     weights = hf_to_meta(model.state_dict(), args)
     ref = our_logits(args, weights)
     with Coordinator(args, weights, n_workers=n_workers, max_seq_len=64) as backend:
-        got = backend.forward(TOKENS, torch.tensor([0]), torch.tensor([0]), all_logits=True)
+        got = backend.forward(TOKENS, torch.tensor([0]), contiguous_tables(torch.tensor([0]), blocks_for(64)),
+                              all_logits=True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, hf_logits(model), rtol=1e-4, atol=1e-4)
 

@@ -241,7 +241,7 @@ class Engine:
         self.counters.requests += 1
         r.admitted_at = time.perf_counter()
         r.tokens = list(r.prompt)
-        r.budget = min(r.max_len - len(r.prompt) + 1, r.max_new_tokens)
+        r.budget = min(min(r.max_len, self.backend.max_seq_len) - len(r.prompt) + 1, r.max_new_tokens)
         if not r.prompt:
             self._fail(r, UsageError("the prompt is empty and the model adds no BOS token: nothing to continue from"))
             return
