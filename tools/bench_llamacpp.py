@@ -583,7 +583,7 @@ def markdown(result: dict) -> str:
                              f"{one['decode_ms'] / r['decode_ms']:.2f}×, prefill {last} "
                              f"{r['prefill_tok_s'][last] / one['prefill_tok_s'][last]:.2f}×")
         for r in ok:  # --baseline: each configuration against the same one from the other checkout
-            base = next((b for b in ok if "@" in b["label"] and re.sub(r"@\S+", "", b["label"]) == r["label"]), None)
+            base = next((b for b in ok if "@" in b["label"] and re.sub(r"@[0-9A-Za-z_.-]+", "", b["label"]) == r["label"]), None)
             if base is not None and "@" not in r["label"]:
                 notes.append(f"{mod['model']}: {r['label']} against {base['label']}: decode "
                              f"{base['decode_ms'] / r['decode_ms']:.2f}× as fast, prefill {last} "
