@@ -58,7 +58,7 @@ def job(prompt, n, **kw) -> tuple[Request, Collector]:
 
 
 @pytest.fixture
-def make_scheduler():
+def make_engine():
     """Engines running in a thread of their own, as the server's does."""
     made = []
 
@@ -74,8 +74,8 @@ def make_scheduler():
         s.close()
 
 
-def test_batched_greedy_equals_one_at_a_time(make_scheduler):
-    s = make_scheduler(prefill_chunk=4)  # the 11-token prompt is fed in three chunks
+def test_batched_greedy_equals_one_at_a_time(make_engine):
+    s = make_engine(prefill_chunk=4)  # the 11-token prompt is fed in three chunks
     jobs = [job(p, 10) for p in PROMPTS]
     for j, _ in jobs:
         s.submit(j)
@@ -85,8 +85,8 @@ def test_batched_greedy_equals_one_at_a_time(make_scheduler):
     assert st["max_decode_batch"] >= 2 and st["completed"] == 3 and st["running"] == 0
 
 
-def test_prompt_cache_reuses_the_longest_prefix(make_scheduler):
-    s = make_scheduler()
+def test_prompt_cache_reuses_the_longest_prefix(make_engine):
+    s = make_engine()
     first, c1 = job(PROMPTS[0], 6)
     s.submit(first)
     out = c1.tokens()
@@ -106,8 +106,8 @@ def test_prompt_cache_reuses_the_longest_prefix(make_scheduler):
     assert s.stats()["cache_hits"] == 2
 
 
-def test_salted_jobs_share_cached_prefixes_only_within_their_salt(make_scheduler):
-    s = make_scheduler()
+def test_salted_jobs_share_cached_prefixes_only_within_their_salt(make_engine):
+    s = make_engine()
 
     def run(salt):
         j, c = job(PROMPTS[2], 3, cache_salt=salt)
@@ -122,8 +122,8 @@ def test_salted_jobs_share_cached_prefixes_only_within_their_salt(make_scheduler
     assert s.stats()["cache_entries"] == 3
 
 
-def test_zero_new_tokens_and_end_tokens(make_scheduler):
-    s = make_scheduler()
+def test_zero_new_tokens_and_end_tokens(make_engine):
+    s = make_engine()
     j, c = job(PROMPTS[0], 0)
     s.submit(j)
     assert c.ended.wait(10) and isinstance(c.events[-1], Finished)
@@ -133,8 +133,8 @@ def test_zero_new_tokens_and_end_tokens(make_scheduler):
     assert c.tokens() == expected[:3] and c.events[-1].is_end
 
 
-def test_queue_full_and_cancel(make_scheduler):
-    s = make_scheduler(Wrapped(backend(1), delay=0.01), max_concurrent=1, max_queue=1, cache_size=0)
+def test_queue_full_and_cancel(make_engine):
+    s = make_engine(Wrapped(backend(1), delay=0.01), max_concurrent=1, max_queue=1, cache_size=0)
     running, c1 = job(PROMPTS[0], 28)
     queued, c2 = job(PROMPTS[1], 5)
     s.submit(running)
@@ -178,9 +178,9 @@ class Wrapped:
         return self.inner.kv_bytes_per_token()
 
 
-def test_a_lost_kv_cache_is_recomputed_and_the_stream_goes_on(make_scheduler):
+def test_a_lost_kv_cache_is_recomputed_and_the_stream_goes_on(make_engine):
     b = Wrapped(backend(6), fail_at=5)
-    s = make_scheduler(b, max_concurrent=2, cache_size=4)
+    s = make_engine(b, max_concurrent=2, cache_size=4)
     j, c = job(PROMPTS[0], 10)
     s.submit(j)
     assert c.tokens() == reference(PROMPTS[0], 10)
@@ -202,9 +202,9 @@ class Gated(Wrapped):
         return super().forward(tokens, start, tables, lengths, all_logits)
 
 
-def test_new_prompts_waiting_together_are_prefilled_in_one_pass(make_scheduler):
+def test_new_prompts_waiting_together_are_prefilled_in_one_pass(make_engine):
     b = Gated(backend(4 + 4))
-    s = make_scheduler(b, max_concurrent=4, cache_size=4, prefill_chunk=8)
+    s = make_engine(b, max_concurrent=4, cache_size=4, prefill_chunk=8)
     first, c0 = job([2, 4, 6], 3)
     s.submit(first)
     assert b.entered.wait(10)  # the loop is inside the first job's prefill
@@ -239,9 +239,9 @@ def test_prefill_width(wants, room, width):
 # ---- KV blocks -------------------------------------------------------------------------------------------
 
 
-def test_a_cache_hit_shares_whole_blocks_and_copies_at_most_one(make_scheduler):
+def test_a_cache_hit_shares_whole_blocks_and_copies_at_most_one(make_engine):
     b = Wrapped(backend(2, extra_blocks=4))
-    s = make_scheduler(b, max_concurrent=2, cache_size=4)
+    s = make_engine(b, max_concurrent=2, cache_size=4)
     prompt = [(7 * i) % 90 + 1 for i in range(20)]
     first, c1 = job(prompt, 5)
     s.submit(first)
@@ -261,8 +261,8 @@ def test_a_cache_hit_shares_whole_blocks_and_copies_at_most_one(make_scheduler):
     assert c3.stats.cached_tokens == BLOCK_SIZE and len(b.copies) == 1
 
 
-def test_blocks_are_held_in_proportion_to_the_tokens(make_scheduler):
-    s = make_scheduler(backend(3, extra_blocks=20), max_concurrent=3, cache_size=8)
+def test_blocks_are_held_in_proportion_to_the_tokens(make_engine):
+    s = make_engine(backend(3, extra_blocks=20), max_concurrent=3, cache_size=8)
     j, c = job([1, 2, 3], 4)
     s.submit(j)
     c.tokens()
@@ -271,8 +271,8 @@ def test_blocks_are_held_in_proportion_to_the_tokens(make_scheduler):
     assert s.stats()["cache_blocks"] == 1 and s.stats()["cache_tokens"] == 6
 
 
-def test_a_full_pool_evicts_the_least_recently_used_entries(make_scheduler):
-    s = make_scheduler(backend(1, extra_blocks=2), max_concurrent=1, cache_size=10)
+def test_a_full_pool_evicts_the_least_recently_used_entries(make_engine):
+    s = make_engine(backend(1, extra_blocks=2), max_concurrent=1, cache_size=10)
     prompts = [[p, p + 1, p + 2] + [p] * 14 for p in range(1, 6)]  # 17 tokens each: two blocks when cached
     for p in prompts:
         j, c = job(p, 3)

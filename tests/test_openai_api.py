@@ -1,6 +1,6 @@
 """The OpenAI-compatible routes, driven by the official ``openai`` client against a real server in a
 subprocess (the demo model, its own chat template, a small context), checked against rllama's API on the
-same server: both run on one scheduler, so greedy text must agree token for token.
+same server: both run on one engine, so greedy text must agree token for token.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def test_what_crashed_the_server_is_a_400(server, route, body, param):
     assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_both_apis_share_one_scheduler(server, client, model):
+def test_both_apis_share_one_engine(server, client, model):
     before = server.wait_idle()["requests"]
     client.completions.create(model=model, prompt=PROMPT, temperature=0, max_tokens=2)
     assert server.wait_idle()["requests"] == before + 1
