@@ -56,7 +56,7 @@ def test_lru_eviction_capacity_and_clear_give_blocks_back():
     e0, e1 = put(cache, [1]).entry, put(cache, [2]).entry
     cache.touch(e0)
     e2 = put(cache, [3]).entry
-    assert cache.entries == [e0, e2]  # e1 was least recently used
+    assert cache.entries == [e0, e2] and e1 not in cache  # e1 was least recently used
     assert cache.evict(keep=e0) and cache.entries == [e0]
     assert not cache.evict(keep=e0)
     cache.clear()
@@ -140,6 +140,7 @@ def test_making_room_evicts_cache_entries_but_never_the_block_being_copied():
 
     a = entry(range(6))  # blocks 0 and 1
     b = entry([9])  # block 2
+    assert cache.blocks(b) == [2]
     other: list[int] = []
     tables.grow(other, 4)  # block 3: the pool is full
     copies = []
