@@ -2,7 +2,7 @@
 
 Two implementations: :class:`LocalBackend` (the reference model in this process) and the tensor-parallel
 coordinator (``shardllama.coordinator``), which runs the same math split over worker processes.  Both keep
-a KV cache of ``n_blocks`` blocks of ``block_size`` positions (``shardllama.model.KVCache``); the caller
+a KV cache of ``n_blocks`` blocks of ``block_size`` positions (``shardllama.kv_cache.KVCache``); the caller
 allocates them and names each row's blocks in a block table, and can read a sequence's state out and write
 it back (the server's prompt cache on disk).
 """
@@ -14,7 +14,8 @@ from typing import Mapping, Protocol, Sequence
 import torch
 
 from .config import ModelArgs
-from .model import BLOCK_SIZE, Transformer
+from .model import Transformer
+from .kv_cache import BLOCK_SIZE
 
 
 class Backend(Protocol):

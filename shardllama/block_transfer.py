@@ -16,7 +16,7 @@ import torch
 from . import protocol as P
 from .config import ModelArgs
 from .errors import WorkerError
-from .model import blocks_for
+from .kv_cache import blocks_for, check_copy, check_table, check_tables
 from .pool import WorkerPool
 from .sharding import ShardSpec
 from .tensor_frames import BlockChunk, kv_chunks
@@ -79,24 +79,16 @@ class BlockTransfer:
         if tables.dim() != 2 or len(tables) != B or tables.shape[1] < need:
             raise ValueError(f"block tables of shape {tuple(tables.shape)} for {B} rows reaching position {end - 1} "
                              f"(at least {need} blocks of {self.block_size} a row)")
-        if not (0 <= int(tables.min()) and int(tables.max()) < self.n_blocks):
-            raise ValueError(f"block tables name blocks outside the cache's {self.n_blocks}")
+        check_tables(tables, self.n_blocks)
         return tables[:, :need]
 
     def check_table(self, table: Sequence[int], length: int) -> torch.Tensor:
         """``table`` as a tensor; ValueError unless it holds ``length`` positions in blocks of the cache."""
-        t = torch.as_tensor(table, dtype=torch.long).reshape(-1)
-        if not 0 <= length <= len(t) * self.block_size:
-            raise ValueError(f"{length} positions do not fit a block table of {len(t)} blocks of {self.block_size}")
-        if len(t) and not (0 <= int(t.min()) and int(t.max()) < self.n_blocks):
-            raise ValueError(f"block table {t.tolist()} names blocks outside the cache's {self.n_blocks}")
-        return t
+        return check_table(table, length, self.n_blocks, self.block_size)
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Every worker copies the first ``length`` positions of its cache block ``src`` to ``dst``."""
-        if not (0 <= src < self.n_blocks and 0 <= dst < self.n_blocks and 0 <= length <= self.block_size):
-            raise ValueError(f"block copy {src} -> {dst} of {length} positions outside a cache of "
-                             f"{self.n_blocks} blocks of {self.block_size}")
+        check_copy(src, dst, length, self.n_blocks, self.block_size)
         if length > 0:
             self._check_kept([src], f"block {src}")
         self.pool.broadcast(P.CopyBlock(self.pool.next_step(), src, dst, length).pack())

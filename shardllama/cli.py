@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runtime = flags.runtime_config(args)
     with runtime.early_workers() as local_workers, runtime.prepare(progress=_progress(args)) as prepared:
         from .launch import default_workers
-        from .model import BLOCK_SIZE
+        from .kv_cache import BLOCK_SIZE
 
         n_workers = runtime.workers if runtime.workers is not None else default_workers()
         n_blocks = config.kv_blocks(prepared.max_seq_len, prepared.kv_bytes_per_token(n_workers), BLOCK_SIZE)

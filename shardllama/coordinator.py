@@ -53,7 +53,8 @@ from .fingerprint import fingerprint
 from .kernels import gemm
 from .launch import CONNECT_TIMEOUT_S, LocalWorkers, default_workers
 from .liveness import Deadline
-from .model import BLOCK_SIZE, DTYPES, blocks_for, last_positions
+from .model import DTYPES, last_positions
+from .kv_cache import BLOCK_SIZE, blocks_for
 from .phases import Phases
 from .pool import WorkerPool
 from .quant import activation_dtype

@@ -19,10 +19,8 @@ in the row's own blocks, which the causal mask hides and the next real token ove
 from __future__ import annotations
 
 import dataclasses
-import math
-import mmap
 import zlib
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +28,13 @@ import torch.nn.functional as F
 from . import kernels, quant
 from .kernels import gemm
 from .config import ModelArgs
+from .kv_cache import BLOCK_SIZE, KVCache, blocks_for, check_tables, contiguous_tables, flat_index
 from .names import head_source, layer_prefix
 from .quant import Int8Weight, linear_weight
 
 # Weight dtypes.  int8 quantizes the matrices and keeps everything else in f32 (shardllama.quant).
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 Linear = torch.Tensor | Int8Weight  # a matrix that linear() multiplies by: float, or int8 with its row scales
-# Positions per KV-cache block: small enough that a sequence wastes little of its last block, large enough that
-# a block table stays short and a block copy moves whole pages' worth of rows.
-BLOCK_SIZE = 16
 
 
 # ---- the pieces ----------------------------------------------------------------------------------------
@@ -82,22 +78,6 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     product instead of ten real ops: 18 -> 7 us a call at decode sizes."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
     return torch.view_as_real(pairs * cis).flatten(-2).type_as(x)
-
-
-def contiguous_tables(slots: torch.Tensor, blocks_per_seq: int) -> torch.Tensor:
-    """The one-sequence-per-slot layout as block tables: slot s owns blocks s*n .. s*n+n-1; (B,) -> (B, n)."""
-    return torch.as_tensor(slots).long()[:, None] * blocks_per_seq + torch.arange(blocks_per_seq)
-
-
-def blocks_for(n_positions: int, block_size: int = BLOCK_SIZE) -> int:
-    """Blocks that hold ``n_positions`` positions."""
-    return -(-n_positions // block_size)
-
-
-def flat_index(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Where each position of each row lives in a cache flattened to (n_blocks * block_size, ...):
-    tables (B, W), positions (B, N) -> (B, N) long."""
-    return tables.gather(1, positions // block_size) * block_size + positions % block_size
 
 
 @dataclasses.dataclass
@@ -151,87 +131,6 @@ class Step:
             write_at=write_at,
             read_at=read_at,
         )
-
-
-def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Zeros whose memory the kernel supplies page by page on first touch (a private anonymous mapping):
-    torch.zeros writes every page up front, ~1 GB a worker for a 7B model's 4096 positions, before the
-    first token; this way a cache costs time and memory as its positions fill."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0:
-        return torch.zeros(shape, dtype=dtype)
-    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)
-
-
-class KVCache:
-    """Keys and values of every layer in ``n_blocks`` blocks of ``block_size`` positions; which blocks make up
-    a sequence is the caller's block table.
-
-    Allocated once, lazily zeroed: a block costs memory only once written.  A worker allocates one for its
-    own KV heads only.
-    """
-
-    def __init__(self, n_layers: int, n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype):
-        if block_size < 1:
-            raise ValueError(f"KV-cache block size must be >= 1, got {block_size}")
-        shape = (n_layers, n_blocks, block_size, n_kv_heads, head_dim)
-        self.k = _lazy_zeros(shape, dtype)
-        self.v = _lazy_zeros(shape, dtype)
-
-    @property
-    def n_blocks(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def block_size(self) -> int:
-        return self.k.shape[2]
-
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def bytes_per_token(self) -> int:
-        """Bytes one cached position takes: k and v, every layer, this cache's KV heads."""
-        L, _, _, H, hd = self.k.shape
-        return 2 * L * H * hd * self.k.element_size()
-
-    def copy_block(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` positions of block ``src`` into block ``dst``, every layer."""
-        if not (0 <= src < self.n_blocks and 0 <= dst < self.n_blocks and 0 <= length <= self.block_size):
-            raise ValueError(f"block copy {src} -> {dst} of {length} positions outside a cache of "
-                             f"{self.n_blocks} blocks of {self.block_size}")
-        self.k[:, dst, :length] = self.k[:, src, :length]
-        self.v[:, dst, :length] = self.v[:, src, :length]
-
-    def _index(self, table: Sequence[int], length: int) -> torch.Tensor:
-        """Flat indices (length,) of the first ``length`` positions of the sequence with this block table."""
-        t = torch.as_tensor(table, dtype=torch.long).reshape(-1)
-        if not 0 <= length <= len(t) * self.block_size:
-            raise ValueError(f"{length} positions do not fit a block table of {len(t)} blocks of {self.block_size}")
-        if len(t) and not (0 <= int(t.min()) and int(t.max()) < self.n_blocks):
-            raise ValueError(f"block table {t.tolist()} names blocks outside the cache's {self.n_blocks}")
-        return flat_index(t[None], torch.arange(length)[None], self.block_size)[0]
-
-    def read(self, table: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the first ``length`` positions of the sequence with block table ``table``: k and v, each
-        (n_layers, length, n_kv_heads, hd)."""
-        at = self._index(table, length)
-        return self.k.flatten(1, 2)[:, at], self.v.flatten(1, 2)[:, at]
-
-    def write(self, table: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Fill the first ``k.shape[1]`` positions of the sequence with block table ``table`` from k and v
-        (n_layers, length, n_kv_heads, hd)."""
-        room = len(table) * self.block_size
-        want = (self.k.shape[0], k.shape[1] if k.dim() == 4 else -1, *self.k.shape[3:])
-        if k.dim() != 4 or tuple(k.shape) != want or tuple(v.shape) != want or k.shape[1] > room:
-            raise ValueError(f"KV of shapes {tuple(k.shape)} and {tuple(v.shape)} do not fit a block table of "
-                             f"(layers, positions <= {room}, kv heads, head dim) = "
-                             f"({self.k.shape[0]}, {room}, {self.k.shape[3]}, {self.k.shape[4]})")
-        if k.dtype != self.k.dtype or v.dtype != self.k.dtype:
-            raise ValueError(f"KV of dtype {k.dtype} / {v.dtype} written to a {self.k.dtype} cache")
-        at = self._index(table, k.shape[1])
-        self.k.flatten(1, 2)[:, at] = k
-        self.v.flatten(1, 2)[:, at] = v
 
 
 def attention(
@@ -380,8 +279,7 @@ class Transformer:
         if tables is None:
             tables = contiguous_tables(torch.arange(B), blocks_for(self.max_seq_len, bs))
         tables = torch.as_tensor(tables)
-        if tables.numel() and not (0 <= int(tables.min()) and int(tables.max()) < cache.n_blocks):
-            raise ValueError(f"block tables name blocks outside the cache's {cache.n_blocks}")
+        check_tables(tables, cache.n_blocks)
         step = Step.make(start, T, tables, self.rope, bs)
         a = self.args
         h = F.embedding(tokens, self.weights["tok_embeddings.weight"])  # (B, T, dim)

@@ -16,7 +16,8 @@ from .backend import Backend, LocalBackend
 from .config import ModelArgs
 from .errors import ModelFileError, UsageError
 from .loading import Checkpoint, open_checkpoint, load_weights
-from .model import BLOCK_SIZE, DTYPES
+from .model import DTYPES
+from .kv_cache import BLOCK_SIZE
 from .phases import Phases
 from .quant import activation_dtype, source_dtype
 from .tokenizer import Tokenizer
@@ -168,7 +169,7 @@ def start(
 ) -> Model:
     """Load the weights of a prepared checkpoint and start its backend (closes the checkpoint).
 
-    ``n_blocks`` KV-cache blocks of ``model.BLOCK_SIZE`` positions (default: what one sequence of the
+    ``n_blocks`` KV-cache blocks of ``kv_cache.BLOCK_SIZE`` positions (default: what one sequence of the
     context's length needs, and one more for a cached prefix's partial block: the CLI's and interactive
     mode's); memory is taken as blocks fill, not up front.
     ``workers`` N >= 1 runs the tensor-parallel engine on N worker processes (default: one per physical

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from shardllama.config import ModelArgs
-from shardllama.model import KVCache, Transformer, blocks_for
+from shardllama.model import Transformer
+from shardllama.kv_cache import KVCache, blocks_for
 
 
 def seq_cache(model: Transformer, rows: int = 1) -> KVCache:

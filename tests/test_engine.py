@@ -13,7 +13,8 @@ from shardllama.config import ModelArgs
 from shardllama.engine import Engine, Failed, Finished, QueueFull, Request, Token, generate
 from shardllama.engine.loop import prefill_width
 from shardllama.errors import WorkerError
-from shardllama.model import BLOCK_SIZE, random_weights
+from shardllama.model import random_weights
+from shardllama.kv_cache import BLOCK_SIZE
 from shardllama.sampling import SamplingParams
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)

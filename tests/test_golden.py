@@ -5,7 +5,7 @@ import torch
 
 from shardllama.backend import LocalBackend
 from shardllama.convert import full_weights
-from shardllama.model import blocks_for, contiguous_tables
+from shardllama.kv_cache import blocks_for, contiguous_tables
 from shardllama.engine import generate
 from shardllama.sampling import SamplingParams
 

@@ -18,7 +18,8 @@ from shardllama.config import ModelArgs
 from shardllama.convert import full_weights
 from shardllama.coordinator import Coordinator
 from shardllama.errors import ModelFileError, UsageError
-from shardllama.model import Transformer, blocks_for, contiguous_tables, random_weights
+from shardllama.model import Transformer, random_weights
+from shardllama.kv_cache import blocks_for, contiguous_tables
 from shardllama.quant import Int8Weight, dequantize, quantize, reference_linear
 from shardllama.sharding import plan, shard, unshard, worker_weights
 from tests.test_cli import run_cli

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from shardllama.backend import LocalBackend
-from shardllama.model import blocks_for
+from shardllama.kv_cache import blocks_for
 from shardllama.chat_template import render
 from shardllama.config import ModelArgs
 from shardllama.errors import UsageError

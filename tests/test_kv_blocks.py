@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from shardllama.config import ModelArgs
-from shardllama.model import BLOCK_SIZE, KVCache, Step, Transformer, blocks_for, contiguous_tables, random_weights
+from shardllama.model import Step, Transformer, random_weights
+from shardllama.kv_cache import BLOCK_SIZE, KVCache, blocks_for, contiguous_tables
 
 MAX_SEQ = 20  # divisible by none of the block sizes below but 1, 4 and 5
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=48, max_seq_len=MAX_SEQ)

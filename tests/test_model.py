@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from shardllama.config import ModelArgs
-from shardllama.model import Transformer, blocks_for, contiguous_tables, random_weights
+from shardllama.model import Transformer, random_weights
+from shardllama.kv_cache import blocks_for, contiguous_tables
 from tests.helpers import hf_to_meta, seq_cache
 
 transformers = pytest.importorskip("transformers")

@@ -23,7 +23,8 @@ from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator
 from shardllama.errors import UsageError, WorkerError
 from shardllama.kernels import gemm
-from shardllama.model import Transformer, blocks_for, contiguous_tables, random_weights
+from shardllama.model import Transformer, random_weights
+from shardllama.kv_cache import blocks_for, contiguous_tables
 from tests.helpers import seq_cache
 
 pytestmark = pytest.mark.skipif(not gemm.available(), reason="this torch has no oneDNN linear")

@@ -145,7 +145,7 @@ def test_gguf_rope_freqs_tensor(tmp_path):
 @pytest.mark.parametrize("n_workers", [1, 2, 3])
 def test_sharded_engine_equals_the_reference_with_scaling(n_workers):
     from shardllama.coordinator import Coordinator
-    from shardllama.model import blocks_for, contiguous_tables
+    from shardllama.kv_cache import blocks_for, contiguous_tables
 
     model = hf_model(LLAMA3)
     args = ModelArgs.from_hf_config({**BASE, "rope_theta": THETA, "rope_scaling": LLAMA3, "num_attention_heads": 4})

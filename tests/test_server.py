@@ -28,7 +28,7 @@ API = "/rllama/v1/inference"
 # serve() on a model opened here, as a program embedding the server would.
 LAUNCHER = """
 import json, logging, sys
-from shardllama.model import BLOCK_SIZE
+from shardllama.kv_cache import BLOCK_SIZE
 from shardllama.runtime import RuntimeConfig
 from shardllama.server import serve
 from shardllama.server.config import ServerConfig

@@ -30,7 +30,8 @@ from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator, default_workers
 from shardllama.curve import make_keys
 from shardllama.errors import UsageError, WorkerError
-from shardllama.model import Transformer, blocks_for, contiguous_tables, random_weights
+from shardllama.model import Transformer, random_weights
+from shardllama.kv_cache import blocks_for, contiguous_tables
 from shardllama.shm import SHM_DIR, clean_kept, list_kept, shard_key
 from tests.helpers import seq_cache
 

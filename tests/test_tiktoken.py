@@ -249,7 +249,8 @@ def test_chat_session_on_a_tiny_model(tok: Tokenizer) -> None:
     from shardllama.backend import LocalBackend
     from shardllama.config import ModelArgs
     from shardllama.interactive import ChatSession, Session
-    from shardllama.model import blocks_for, random_weights
+    from shardllama.model import random_weights
+    from shardllama.kv_cache import blocks_for
     from shardllama.sampling import SamplingParams
 
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.vocab_size, hidden_dim=64,

@@ -65,7 +65,8 @@ def decode_bench(n_layers: int, tokens: int, threads: int, dtype: str = "f16") -
     """Median decode ms/token of a LLaMA-7B-shaped model in ``dtype`` with ``n_layers`` layers, kernel on and
     off (off: torch's F.linear, or for int8 the dequantize-and-matmul fallback)."""
     from shardllama.config import ModelArgs
-    from shardllama.model import Transformer, blocks_for, expected_shapes, random_weight
+    from shardllama.model import Transformer, expected_shapes, random_weight
+    from shardllama.kv_cache import blocks_for
 
     args = ModelArgs(dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008)
     weights = {}

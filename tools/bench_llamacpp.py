@@ -314,7 +314,7 @@ def run_shardllama(cfg: dict) -> dict:
     import torch
 
     from shardllama.launch import LocalWorkers
-    from shardllama.model import blocks_for, contiguous_tables
+    from shardllama.kv_cache import blocks_for, contiguous_tables
     from shardllama.runtime import open_model
 
     torch.set_num_threads(1)  # the coordinator's own work (embedding lookup, sums) stays on one thread
@@ -352,7 +352,7 @@ def startup_only(model, cfg: dict) -> dict:
     """A kept-shards run: its start-up, and whether it wrote the set (else it mapped it) of which key."""
     import torch
 
-    from shardllama.model import blocks_for, contiguous_tables
+    from shardllama.kv_cache import blocks_for, contiguous_tables
     from shardllama.shm import shard_key
 
     with model:

@@ -92,7 +92,7 @@ def gemm_bench(shapes: list[tuple[int, int]], rows: list[int], threads: int, rep
 
 
 def engine_bench(model_path, dtype: str, workers: int, prompt_len: int, rounds: int, repeat: int) -> list[dict]:
-    from shardllama.model import blocks_for, contiguous_tables
+    from shardllama.kv_cache import blocks_for, contiguous_tables
     from shardllama.runtime import open_model
 
     torch.set_num_threads(1)  # the coordinator's own work stays on one thread

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from shardllama.kernels import build, gemm
 from shardllama.loading import load_weights, open_checkpoint
-from shardllama.model import DTYPES, Transformer, blocks_for
+from shardllama.model import DTYPES, Transformer
+from shardllama.kv_cache import blocks_for
 from shardllama.tokenizer_files import load_tokenizer
 
 HERE = Path(__file__).resolve().parent

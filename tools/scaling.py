@@ -31,7 +31,8 @@ import torch
 from shardllama.config import ModelArgs
 from shardllama.coordinator import Coordinator, default_workers
 from shardllama.loading import open_checkpoint
-from shardllama.model import DTYPES, blocks_for, contiguous_tables, expected_shapes, random_weight, random_weights
+from shardllama.model import DTYPES, expected_shapes, random_weight, random_weights
+from shardllama.kv_cache import blocks_for, contiguous_tables
 from shardllama.quant import activation_dtype, source_dtype, stored
 
 

@@ -11,8 +11,8 @@ from shardllama import protocol as P
 from shardllama.config import ModelArgs
 from shardllama.convert import Loader, cut
 from shardllama.kernels import gemm
-from shardllama.model import (KVCache, Layer, Step, attention, feed_forward, flat_index, last_positions, output_head,
-                              rms_norm, rope_tables)
+from shardllama.model import Layer, Step, attention, feed_forward, last_positions, output_head, rms_norm, rope_tables
+from shardllama.kv_cache import KVCache, flat_index
 from shardllama.quant import linear_weight
 from shardllama.sharding import ShardSpec
 from shardllama.tensor_frames import BlockChunk, StepBlock

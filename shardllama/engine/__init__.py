@@ -15,7 +15,8 @@ import torch
 
 from ..backend import Backend
 from ..sampling import SamplingParams
-from .loop import PREFILL_CHUNK, Engine, QueueFull, ServerClosing, blocks_needed
+from .blocks import blocks_needed
+from .loop import PREFILL_CHUNK, Engine, QueueFull, ServerClosing
 from .requests import Event, Failed, Finished, Request, Stats, Token
 
 __all__ = ["PREFILL_CHUNK", "Engine", "Event", "Failed", "Finished", "QueueFull", "Request", "ServerClosing", "Stats",

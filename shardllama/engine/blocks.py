@@ -1,6 +1,6 @@
 """Which blocks of the KV cache hold what: a free list and reference counts, no tensors.
 
-The backend's KV cache is a pool of ``n_blocks`` blocks of ``block_size`` positions (``model.KVCache``);
+The backend's KV cache is a pool of ``n_blocks`` blocks of ``block_size`` positions (``kv_cache.KVCache``);
 a sequence's keys and values live in the blocks its *block table* names, in order (position ``p`` in block
 ``table[p // block_size]``).  This module only counts: the engine asks for blocks as a sequence grows, a
 prompt-cache entry keeps the blocks of a finished sequence, and a new sequence that starts with a cached
@@ -9,7 +9,7 @@ returns to the free list when its last holder lets go.
 
 The lowest free block is handed out first: a lone sequence gets consecutive blocks, which the model reads
 as one slice instead of gathering (``model.attention``), and the pool's memory — touched page by page,
-``model._lazy_zeros`` — stays as small as what is held.
+``kv_cache._lazy_zeros`` — stays as small as what is held.
 
 Only whole blocks are shared.  A prefix that ends inside a block needs that block's first positions in a
 block of the new sequence's own (it will write the positions after them), so a cache hit copies at most
@@ -26,6 +26,12 @@ from ..errors import ShardllamaError
 
 class OutOfBlocks(ShardllamaError):
     """Every KV-cache block is held (an engine sizing bug: running sequences always fit)."""
+
+
+def blocks_needed(max_concurrent: int, max_seq_len: int, block_size: int) -> int:
+    """KV-cache blocks that ``max_concurrent`` sequences of ``max_seq_len`` positions can hold at most: a
+    backend with fewer cannot run them; every block beyond these is room for the prompt cache."""
+    return max_concurrent * -(-max_seq_len // block_size)
 
 
 class BlockPool:

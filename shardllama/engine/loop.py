@@ -46,7 +46,7 @@ import torch
 from ..backend import Backend
 from ..errors import ShardllamaError, UsageError
 from ..sampling import choose
-from .blocks import BlockPool
+from .blocks import BlockPool, blocks_needed
 from .prefixes import Prefixes
 from .prompt_store import PromptStore
 from .requests import Counters, Event, Failed, Finished, QueueFull, Request, ServerClosing, Token
@@ -68,12 +68,6 @@ def prefill_width(wants: list[int], room: int) -> int:
         if len(capped) * width - real <= max(PAD_SLACK, real // 8):
             return width
     raise AssertionError(wants)  # unreachable: the narrowest width pads nothing
-
-
-def blocks_needed(max_concurrent: int, max_seq_len: int, block_size: int) -> int:
-    """KV-cache blocks that ``max_concurrent`` sequences of ``max_seq_len`` positions can hold at most: a
-    backend with fewer cannot run them; every block beyond these is room for the prompt cache."""
-    return max_concurrent * -(-max_seq_len // block_size)
 
 
 class Engine:

@@ -56,7 +56,7 @@ class ServerConfig:
     def kv_blocks(self, max_seq_len: int, bytes_per_token: int, block_size: int) -> int:
         """KV-cache blocks to open the model with: what ``max_concurrent`` sequences of ``max_seq_len`` may
         need, plus what the prompt cache may hold: ``prompt_cache_size`` full contexts, at most
-        ``prompt_cache_memory_mib``.  Memory is taken as blocks fill (``model.KVCache``), so this bounds it."""
+        ``prompt_cache_memory_mib``.  Memory is taken as blocks fill (``kv_cache.KVCache``), so this bounds it."""
         per_seq = -(-max_seq_len // block_size)
         cache = 0
         if self.prompt_cache_size > 0:
