@@ -4,8 +4,9 @@ keeps the prompt cache.
 
 - :mod:`.config`: :class:`ServerConfig`, the settings, and the KV-cache blocks they ask for;
 - :mod:`.schemas`, :mod:`.openai_schemas`: the request fields, defaults and validation;
-- :mod:`.app`: the aiohttp application of both APIs, its shared handler pieces and the exception -> status
-  table; :mod:`.rllama_api` and :mod:`.openai_api`: the routes;
+- :mod:`.app`: the aiohttp application (``create_app``) and rllama's routes; :mod:`.openai_api`: the OpenAI
+  routes, mounted under ``/v1``; :mod:`.common`: what both share (the state, the exception -> status table,
+  the error middleware, reading a JSON body);
 - :mod:`.access`: the Host-header check, the API key and CORS (``--allowed-hosts``, ``--api-key``,
   ``--cors-origin``).
 
