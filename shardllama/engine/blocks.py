@@ -22,6 +22,7 @@ import heapq
 from typing import Callable, Sequence
 
 from ..errors import ShardllamaError
+from ..kv_cache import blocks_for
 
 
 class OutOfBlocks(ShardllamaError):
@@ -31,7 +32,7 @@ class OutOfBlocks(ShardllamaError):
 def blocks_needed(max_concurrent: int, max_seq_len: int, block_size: int) -> int:
     """KV-cache blocks that ``max_concurrent`` sequences of ``max_seq_len`` positions can hold at most: a
     backend with fewer cannot run them; every block beyond these is room for the prompt cache."""
-    return max_concurrent * -(-max_seq_len // block_size)
+    return max_concurrent * blocks_for(max_seq_len, block_size)
 
 
 class BlockPool:
@@ -51,10 +52,6 @@ class BlockPool:
     @property
     def n_held(self) -> int:
         return self.n_blocks - len(self._free)
-
-    def blocks_for(self, positions: int) -> int:
-        """Blocks that ``positions`` positions take."""
-        return -(-positions // self.block_size)
 
     def allocate(self) -> int:
         if not self._free:
@@ -118,6 +115,6 @@ class Tables:
 
     def release(self, table: list[int], keep: int = 0) -> None:
         """Drop ``table``'s blocks after its first ``keep`` positions (all of them by default), in place."""
-        n = self.pool.blocks_for(keep)
+        n = blocks_for(keep, self.pool.block_size)
         self.pool.release(table[n:])
         del table[n:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from ..backend import Backend
+from ..kv_cache import blocks_for
 from .blocks import BlockPool, Tables
 from .prompt_cache import Key, PromptCache, positions
 from .prompt_store import PromptStore, StoreError
@@ -71,7 +72,7 @@ class Prefixes:
             except StoreError as e:
                 log.warning("prompt cache: skipping %s", e)
                 continue
-            if self.pool.n_free - self.pool.blocks_for(k.shape[1]) < reserve:
+            if self.pool.n_free - blocks_for(k.shape[1], self.pool.block_size) < reserve:
                 log.info("prompt cache: the KV cache is full; %s and older entries not loaded", entry.path)
                 break
             table: list[int] = []
