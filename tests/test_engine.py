@@ -11,7 +11,7 @@ import pytest
 from shardllama.backend import LocalBackend
 from shardllama.config import ModelArgs
 from shardllama.engine import Engine, Failed, Finished, QueueFull, Request, Token, generate
-from shardllama.engine.loop import prefill_width
+from shardllama.engine.batching import prefill_width
 from shardllama.errors import WorkerError
 from shardllama.model import random_weights
 from shardllama.kv_cache import BLOCK_SIZE

@@ -17,10 +17,10 @@ from ..backend import Backend
 from ..sampling import SamplingParams
 from .blocks import blocks_needed
 from .loop import PREFILL_CHUNK, Engine, QueueFull, ServerClosing
-from .requests import Event, Failed, Finished, Request, Stats, Token
+from .requests import Event, Failed, Finished, Logprobs, PromptLogprobs, Request, Stats, Token
 
-__all__ = ["PREFILL_CHUNK", "Engine", "Event", "Failed", "Finished", "QueueFull", "Request", "ServerClosing", "Stats",
-           "Token", "blocks_needed", "generate"]
+__all__ = ["PREFILL_CHUNK", "Engine", "Event", "Failed", "Finished", "Logprobs", "PromptLogprobs", "QueueFull",
+           "Request", "ServerClosing", "Stats", "Token", "blocks_needed", "generate"]
 
 
 def generate(backend: Backend, prompt: list[int], params: SamplingParams, *, max_new_tokens: int | None = None,

@@ -17,8 +17,8 @@ At most ``max_concurrent`` requests run at once; up to ``max_queue`` more wait i
    prompt does not stall the others' decoding; a row's last chunk samples its first token.  Every pass
    streams all the weights once, so B prompts in one pass cost about one pass while they are short
    (memory-bound); for long ones the padding is real compute, so the pass is cut to the width that wastes
-   at most ``PAD_SLACK`` positions or an eighth of the pass (:func:`prefill_width`) and longer rows go on
-   next round.
+   at most ``PAD_SLACK`` positions or an eighth of the pass (``batching.prefill_width``) and longer rows go
+   on next round.
 
 A request's blocks go to the prompt cache when it ends (finished, stopped, or its client went away): its
 cached positions stay valid for whoever continues them (with the same ``cache_salt``, if it had one).  The
@@ -49,25 +49,14 @@ from ..sampling import choose
 from .blocks import BlockPool, blocks_needed
 from .prefixes import Prefixes
 from .prompt_store import PromptStore
-from .requests import Counters, Event, Failed, Finished, QueueFull, Request, ServerClosing, Token
+from . import logprobs
+from .batching import prefill_rows, prefill_width, table_rows
+from .requests import Counters, Event, Failed, Finished, PromptLogprobs, QueueFull, Request, ServerClosing, Token
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # prompt tokens fed per request per round
-PAD_SLACK = 16  # padded positions a batched prefill may always carry (a guess for CPUs, not a measurement)
 MAX_RETRIES = 2  # times a request is fed again from position 0 after its cache was lost, before it fails
-
-
-def prefill_width(wants: list[int], room: int) -> int:
-    """Tokens per row of a batched prefill whose rows want ``wants`` tokens each (>= 1), none of them more
-    than ``room`` (the padding also lands in the KV cache, which must have the positions): the widest that
-    pads at most ``PAD_SLACK`` positions or an eighth of the pass.  Rows that want more continue next round."""
-    capped = [min(w, room) for w in wants]
-    for width in sorted(set(capped), reverse=True):
-        real = sum(min(w, width) for w in capped)
-        if len(capped) * width - real <= max(PAD_SLACK, real // 8):
-            return width
-    raise AssertionError(wants)  # unreachable: the narrowest width pads nothing
 
 
 class Engine:
@@ -120,7 +109,7 @@ class Engine:
                 while events:
                     event = events.popleft()
                     yield event
-                    if not isinstance(event, Token) or event.last:
+                    if isinstance(event, (Finished, Failed)) or (isinstance(event, Token) and event.last):
                         return
         finally:
             if not request.done:
@@ -128,11 +117,15 @@ class Engine:
                 self._drop_cancelled()
 
     def submit(self, request: Request) -> None:
-        """Queue ``request``; QueueFull when max_concurrent run and max_queue wait already."""
+        """Queue ``request`` (with its followers); QueueFull when max_concurrent run and max_queue wait already."""
+        if request.size > self.max_concurrent:
+            raise UsageError(f"{request.size} choices of one prompt run together, more than the "
+                             f"{self.max_concurrent} generations the server runs at once")
         with self._cond:
             if self._closing:
                 raise ServerClosing("the server is shutting down")
-            if len(self._active) + len(self._waiting) >= self.max_concurrent + self.max_queue:
+            waiting = sum(r.size for r in self._waiting)
+            if len(self._active) + waiting + request.size > self.max_concurrent + self.max_queue:
                 self.counters.rejected += 1
                 raise QueueFull(f"the server is busy: {len(self._active)} generations running and "
                                 f"{len(self._waiting)} waiting (at most {self.max_queue}); try again later")
@@ -148,7 +141,8 @@ class Engine:
             request.cancelled = True
             try:
                 self._waiting.remove(request)
-                request.done = True
+                for r in (request, *request.followers):
+                    r.done = True
                 self.counters.cancelled += 1
             except ValueError:
                 pass
@@ -209,7 +203,7 @@ class Engine:
         """One round: admit what fits, drop the cancelled, one decode pass, one prefill pass."""
         with self._cond:
             admitted = []
-            while self._waiting and len(self._active) < self.max_concurrent:
+            while self._waiting and len(self._active) + self._waiting[0].size <= self.max_concurrent:
                 request = self._waiting.popleft()
                 self._active.append(request)
                 admitted.append(request)
@@ -239,12 +233,13 @@ class Engine:
         if not r.prompt:
             self._fail(r, UsageError("the prompt is empty and the model adds no BOS token: nothing to continue from"))
             return
-        if r.budget <= 0 or r.cancelled:
+        if (r.budget <= 0 and not r.prompt_logprobs) or r.cancelled:
             self.counters.completed += not r.cancelled
             self._end(r, Finished(r.stats()), keep=False)
             return
         try:
-            r.table, n = self.prefixes.start(r.key(r.prompt))
+            # Prompt log-probabilities need the logits of every prompt position: such a prompt is fed whole.
+            r.table, n = self.prefixes.start(r.key(r.prompt)) if not r.prompt_logprobs else ([], 0)
         except Exception as e:
             if not self._check_epoch():  # else the copy found its source lost: start from scratch
                 self._fail(r, e)
@@ -277,20 +272,21 @@ class Engine:
                 r.computed_tokens += 1
                 c.computed_tokens += 1
             r.n_cached += 1
-            self._sample(r, row)
+            if r.generated:
+                self._sample(r, row)
+            else:
+                self._prompt_done(r, row)
 
     def _prefill(self, requests: list[Request]) -> None:
         """One forward pass feeding the next chunk of every request's prompt, rows right-padded to one width."""
         T = prefill_width([min(r.pending, self.prefill_chunk) for r in requests],
                           min(self.backend.max_seq_len - r.n_cached for r in requests))
-        counts = [min(r.pending, T) for r in requests]
-        tokens = torch.zeros((len(requests), T), dtype=torch.long)  # (B, T); padding: token 0, never read back
-        for row, (r, n) in enumerate(zip(requests, counts)):
-            tokens[row, :n] = torch.tensor(r.tokens[r.n_cached: r.n_cached + n])
+        for r in requests:
             self.tables.grow(r.table, r.n_cached + T)  # the padding lands in the row's own blocks
+        tokens, counts, lengths = prefill_rows(requests, T)
         start = torch.tensor([r.n_cached for r in requests])  # (B,)
-        lengths = torch.tensor(counts) if min(counts) < T else None  # (B,)
-        logits = self._forward(requests, tokens, start, lengths)  # (B, vocab)
+        every = any(r.prompt_logprobs for r in requests)
+        logits = self._forward(requests, tokens, start, lengths, every)  # (B, vocab), or (B, T, vocab) if every
         if logits is None:
             return
         c = self.counters
@@ -298,22 +294,24 @@ class Engine:
         c.prefill_rows += len(requests)
         c.max_prefill_batch = max(c.max_prefill_batch, len(requests))
         for r, n, row in zip(requests, counts, logits):
+            if every:
+                if r.prompt_logprobs and not r.generated:  # positions n_cached.. predict the prompt's tokens after them
+                    following = r.prompt[r.n_cached + 1: r.n_cached + 1 + n]
+                    r.prompt_entries += logprobs.of_positions(row, following, r.logprobs or 0)
+                row = row[n - 1]
             c.computed_tokens += n
             r.computed_tokens += n
             r.n_cached += n
             if r.pending == 0:
-                self._sample(r, row)
+                (self._sample if r.generated else self._prompt_done)(r, row)
 
-    def _forward(self, requests: list[Request], tokens, start, lengths=None) -> torch.Tensor | None:
+    def _forward(self, requests: list[Request], tokens, start, lengths=None, every=False) -> torch.Tensor | None:
         """backend.forward for these requests' rows; None if it failed (they are then failed or, if their
         cache was lost to a worker replacement, set to be fed again from position 0)."""
-        width = max(len(r.table) for r in requests)
-        tables = torch.zeros((len(requests), width), dtype=torch.long)  # (B, W); past a row's end: never read
-        for row, r in enumerate(requests):
-            tables[row, : len(r.table)] = torch.tensor(r.table)
+        tables = table_rows(requests)
         t0 = time.perf_counter()
         try:
-            logits = self.backend.forward(tokens, start, tables, lengths)
+            logits = self.backend.forward(tokens, start, tables, lengths, every)
         except Exception as e:
             if self._check_epoch():  # a worker was replaced: every sequence must be fed again
                 for r in requests:
@@ -349,7 +347,37 @@ class Engine:
         for r in self._active:
             self.tables.release(r.table)
             r.n_cached = 0
+            r.prompt_entries = []
         return True
+
+    def _prompt_done(self, r: Request, logits: torch.Tensor) -> None:
+        """``r``'s prompt is in the cache and ``logits`` predict what follows it: its prompt log-probabilities
+        go out, its followers start from its blocks, and each samples its first token."""
+        group = [r]
+        for f in r.followers:
+            f.tokens, f.n_cached, f.budget = list(r.tokens), r.n_cached, r.budget
+            f.admitted_at, f.prefill_s, f.cached_tokens = r.admitted_at, r.prefill_s, r.cached_tokens
+            try:
+                f.table = self.tables.start_from(r.table, r.n_cached, self.backend.copy_block)
+            except Exception as e:
+                self._fail(f, e)
+                continue
+            self.counters.requests += 1
+            with self._cond:
+                self._active.append(f)
+            group.append(f)
+        r.followers = []
+        if r.prompt_logprobs:
+            entries = PromptLogprobs((None, *r.prompt_entries))
+            r.prompt_entries = []
+            for member in group:
+                self._emit(member, entries)
+        for member in group:
+            if member.budget <= 0:  # only the prompt's log-probabilities were asked for
+                self.counters.completed += 1
+                self._end(member, Finished(member.stats()))
+            else:
+                self._sample(member, logits)
 
     def _sample(self, r: Request, logits: torch.Tensor) -> None:
         token, prob = choose(logits, r.tokens, r.params, r.generator)
@@ -364,7 +392,8 @@ class Engine:
         last = is_end or r.generated >= r.budget
         if last:
             self.counters.completed += 1
-        event = Token(token, prob, is_end, last, probs, r.stats() if last else None)
+        lp = logprobs.of_row(logits, token, r.logprobs) if r.logprobs is not None else None
+        event = Token(token, prob, is_end, last, probs, r.stats() if last else None, lp)
         if last:
             self._end(r, event)
         else:
@@ -387,6 +416,11 @@ class Engine:
         else:
             self.tables.release(r.table)
         r.table = []
+        for f in r.followers:  # ended before its prompt was done: so do the choices that were to share it
+            f.done = True
+            if event is not None:
+                self._emit(f, event)
+        r.followers = []
         if event is not None:
             self._emit(r, event)
 

@@ -3,8 +3,16 @@
 The contract between the engine and its clients (CLI, interactive mode, HTTP handlers): a client builds a
 Request with an ``emit`` callback; the engine calls it, from the thread that runs the engine, with one
 :class:`Token` per generated token (the last one flagged ``last`` and carrying the request's
-:class:`Stats`), or :class:`Finished` when there was nothing to generate, or :class:`Failed`.  A cancelled
-request gets no further event.  :meth:`~.loop.Engine.submit` may refuse a request (:class:`QueueFull`,
+:class:`Stats`), or :class:`Finished` when there was nothing to generate, or :class:`Failed`.  A request
+with ``prompt_logprobs`` first gets one :class:`PromptLogprobs`.  A cancelled request gets no further event.
+
+Log-probabilities (:class:`Logprobs`) are the raw log-softmax of the model's logits: before the logit bias,
+penalties, temperature, top-k/top-p/min-p and any grammar mask (vLLM's default), so they say what the model
+thinks of a token whatever the request's sampling settings.
+
+``n`` > 1 choices of one prompt are one request with ``followers``: the engine admits them together, feeds
+the prompt once, and when it is done each follower starts from the leader's KV blocks (shared, the partial
+last block copied) and samples from the same logits with its own generator.  :meth:`~.loop.Engine.submit` may refuse a request (:class:`QueueFull`,
 :class:`ServerClosing`); :meth:`~.loop.Engine.stats` reports the :class:`Counters`.
 """
 
@@ -45,6 +53,15 @@ class Stats:
 
 
 @dataclasses.dataclass(frozen=True)
+class Logprobs:
+    """One position's raw log-probabilities: the token there and, most likely first, the ``top`` tokens."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (id, logprob)
+
+
+@dataclasses.dataclass(frozen=True)
 class Token:
     id: int
     prob: float  # under the request's sampling settings
@@ -52,6 +69,14 @@ class Token:
     last: bool  # nothing follows this event
     probs: torch.Tensor | None = None  # (vocab,) the model's own distribution, for no_token_sampling
     stats: Stats | None = None  # on the last token
+    logprobs: Logprobs | None = None  # with the request's ``logprobs``
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens' log-probabilities, each given the tokens before it; the first token has none."""
+
+    entries: tuple[Logprobs | None, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +91,7 @@ class Failed:
     error: BaseException
 
 
-Event = Token | Finished | Failed
+Event = Token | PromptLogprobs | Finished | Failed
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,6 +105,9 @@ class Request:
     full_distribution: bool = False
     generator: torch.Generator | None = None
     cache_salt: str | None = None  # shares cached prefixes only with requests of the same salt (``prompt_cache``)
+    logprobs: int | None = None  # each Token's Logprobs with this many top tokens (0: the chosen one only)
+    prompt_logprobs: bool = False  # a PromptLogprobs event (the prompt is then fed whole, not from the cache)
+    followers: list["Request"] = dataclasses.field(default_factory=list)  # more choices of the same prompt
     # State, owned by the engine:
     tokens: list[int] = dataclasses.field(default_factory=list)  # the prompt, then what was generated
     n_cached: int = 0  # tokens[:n_cached] have their keys and values in the blocks of ``table``
@@ -95,6 +123,12 @@ class Request:
     decode_s: float = 0.0
     cancelled: bool = False
     done: bool = False
+    prompt_entries: list[Logprobs | None] = dataclasses.field(default_factory=list)  # PromptLogprobs so far
+
+    @property
+    def size(self) -> int:
+        """Run places the request takes: itself and its followers."""
+        return 1 + len(self.followers)
 
     @property
     def pending(self) -> int:
