@@ -40,21 +40,31 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """``shardllama serve`` / ``--inference-server``: check the server flags, open the model with the KV-cache
-    blocks they ask for (sized from the checkpoint's headers), serve."""
+    """``shardllama serve`` / ``--inference-server``: check the server flags, bind the port, then open the model
+    with the KV-cache blocks they ask for (sized from the checkpoint's headers) and serve."""
     from .server import serve
 
     config = flags.server_config(args)  # a bad value fails now, not after the model loads
     runtime = flags.runtime_config(args)
-    with runtime.early_workers() as local_workers, runtime.prepare(progress=_progress(args)) as prepared:
-        from .launch import default_workers
-        from .kv_cache import BLOCK_SIZE
 
-        n_workers = runtime.workers if runtime.workers is not None else default_workers()
-        n_blocks = config.kv_blocks(prepared.max_seq_len, prepared.kv_bytes_per_token(n_workers), BLOCK_SIZE)
-        model = runtime.start(prepared, n_blocks=n_blocks, progress=_progress(args), local_workers=local_workers)
-    with model:
-        return serve(model, config)
+    # Workers forked before the HTTP thread exists (launch forks only a single-threaded process); the
+    # coordinator takes them in load(), and the context ends any it did not.
+    with runtime.early_workers() as local_workers:
+        def load():
+            with runtime.prepare(progress=_progress(args)) as prepared:
+                from .launch import default_workers
+                from .kv_cache import BLOCK_SIZE
+
+                n_workers = runtime.workers if runtime.workers is not None else default_workers()
+                n_blocks = config.kv_blocks(prepared.max_seq_len, prepared.kv_bytes_per_token(n_workers), BLOCK_SIZE)
+                try:
+                    return runtime.start(prepared, n_blocks=n_blocks, progress=_progress(args),
+                                         local_workers=local_workers)
+                finally:
+                    if local_workers is not None:
+                        local_workers.close()  # those the coordinator did not take
+
+        return serve(config, load)
 
 
 def _colour() -> bool:

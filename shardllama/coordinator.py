@@ -334,6 +334,11 @@ class Coordinator:
         """+1 whenever a worker is replaced: every cached sequence is then invalid."""
         return self.pool.epoch
 
+    @property
+    def recovering(self) -> bool:
+        """True while a worker is being replaced (read by the server from another thread)."""
+        return self.pool.replacing
+
     def restart_workers(self) -> None:
         """Replace every worker that failed; the KV caches hold nothing valid afterwards."""
         self._check_open()

@@ -29,9 +29,13 @@ class UnsupportedError(ShardllamaError):
 class PromptTooLongError(ShardllamaError):
     """The prompt (plus what must be generated) does not fit in the context window."""
 
+    code = "context_length_exceeded"  # OpenAI's error code, in the server's error bodies
+
 
 class WorkerError(ShardllamaError):
     """A worker process died, stopped answering, or reported a failure."""
+
+    code = "worker_failed"
 
 
 class KeyFileError(ShardllamaError):

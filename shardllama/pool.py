@@ -81,6 +81,7 @@ class WorkerPool:
         self.step = 0  # the current request's step id: answers to any other are late
         self._rank_of: dict[bytes, int] = {}
         self._broken: dict[int, str] = {}  # rank -> why it failed
+        self.replacing = False  # while restart() runs (the server's /health reads it from another thread)
 
     @property
     def pids(self) -> list[int | None]:
@@ -206,7 +207,11 @@ class WorkerPool:
         self.replaced_why = f"{w.name()} was replaced ({self._broken.get(rank, 'restarted')})"
         self._broken.setdefault(rank, "restarted")
         self.epoch += 1
-        self.admit([rank])
+        self.replacing = True
+        try:
+            self.admit([rank])
+        finally:
+            self.replacing = False
         self._broken.pop(rank, None)
 
     def _reachable(self, w: Member) -> bool:

@@ -37,11 +37,11 @@ logging.basicConfig(level=logging.WARNING, format="shardllama: %(message)s")
 config = ServerConfig(host="127.0.0.1", port=0, **cfg["serve"])
 runtime = RuntimeConfig(model_path=cfg["model"], max_seq_len=cfg["max_seq_len"], workers=cfg["workers"],
                         dtype=cfg.get("dtype", "f32"))  # f32: the golden text
-with runtime.prepare() as prepared:
-    n_blocks = config.kv_blocks(prepared.max_seq_len, prepared.kv_bytes_per_token(cfg["workers"]), BLOCK_SIZE)
-    model = runtime.start(prepared, n_blocks=n_blocks)
-with model:
-    sys.exit(serve(model, config))
+def load():
+    with runtime.prepare() as prepared:
+        n_blocks = config.kv_blocks(prepared.max_seq_len, prepared.kv_bytes_per_token(cfg["workers"]), BLOCK_SIZE)
+        return runtime.start(prepared, n_blocks=n_blocks)
+sys.exit(serve(config, load))
 """
 
 # The command-line route: `shardllama --inference-server` (rllama's spelling of `shardllama serve`).

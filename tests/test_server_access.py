@@ -164,7 +164,7 @@ def test_every_route_wants_the_key(guarded, auth):
         assert "Authorization: Bearer" in message(r)
         if path.startswith("/v1"):  # OpenAI's shape and code
             assert r.json()["error"]["code"] == "invalid_api_key"
-            assert r.json()["error"]["type"] == "invalid_request_error"
+            assert r.json()["error"]["type"] == "authentication_error"
 
 
 def test_the_right_key_opens_every_route(guarded):

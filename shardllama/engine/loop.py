@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -63,7 +63,8 @@ class Engine:
     """Runs requests on ``backend``; see the module docstring."""
 
     def __init__(self, backend: Backend, *, max_concurrent: int = 1, max_queue: int = 0, cache_size: int = 0,
-                 prefill_chunk: int = PREFILL_CHUNK, store: PromptStore | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, store: PromptStore | None = None,
+                 observer: Callable[[str, float, int], None] | None = None):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         need = blocks_needed(max_concurrent, backend.max_seq_len, backend.block_size)
@@ -86,6 +87,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._cache_info = (0, 0, 0)  # entries, tokens, blocks: what stats() reports from other threads
         self.counters = Counters()
+        # observer(kind, seconds, n_tokens): "prefill"/"decode" after each pass, "first_token" (the server's metrics)
+        self.observer = observer
 
     # ---- clients ---------------------------------------------------------------------------------
 
@@ -326,6 +329,8 @@ class Engine:
             return None
         dt = time.perf_counter() - t0
         log.debug("forward B=%d T=%d: %.1f ms", tokens.shape[0], tokens.shape[1], 1000 * dt)
+        if self.observer is not None:
+            self.observer("decode" if tokens.shape[1] == 1 else "prefill", dt, tokens.numel())
         for r in requests:
             if r.generated:
                 r.decode_s += dt
@@ -387,6 +392,8 @@ class Engine:
         r.generated += 1
         if r.generated == 1:
             r.first_token_s = time.perf_counter() - r.admitted_at
+            if self.observer is not None:
+                self.observer("first_token", r.first_token_s, len(r.prompt))
         self.counters.generated += 1
         is_end = token in r.stop_ids
         last = is_end or r.generated >= r.budget

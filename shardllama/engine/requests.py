@@ -147,9 +147,13 @@ class Request:
 class QueueFull(ShardllamaError):
     """Every run place is taken and the waiting queue is full (HTTP 503)."""
 
+    code = "server_is_overloaded"  # OpenAI's error code (the server's error bodies carry it)
+
 
 class ServerClosing(ShardllamaError):
     """The engine is shutting down (HTTP 503)."""
+
+    code = "server_shutting_down"
 
 
 @dataclasses.dataclass

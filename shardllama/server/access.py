@@ -7,7 +7,7 @@
   ``[::1]`` (any port); on another bind (reached by names we cannot guess) any name, unless
   ``--allowed-hosts`` lists them — a list that then holds on any bind, the loopback names always included.
   Anything else is 403 (:class:`HostNotAllowed`).
-- **API key** (``--api-key``): every route of both APIs, the stats too, wants ``Authorization: Bearer <key>``
+- **API key** (``--api-key``): every route of both APIs, the stats and ``/metrics`` too (not ``/health``), wants ``Authorization: Bearer <key>``
   (what the ``openai`` client sends for its ``api_key``), 401 otherwise (:class:`Unauthorized`).  CORS
   preflights carry no credentials by design and are exempt; they only answer which headers may be sent.
 - **CORS** is off unless ``--cors-origin`` names the origins (``scheme://host[:port]``, or ``*``) whose pages may
@@ -33,12 +33,15 @@ from aiohttp import web
 from ..errors import ShardllamaError, UsageError
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+KEYLESS_PATHS = frozenset({"/health"})  # open without the API key: orchestrators poll it (it tells only the state)
 _PORT = re.compile(r"\d{1,5}")
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+")
 
 
 class HostNotAllowed(ShardllamaError):
     """The request's Host header names a host this server does not answer for (HTTP 403)."""
+
+    code = "host_not_allowed"
 
 
 class Unauthorized(ShardllamaError):
@@ -117,7 +120,7 @@ class Access:
                 shown = given if given is None or len(given) <= 80 else given[:77] + "..."
                 raise HostNotAllowed(f"Host {shown!r} is not served here: use one of {names} "
                                      "(or start the server with --allowed-hosts)")
-        if self.api_key is not None and not _is_preflight(request):
+        if self.api_key is not None and not _is_preflight(request) and request.path not in KEYLESS_PATHS:
             scheme, _, key = request.headers.get("Authorization", "").partition(" ")
             given_key, want = key.strip().encode(errors="surrogatepass"), self.api_key.encode(errors="surrogatepass")
             if scheme.lower() != "bearer" or not secrets.compare_digest(given_key, want):

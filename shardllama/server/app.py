@@ -45,8 +45,8 @@ from aiohttp import web
 from ..engine import Failed, Finished, Request, Token
 from ..errors import PromptTooLongError
 from .access import enable_cors, guard_middleware
-from .common import (DEFAULT_STATS_PATH, IDLE_TIMEOUT_S, STATE, ServerState, error_middleware, error_response,
-                     read_json, _message)
+from .common import (DEFAULT_STATS_PATH, IDLE_TIMEOUT_S, RETRY_AFTER_S, STATE, ServerState, error_middleware,
+                     error_response, read_json, ready_middleware, _message)
 from .openai_api import create_openai_app
 from .schemas import RequestError, request_from_dict
 
@@ -56,11 +56,19 @@ log = logging.getLogger(__name__)
 
 
 def create_app(state: ServerState, *, stats_path: str = DEFAULT_STATS_PATH) -> web.Application:
-    app = web.Application(middlewares=[_errors, guard_middleware(state.access)],
-                          client_max_size=state.max_body_bytes)
+    """rllama's routes, ``GET /health``, ``GET /metrics`` (a registry of this app's own) and the OpenAI API
+    under /v1."""
+    from .metrics import Metrics, metrics, metrics_middleware
+
+    if state.metrics is None:
+        state.metrics = Metrics(state)
+    app = web.Application(middlewares=[metrics_middleware(), _errors, guard_middleware(state.access),
+                                       ready_middleware()], client_max_size=state.max_body_bytes)
     app[STATE] = state
     app.router.add_post(state.api_path, inference)
     app.router.add_get(stats_path, stats)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     enable_cors(app, state.access)
     app.add_subapp("/v1", create_openai_app(state))
     return app
@@ -129,6 +137,17 @@ async def _stream(request: web.Request, state: ServerState, job: Request, queue:
     except ConnectionResetError:  # the client went away; the caller cancels the job
         log.info("client %s went away mid-stream", request.remote)
     return response
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 ``{"status": "ok"}`` when requests are served; else 503 ``{"status": "loading" | "recovering" |
+    "stopping", "reason": ...}`` with Retry-After.  Needs no API key."""
+    problem = request.app[STATE].unavailable()
+    if problem is None:
+        return web.json_response({"status": "ok"})
+    status = getattr(problem, "status", "stopping")  # the engine's ServerClosing: stopping
+    return web.json_response({"status": status, "reason": _message(problem)}, status=503,
+                             headers={"Retry-After": str(getattr(problem, "retry_after", RETRY_AFTER_S))})
 
 
 async def stats(request: web.Request) -> web.Response:

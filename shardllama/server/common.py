@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATS_PATH = "/rllama/v1/stats"
 MAX_BODY_BYTES = 1 << 20
+RETRY_AFTER_S = 1  # every 503 says when to try again; an Unavailable error says its own
 # A connection that has not sent a complete request within this long is closed: idle before its first
 # request or between two (aiohttp's keepalive_timeout), or still sending a body (read_json).
 IDLE_TIMEOUT_S = 30.0
@@ -30,16 +32,42 @@ class BodyTimeout(RequestError):
     """The request's body did not arrive within IDLE_TIMEOUT_S (HTTP 408, and the connection is closed)."""
 
     close_connection = True
+    code = "request_timeout"
+
+
+class Unavailable(ShardllamaError):
+    """The server takes no requests right now (HTTP 503, ``Retry-After: retry_after``); ``status`` is what
+    ``GET /health`` says."""
+
+    status = "unavailable"
+    retry_after = 1
+
+
+class ModelLoading(Unavailable):
+    status, code, retry_after = "loading", "model_loading", 5
+
+
+class Recovering(Unavailable):
+    status, code = "recovering", "worker_failed"
+
+
+class ModelNotFound(ShardllamaError):
+    """``GET /v1/models/{id}`` of a model this server does not serve (HTTP 404)."""
+
+    code, param = "model_not_found", "model"
+
 
 # Exception type -> HTTP status, first match wins.  The one place errors become codes.
 ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (Unauthorized, 401),
+    (ModelNotFound, 404),
     (HostNotAllowed, 403),
     (BodyTimeout, 408),
     (UnsupportedMediaType, 415),
     (RequestError, 400),
     (PromptTooLongError, 400),
     (UsageError, 400),  # a sampling setting the engine refuses
+    (Unavailable, 503),
     (QueueFull, 503),
     (ServerClosing, 503),
     (WorkerError, 503),  # a worker died; the next request gets a replacement
@@ -54,18 +82,26 @@ def status_for(error: BaseException) -> int:
     return 500
 
 
+LOADING, SERVING, STOPPING = "loading", "ok", "stopping"  # ServerState.phase
+
+
 @dataclasses.dataclass
 class ServerState:
-    tokenizer: Tokenizer
-    engine: Engine
-    max_seq_len: int  # the backend's context: a request's max_seq_len is clamped to it
-    api_path: str
+    """What the handlers share.  ``serve`` builds it before the model loads (``phase`` LOADING: no tokenizer
+    or engine yet, every route but /health and /metrics answers 503) and fills it in when the model is ready."""
+
+    tokenizer: Tokenizer | None = None
+    engine: Engine | None = None
+    max_seq_len: int = 0  # the backend's context: a request's max_seq_len is clamped to it
+    api_path: str = "/rllama/v1/inference"
     model_name: str = "model"  # what /v1/models and OpenAI responses call it: the model file's stem
     exit_after_one_query: bool = False
     max_body_bytes: int = MAX_BODY_BYTES  # larger bodies are refused (400)
     access: Access = Access()  # Host names, API key, CORS origins (``access``)
     idle_timeout: float = IDLE_TIMEOUT_S
-    stop: asyncio.Event | None = None  # set to shut the server down (serve() waits on it)
+    stop: threading.Event | None = None  # set to shut the server down (serve() waits on it)
+    phase: str = SERVING  # LOADING, SERVING or STOPPING (serve() moves it along)
+    metrics: Any = None  # the app's metrics.Metrics, if it has one
     _vocab_text: list[str] | None = dataclasses.field(default=None, init=False, repr=False)
 
     def vocab_text(self, n: int) -> list[str]:
@@ -73,6 +109,16 @@ class ServerState:
         if self._vocab_text is None or len(self._vocab_text) != n:
             self._vocab_text = [self.tokenizer.token_text(i) for i in range(n)]
         return self._vocab_text
+
+    def unavailable(self) -> BaseException | None:
+        """Why requests cannot be served now (loading, a worker being replaced, stopping); None if they can."""
+        if self.phase == LOADING:
+            return ModelLoading("the model is loading: try again shortly (GET /health says when it is ready)")
+        if self.phase == STOPPING or self.engine is None:
+            return ServerClosing("the server is shutting down")
+        if getattr(self.engine.backend, "recovering", False):
+            return Recovering("a worker failed and is being replaced: try again shortly")
+        return None
 
     def request_done(self) -> None:
         if self.exit_after_one_query and self.stop is not None:
@@ -141,11 +187,32 @@ def error_middleware(respond: Respond, not_found_hint: Callable[[ServerState], s
             if status >= 500 and not isinstance(e, ShardllamaError):
                 log.exception("request to %s failed", request.path)
                 return respond(status, f"internal error: {_message(e)}", e, None)
-            response = respond(status, _message(e), e, getattr(e, "headers", None))
+            headers = getattr(e, "headers", None)
+            if status == 503:  # busy, loading, recovering, stopping: say when to come back
+                headers = {**(headers or {}), "Retry-After": str(getattr(e, "retry_after", RETRY_AFTER_S))}
+            response = respond(status, _message(e), e, headers)
             if getattr(e, "close_connection", False):
                 response.force_close()
             return response
 
     return errors
 
+
+UNGATED_PATHS = frozenset({"/health", "/metrics"})  # answered while loading, recovering and stopping too
+
+
+def ready_middleware():
+    """Answers 503 (``state.unavailable()``, with Retry-After) while the server cannot serve: before the
+    model is loaded, while a worker is replaced, while stopping.  Checked once per request, in the innermost
+    application, inside its error middleware (as ``access.guard_middleware``)."""
+
+    @web.middleware
+    async def ready(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        if request.app is request.match_info.apps[-1] and request.path not in UNGATED_PATHS:
+            problem = request.app[STATE].unavailable()
+            if problem is not None:
+                raise problem
+        return await handler(request)
+
+    return ready
 

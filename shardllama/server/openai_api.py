@@ -2,6 +2,7 @@
 limit, queue and prompt cache):
 
     GET  /v1/models             the one model, its id from the model file's name
+    GET  /v1/models/{id}        that model (404, code model_not_found, for any other id)
     POST /v1/completions        prompt -> text
     POST /v1/chat/completions   messages -> the model's chat template -> text
 
@@ -46,20 +47,22 @@ from aiohttp import web
 from ..stops import StopScanner
 from .access import enable_cors, guard_middleware
 from ..engine import Failed, Finished, Request, Token
-from .common import STATE, ServerState, _message, error_middleware, read_json, status_for
-from .openai_schemas import ParamError, Generation, chat_messages, parse_generation, prompt_ids, render_chat
+from .common import (STATE, ModelNotFound, ServerState, _message, error_middleware, read_json, ready_middleware,
+                     status_for)
+from .openai_schemas import ContextLengthExceeded, ParamError, Generation, chat_messages, parse_generation, prompt_ids, render_chat
 
 log = logging.getLogger(__name__)
 
-ROUTES = "GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
+ROUTES = "GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions"
 
 
 def create_openai_app(state: ServerState) -> web.Application:
     """The /v1 routes as a sub-application (mounted by ``create_app``), with its own error middleware so
     that every /v1 error, 404 and 405 included, has OpenAI's shape."""
-    app = web.Application(middlewares=[_errors, guard_middleware(state.access)])
+    app = web.Application(middlewares=[_errors, guard_middleware(state.access), ready_middleware()])
     app[STATE] = state
     app.router.add_get("/models", models)
+    app.router.add_get("/models/{id:.+}", model)
     app.router.add_post("/completions", completions)
     app.router.add_post("/chat/completions", chat_completions)
     enable_cors(app, state.access)
@@ -182,17 +185,27 @@ async def _encode(state: ServerState, prompt: str | list[int], *, bos: bool | No
     if not prompt:
         raise ParamError(f'"{param}" is empty and the model adds no BOS token: nothing to continue from', param)
     if len(prompt) > state.max_seq_len:
-        raise ParamError(f'"{param}" is {len(prompt)} tokens, longer than the context ({state.max_seq_len})', param)
+        raise ContextLengthExceeded(f'"{param}" is {len(prompt)} tokens, longer than the context ({state.max_seq_len})', param)
     return prompt
 
 
 # ---- handlers -------------------------------------------------------------------------------------------
 
 
+def _model_object(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "shardllama"}
+
+
 async def models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response({"object": "list", "data": [
-        {"id": state.model_name, "object": "model", "created": 0, "owned_by": "shardllama"}]})
+    return web.json_response({"object": "list", "data": [_model_object(request.app[STATE])]})
+
+
+async def model(request: web.Request) -> web.Response:
+    state, wanted = request.app[STATE], request.match_info["id"]
+    if wanted != state.model_name:
+        shown = wanted if len(wanted) <= 80 else wanted[:77] + "..."
+        raise ModelNotFound(f"the model {shown!r} does not exist: this server serves {state.model_name!r}")
+    return web.json_response(_model_object(state))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -243,8 +256,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 # ---- errors ---------------------------------------------------------------------------------------------
 
 
+# OpenAI's error ``type`` by status; ``code`` is the exception class's own (``code`` attributes), else null.
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               503: "service_unavailable_error"}
+
+
 def _body(status: int, message: str, error: BaseException | None) -> dict:
-    kind = "invalid_request_error" if status < 500 else ("server_busy" if status == 503 else "server_error")
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": getattr(error, "param", None),
                       "code": getattr(error, "code", None)}}
 

@@ -20,6 +20,12 @@ class ParamError(RequestError):
     """A bad request field; ``param`` names it in the error body."""
 
 
+class ContextLengthExceeded(ParamError):
+    """The prompt does not fit in the model's context."""
+
+    code = "context_length_exceeded"
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
     """What both routes share, validated."""

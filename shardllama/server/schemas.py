@@ -47,6 +47,8 @@ class RequestError(ShardllamaError):
 class UnsupportedMediaType(RequestError):
     """A request body in a format other than JSON."""
 
+    code = "unsupported_media_type"
+
 
 @dataclasses.dataclass(frozen=True)
 class InferenceRequest:
