@@ -54,9 +54,11 @@ sys.exit(main(["--inference-server", *sys.argv[1:]]))
 
 class Server:
     """``serve()`` in a subprocess on port 0 (the OS picks a free one); the port is read from its
-    "serving ..." line.  stderr is drained by a thread so the pipe never fills."""
+    "serving ..." line (``ready``: the text of the line to wait for; "listening on" is printed before the
+    model loads).  stderr is drained by a thread so the pipe never fills."""
 
-    def __init__(self, code: str, *argv: str):
+    def __init__(self, code: str, *argv: str, ready: str = "serving POST"):
+        self.ready = ready
         self.proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -72,7 +74,7 @@ class Server:
     def _drain(self) -> None:
         for line in self.proc.stderr:
             self.lines.append(line)
-            if "serving POST" in line:
+            if self.ready in line:
                 self._ready.set()
         self._ready.set()
 
@@ -361,7 +363,7 @@ def test_concurrency_limit_queue_and_503(server):
     try:
         wait_for(lambda: (s := server.stats())["running"] == 2 and s["waiting"] == 1)
         r = server.post({"prompt": "one too many", "max_new_tokens": 1})
-        assert r.status_code == 503 and "busy" in r.json()["error"]
+        assert r.status_code == 503 and "busy" in r.json()["error"] and r.headers["Retry-After"] == "1"
         wait_for(lambda: sum(len(c.lines) >= 2 for c in clients) == 2)
         waiting = [c for c in clients if not c.lines]  # whichever arrived last
         assert len(waiting) == 1

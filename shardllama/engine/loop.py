@@ -336,12 +336,14 @@ class Engine:
                 r.decode_s += dt
             else:
                 r.prefill_s += dt
-        self._check_epoch()
+        self._check_epoch(fed=requests)  # a replacement before this pass: its rows, fed from 0, stay valid
         return logits
 
-    def _check_epoch(self) -> bool:
+    def _check_epoch(self, fed: list[Request] = ()) -> bool:
         """If the backend lost its KV caches since we last looked: empty the prompt cache and make every
-        running request feed its tokens again from position 0, in blocks of its own.  True if that happened."""
+        running request feed its tokens again from position 0, in blocks of its own -- but those of ``fed``, a
+        pass that succeeded on the new workers (the backend refuses a row continuing lost blocks, so theirs
+        started at 0).  True if that happened."""
         epoch = self.backend.cache_epoch
         if epoch == self._epoch:
             return False
@@ -350,6 +352,8 @@ class Engine:
         self._epoch = epoch
         self.cache.clear()
         for r in self._active:
+            if r in fed:
+                continue
             self.tables.release(r.table)
             r.n_cached = 0
             r.prompt_entries = []
