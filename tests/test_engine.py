@@ -188,6 +188,47 @@ def test_a_lost_kv_cache_is_recomputed_and_the_stream_goes_on(make_engine):
     assert c.stats.computed_tokens > 4  # the prompt and what was generated so far, fed again
 
 
+class Replaced(Wrapped):
+    """A backend whose workers are "replaced" just before pass number ``replace_at``, as the coordinator's
+    ``_ready`` does: every block is lost, a row that continues lost blocks is refused (``WorkerError``), a row
+    fed from position 0 computes and the blocks it wrote are valid again (``block_transfer``)."""
+
+    def __init__(self, inner: LocalBackend, replace_at: int):
+        super().__init__(inner)
+        self.replace_at, self.lost = replace_at, set()
+
+    def forward(self, tokens, start, tables, lengths=None, all_logits=False):
+        self.calls += 1
+        if self.calls == self.replace_at:
+            self.cache_epoch += 1
+            self.inner.cache = self.inner.model.new_cache(self.n_blocks)
+            self.lost = set(range(self.n_blocks))
+        T, size = tokens.shape[1], self.block_size
+        for row, p in zip(tables.tolist(), start.tolist()):
+            if p > 0 and self.lost & set(row[: -(-p // size)]):
+                raise WorkerError("the KV cache was lost when a worker was replaced")
+        for row, p in zip(tables.tolist(), start.tolist()):
+            self.lost -= set(row[: -(-(p + T) // size)])
+        return self.inner.forward(tokens, start, tables, lengths, all_logits)
+
+
+def test_a_pass_fed_from_0_on_replaced_workers_goes_on(make_engine):
+    # Workers replaced while idle are replaced before the next pass; that pass feeds its rows from 0 on the
+    # new workers, so they are valid: once they were reset anyway and continued blocks the prompt cache had
+    # given back (lost), and the request failed.
+    b = Replaced(backend(6), replace_at=0)
+    s = make_engine(b, max_concurrent=2, cache_size=4)
+    for prompt in PROMPTS:  # the prompt cache holds their blocks: the lowest ones
+        j, c = job(prompt, 3)
+        s.submit(j)
+        assert c.tokens() == reference(prompt, 3)
+    b.replace_at = b.calls + 1
+    j, c = job([6], 8)  # one token: fed by a decode pass from position 0
+    s.submit(j)
+    assert c.tokens() == reference([6], 8)
+    assert b.cache_epoch == 1 and s.stats()["failed"] == 0
+
+
 class Gated(Wrapped):
     """A backend whose first pass waits until the test opens the gate, recording (B, T, lengths) of every pass:
     requests submitted meanwhile are all waiting when the loop next admits."""

@@ -25,6 +25,7 @@ KEY = "s3cret-key"
 ORIGIN = "http://localhost:3000"
 ROUTES = [("POST", "/rllama/v1/inference", {"prompt": "Hi", "max_new_tokens": 1}),
           ("GET", "/rllama/v1/stats", None),
+          ("GET", "/metrics", None),
           ("GET", "/v1/models", None),
           ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 1}),
           ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})]

@@ -38,6 +38,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.api_path.startswith("/"):
             raise UsageError(f"--inference-server-api-path must start with '/', got {self.api_path!r}")
+        if self.api_path in ("/health", "/metrics"):
+            raise UsageError(f"--inference-server-api-path {self.api_path!r} is taken by another route")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--inference-server-port must be in 0..65535, got {self.port}")
         if self.max_concurrent < 1:
