@@ -30,16 +30,19 @@ def free_port() -> int:
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Until GET /health is 200 (the port is bound before the model loads: 503 meanwhile)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"serve exited with {proc.returncode} before it listened")
+            raise SystemExit(f"serve exited with {proc.returncode} before it was ready")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"serve did not listen on port {port} within {timeout:.0f} s")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # not bound yet, or 503 (urllib's HTTPError is an OSError)
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"serve was not ready on port {port} within {timeout:.0f} s")
 
 
 def one_request(port: int, prompt: str, max_tokens: int) -> str:
