@@ -1,5 +1,7 @@
 """What both HTTP APIs share: the server's state on the app (``STATE``), the exception -> status table (the one
-place errors become codes), the error middleware and how a JSON body is read.  :mod:`.app` (rllama's API)
+place errors become codes; OpenAI's ``code`` is each exception class's ``code`` attribute), the error
+middleware (every 503 with Retry-After), the readiness middleware (503 while loading, recovering or
+stopping) and how a JSON body is read.  :mod:`.app` (rllama's API)
 and :mod:`.openai_api` both build on this module and never on each other."""
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ Request fields (others are ignored, as servers beside OpenAI's do; ``null`` mean
 Chat renders ``messages`` with the tokenizer's ``chat_template`` (GGUF ``tokenizer.chat_template`` or
 tokenizer_config.json) and encodes the result with special tokens parsed; the model's stop ids end the
 turn.  Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the status of
-:data:`.app.ERROR_STATUS`.
+:data:`.common.ERROR_STATUS`, the type of :data:`ERROR_TYPES` and the exception's ``code`` (e.g.
+``context_length_exceeded``, ``model_not_found``, ``server_is_overloaded``).
 """
 
 from __future__ import annotations
