@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .errors import PromptTooLongError, ShardllamaError, UsageError
 from .phases import Phases
-from . import flags
+from . import cli_common, flags
 
 log = logging.getLogger("shardllama")
 
@@ -144,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers import main as worker_main
 
-    return worker_main(args.worker_argv)
+    return worker_main(args.worker_argv, prog="shardllama worker")
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
@@ -219,8 +219,14 @@ def _on_sigterm(signum, frame):
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="shardllama: %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a new user's first try: the help, not an error (`shardllama --prompt ...` still generates)
+        flags.build_parser().print_help()
+        return 0
     try:
-        args = flags.parse_args(sys.argv[1:] if argv is None else argv)
+        args = flags.parse_args(argv)
+        if args.command != "worker":  # the worker sets up its own logging from its own flags
+            cli_common.setup_logging(cli_common.log_level(args), "shardllama: %(message)s")
         return COMMANDS[args.command](args)
     except ShardllamaError as e:
         print(f"shardllama: error: {e}", file=sys.stderr)
