@@ -148,14 +148,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from .shm import clean_kept, list_kept
+    from .shm import clean, list_kept
 
-    if args.action == "clean":
-        removed = clean_kept(args.key)
-        print(f"removed {len(removed)} shared-memory segment(s)")
-        others = sum(len(s.segments) for s in list_kept() if s.foreign and args.key in (None, s.key))
-        if others:
-            print(f"left {others} segment(s) of other users (`shardllama shards list` shows them)")
+    if args.action == "clean":  # never asks: only this user's sets go, and what stays is said, with why
+        done = clean(args.key)
+        print(f"removed {len(done.removed)} shared-memory segment(s)")
+        groups: dict[str, int] = {}
+        for info, reason in done.skipped:
+            if reason.startswith("owned by uid") and _user_name(info.uid):
+                reason = f"{reason} (user {_user_name(info.uid)})"
+            groups[reason] = groups.get(reason, 0) + 1
+        for reason, n in groups.items():
+            print(f"skipped {n} set{'' if n == 1 else 's'} {reason}")
+        if groups:
+            print("(`shardllama shards list` shows them; only their owner can remove another user's sets)")
         return 0
     sets = list_kept()
     if not sets:
@@ -171,13 +177,18 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user(uid: int) -> str:
+def _user_name(uid: int) -> str | None:
     import pwd
 
     try:
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid {uid}"
+        return None
+
+
+def _user(uid: int) -> str:
+    name = _user_name(uid)
+    return f"uid {uid}" if name is None else f"user {name} (uid {uid})"
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
