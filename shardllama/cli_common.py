@@ -43,6 +43,8 @@ class _VersionAction(argparse.Action):
 
 
 def _level(text: str) -> int:
+    if text.isdigit():  # a coordinator embedded by a program that logs at a level of its own (e.g. 5)
+        return int(text)
     name = text.upper()
     if name not in LEVELS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LEVELS)} (any case)")
