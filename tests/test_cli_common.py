@@ -133,16 +133,18 @@ def _private_shm() -> bool:
 
 
 # The script run in a mount namespace with a fresh /dev/shm: root keeps a set, nobody keeps one (forked child,
-# setuid), root runs `shardllama shards clean` (no --key, stdin closed); what is left and who owns it.
+# setuid), root has a kept set still being written and a live run's private set; root runs `shardllama shards
+# clean` (no --key, stdin closed); what is left and who owns it.
 SCRIPT = textwrap.dedent("""
     import json, os, subprocess, sys
     from shardllama.segment import SHM_DIR, Segment, segment_name
 
-    def kept_set(key, parts=("emb", "r0")):
+    def kept_set(key, parts=("emb", "r0"), kept=True, ready=True):
         for part in parts:
-            info = dict(key=key, kept=True, owner_pid=os.getpid(), model="m", dtype="float32", n_workers=1, part=part)
+            info = dict(key=key, kept=kept, owner_pid=os.getpid(), model="m", dtype="float32", n_workers=1, part=part)
             seg = Segment.create(segment_name(key, part), {"w": (__import__("torch").float32, (4,))}, info)
-            seg.mark_ready()
+            if ready:
+                seg.mark_ready()
             seg.keep()
             seg.close()
 
@@ -160,10 +162,14 @@ SCRIPT = textwrap.dedent("""
             os.write(fd, b); os.close(fd)
         os._exit(0)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    kept_set("2222writing", ready=False)  # this process, alive, is still writing it
+    kept_set("3333live", kept=False)  # this live process's private shards
     r = subprocess.run([sys.executable, "-m", "shardllama", "shards", "clean"], capture_output=True, text=True,
                        stdin=subprocess.DEVNULL, timeout=120)
     left = {n: os.stat(SHM_DIR / n).st_uid for n in os.listdir(SHM_DIR)}
-    print(json.dumps(dict(code=r.returncode, out=r.stdout, err=r.stderr, left=left)))
+    print(json.dumps(dict(code=r.returncode, out=r.stdout, err=r.stderr, left=left, pid=os.getpid())))
+    for n in os.listdir(SHM_DIR):
+        os.unlink(SHM_DIR / n)
 """)
 
 
@@ -176,10 +182,16 @@ def test_shards_clean_removes_only_the_callers_sets_and_says_what_it_skipped(tmp
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout)
     assert seen["code"] == 0, seen["err"]
-    assert seen["left"] == {"shardllama-1111theirs-emb": NOBODY.pw_uid, "shardllama-1111theirs-r0": NOBODY.pw_uid}
-    lines = seen["out"].splitlines()
-    assert lines[0] == "removed 2 shared-memory segment(s)"
-    assert lines[1] == f"skipped 1 set owned by uid {NOBODY.pw_uid} (user nobody)", seen["out"]
+    assert seen["left"] == {"shardllama-1111theirs-emb": NOBODY.pw_uid, "shardllama-1111theirs-r0": NOBODY.pw_uid,
+                            "shardllama-2222writing-emb": 0, "shardllama-2222writing-r0": 0,
+                            "shardllama-3333live-emb": 0, "shardllama-3333live-r0": 0}
+    assert seen["out"].splitlines() == [
+        "removed 2 shared-memory segment(s)",
+        f"skipped 1 set owned by uid {NOBODY.pw_uid} (user nobody)",
+        f"skipped 1 set being written by pid {seen['pid']}",
+        f"skipped 1 set in use by pid {seen['pid']}",
+        "(`shardllama shards list` shows them; only their owner can remove another user's sets)",
+    ], seen["out"]
     assert seen["err"] == ""
 
 
