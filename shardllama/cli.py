@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .errors import PromptTooLongError, ShardllamaError, UsageError
 from .phases import Phases
-from . import flags
+from . import cli_common, flags
 
 log = logging.getLogger("shardllama")
 
@@ -154,18 +154,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers import main as worker_main
 
-    return worker_main(args.worker_argv)
+    return worker_main(args.worker_argv, prog="shardllama worker")
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from .shm import clean_kept, list_kept
+    from .shm import clean, list_kept
 
-    if args.action == "clean":
-        removed = clean_kept(args.key)
-        print(f"removed {len(removed)} shared-memory segment(s)")
-        others = sum(len(s.segments) for s in list_kept() if s.foreign and args.key in (None, s.key))
-        if others:
-            print(f"left {others} segment(s) of other users (`shardllama shards list` shows them)")
+    if args.action == "clean":  # never asks: only this user's sets go, and what stays is said, with why
+        done = clean(args.key)
+        print(f"removed {len(done.removed)} shared-memory segment(s)")
+        groups: dict[str, int] = {}
+        for info, reason in done.skipped:
+            if reason.startswith("owned by uid") and _user_name(info.uid):
+                reason = f"{reason} (user {_user_name(info.uid)})"
+            groups[reason] = groups.get(reason, 0) + 1
+        for reason, n in groups.items():
+            print(f"skipped {n} set{'' if n == 1 else 's'} {reason}")
+        if groups:
+            print("(`shardllama shards list` shows them; only their owner can remove another user's sets)")
         return 0
     sets = list_kept()
     if not sets:
@@ -181,13 +187,18 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user(uid: int) -> str:
+def _user_name(uid: int) -> str | None:
     import pwd
 
     try:
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid {uid}"
+        return None
+
+
+def _user(uid: int) -> str:
+    name = _user_name(uid)
+    return f"uid {uid}" if name is None else f"user {name} (uid {uid})"
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -229,8 +240,14 @@ def _on_sigterm(signum, frame):
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="shardllama: %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a new user's first try: the help, not an error (`shardllama --prompt ...` still generates)
+        flags.build_parser().print_help()
+        return 0
     try:
-        args = flags.parse_args(sys.argv[1:] if argv is None else argv)
+        args = flags.parse_args(argv)
+        if args.command != "worker":  # the worker sets up its own logging from its own flags
+            cli_common.setup_logging(cli_common.log_level(args), "shardllama: %(message)s")
         return COMMANDS[args.command](args)
     except ShardllamaError as e:
         print(f"shardllama: error: {e}", file=sys.stderr)

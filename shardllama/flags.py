@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from . import cli_common
 from .errors import UsageError
 from .server.config import (API_KEY_ENV, DEFAULT_API_PATH, DEFAULT_HOST, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUE,
                             DEFAULT_PORT, DEFAULT_PROMPT_CACHE_MEMORY_MIB, DEFAULT_PROMPT_CACHE_SIZE)
@@ -105,7 +106,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="shardllama", description="LLaMA-family inference on CPUs, every layer split across worker processes.")
+    parser = _Parser(prog="shardllama", description="LLaMA-family inference on CPUs, every layer split across worker processes.",
+                     epilog="Without a command, the flags are generate's: shardllama --prompt \"The meaning of life is\" "
+                            "continues the prompt with the demo model. Every command takes --help, --version, -v/-vv and "
+                            "--log-level LEVEL.")
+    cli_common.add_version(parser)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="continue a prompt (the default command)")
@@ -120,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     loud = g.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
-    loud.add_argument("-v", "--verbose", action="store_true",
-                      help="also say where the start-up went: one line per phase, in seconds")
+    cli_common.add_common(gen, verbose_into=loud, verbose_help="log more (-v info, -vv debug), and say where the "
+                          "start-up went: one line per phase, in seconds")
     g.add_argument("--inference-server", action="store_true",
                    help="serve rllama's HTTP API instead of generating (same as `shardllama serve`)")
     add_server_args(gen)
@@ -140,11 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system-prompt", help="the conversation's system message (default: the template's own)")
     chat.add_argument("--max-new-tokens", type=_non_negative_int, help="longest answer per turn (default: until the end of turn)")
     chat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cli_common.add_common(chat)
 
     serve = sub.add_parser("serve", help="serve rllama's HTTP inference API (JSONL streaming, batching, prompt cache)")
     add_model_args(serve)
     add_server_args(serve)
     serve.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no start-up lines")
+    cli_common.add_common(serve)
 
     sub.add_parser("worker", add_help=False, help="run a worker for a coordinator on another host "
                    "(shardllama worker --connect tcp://HOST:PORT --model-path PATH; --help for more)")
@@ -153,19 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("action", choices=("list", "clean"))
     shards.add_argument("--key", help="clean only this set (default: every kept set of yours; other users' sets "
                                       "are never removed)")
+    cli_common.add_common(shards)
 
     keys = sub.add_parser("keys", help="make this user's CurveZMQ keypair for --listen and remote workers (once), "
                           "print its public key")
     add_keys_dir_arg(keys)
     keys.add_argument("--authorize", type=Path, metavar="FILE",
                       help="also accept the worker whose public key file (its shardllama.key) this is")
+    cli_common.add_common(keys)
     return parser
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     argv = list(argv)
     # Plain `shardllama --prompt ...` means `shardllama generate --prompt ...`.
-    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "generate")
     if argv[0] == "worker":  # the worker parses its own flags
         return argparse.Namespace(command="worker", worker_argv=argv[1:])

@@ -54,7 +54,13 @@ def spawn(endpoint: str, rank: int, *, threads: int, connect_timeout: float) -> 
 def _worker_argv(endpoint: str, rank: int, threads: int, connect_timeout: float) -> list[str]:
     return ["--connect", endpoint, "--rank", str(rank), "--parent-pid", str(os.getpid()), "--threads", str(threads),
             "--connect-timeout", str(connect_timeout),
-            "--log-level", logging.getLevelName(logging.getLogger("shardllama").getEffectiveLevel())]
+            "--log-level", _level_name(logging.getLogger("shardllama").getEffectiveLevel())]
+
+
+def _level_name(level: int) -> str:
+    """The coordinator's log level as the worker's --log-level takes it (a name, or the number)."""
+    name = logging.getLevelName(level)
+    return name if isinstance(name, str) and not name.startswith("Level ") else str(level)
 
 
 class Forked:

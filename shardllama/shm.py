@@ -304,16 +304,49 @@ def list_kept() -> list[ShardSetInfo]:
     return list(groups.values())
 
 
-def clean_kept(key: str | None = None) -> list[str]:
-    """Unlink this user's kept shards (those of ``key``, or all) and orphans; returns the names removed.
-    Another user's segments, and sets still being written, are never touched."""
-    removed = []
+@dataclasses.dataclass
+class Cleaned:
+    """What :func:`clean` did: the segments it removed, and the sets it left, with why."""
+
+    removed: list[str]
+    skipped: list[tuple[ShardSetInfo, str]]
+
+
+def skip_reason(info: ShardSetInfo) -> str | None:
+    """Why ``shards clean`` leaves ``info`` alone, or None if it is this user's to remove.  Who owns a set was
+    read by ``fstat`` on the opened segment (:meth:`~.segment.Segment.attach`), or, for one this user cannot
+    open, ``lstat`` — which only ever makes a set foreign, never ours."""
+    if info.foreign:
+        if info.uid != os.geteuid():
+            return f"owned by uid {info.uid}"
+        return "open to other users (mode not 0600): never trusted"
+    if info.writing:
+        return f"being written by pid {info.owner_pid}"
+    if not (info.kept or info.orphaned):
+        return f"in use by pid {info.owner_pid}"
+    return None
+
+
+def clean(key: str | None = None) -> Cleaned:
+    """Unlink this user's kept shards (those of ``key``, or all) and orphans.  Another user's segments, and
+    sets still being written or in use, are never touched: they come back in ``skipped``.  Never asks."""
+    removed, skipped = [], []
     for info in list_kept():
-        if (info.kept or info.orphaned) and not info.foreign and not info.writing and key in (None, info.key):
-            for name in info.segments:
-                try:
-                    os.unlink(SHM_DIR / name)
-                    removed.append(name)
-                except FileNotFoundError:
-                    pass
-    return removed
+        if key not in (None, info.key):
+            continue
+        reason = skip_reason(info)
+        if reason is not None:
+            skipped.append((info, reason))
+            continue
+        for name in info.segments:
+            try:
+                os.unlink(SHM_DIR / name)
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return Cleaned(removed, skipped)
+
+
+def clean_kept(key: str | None = None) -> list[str]:
+    """:func:`clean`'s removed segment names."""
+    return clean(key).removed

@@ -179,7 +179,8 @@ def test_a_kept_set_planted_by_another_user_is_ignored(tmp_path, caplog):
         [line] = [ln for ln in listed.stdout.splitlines() if ln.startswith(key)]
         assert "foreign: of user nobody" in line
         cleaned = run_cli("shards", "clean", "--key", key)
-        assert "removed 0" in cleaned.stdout and "left 3 segment(s) of other users" in cleaned.stdout
+        assert "removed 0" in cleaned.stdout
+        assert f"skipped 1 set owned by uid {NOBODY.pw_uid} (user nobody)" in cleaned.stdout, cleaned.stdout
 
         # The planted set is a faithful copy: given to root, it is mapped, and the output is nobody's.
         for name in planted:

@@ -10,7 +10,9 @@ coordinator and each worker; shared-memory pages are split between the processes
 sum is the real footprint), and measures the synchronisation cost (the same number of layers at a tiny
 width, where the time is nearly all messaging, divided by the layer count) and the machine's memory
 bandwidth with N single-thread processes, the ceiling for memory-bound decoding.  Prints a markdown table and
-writes scaling.json and scaling.png (matplotlib) to --out-dir.
+writes scaling.json and scaling.png to --out-dir.  The plot needs matplotlib (``pip install 'shardllama[plots]'``);
+without it, or with --no-plot, the table and scaling.json are all.  ``--from-json scaling.json`` prints the table
+and draws the plot of an earlier run without measuring again.
 """
 
 from __future__ import annotations
@@ -116,7 +118,16 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--out-dir", type=Path, default=Path("."))
+    p.add_argument("--no-plot", action="store_true", help="no scaling.png (matplotlib not needed)")
+    p.add_argument("--from-json", type=Path, metavar="FILE",
+                   help="table and plot of an earlier run's scaling.json, measuring nothing")
     a = p.parse_args()
+    if a.from_json is not None:
+        meta = json.loads(a.from_json.read_text())
+        report(meta)
+        if not a.no_plot:
+            plot_or_say(meta, a.out_dir)
+        return 0
 
     dtype = DTYPES[a.dtype]
     # Weights go to the coordinator one tensor at a time, as in the CLI: this process never holds the
@@ -154,9 +165,23 @@ def main() -> int:
                          sync_ms_per_layer=sync_overhead_ms(args, n, a.repeat), bandwidth_gb_s=bandwidth_gb_s(n)))
         print(f"N={n}: decode {decode:.1f} ms/token, prefill {prefill:.0f} tok/s", file=sys.stderr)
 
+    header = (f"{label}: {args.n_layers} layers, dim {args.dim}, {a.dtype}, {platform.processor() or platform.machine()}, "
+              f"{psutil.cpu_count(logical=False)} cores, torch {torch.__version__}")
+    meta = dict(model=label, header=header, dtype=a.dtype, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
+                repeat=a.repeat, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows)
+    report(meta)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    (a.out_dir / "scaling.json").write_text(json.dumps(meta, indent=2))
+    if not a.no_plot:
+        plot_or_say(meta, a.out_dir)
+    return 0
+
+
+def report(meta: dict) -> None:
+    """The markdown table of a run (``meta``: what scaling.json holds)."""
+    rows = meta["rows"]
     base = rows[0]["decode_ms"]
-    print(f"\n{label}: {args.n_layers} layers, dim {args.dim}, {a.dtype}, {platform.processor() or platform.machine()}, "
-          f"{psutil.cpu_count(logical=False)} cores, torch {torch.__version__}\n")
+    print(f"\n{meta.get('header', meta['model'])}\n")
     print("| workers | decode ms/token | speed-up | bandwidth ceiling | decode GB/s (of ceiling) | prefill tok/s "
           "| prefill speed-up | PSS total MB | PSS / (weights + KV) | sync ms/layer |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -169,12 +194,17 @@ def main() -> int:
               f"{r['prefill_tok_s'] / rows[0]['prefill_tok_s']:.2f}× | {r['pss_total_mb']:.0f} | {ratio:.2f} | "
               f"{r['sync_ms_per_layer']:.3f} |")
 
-    a.out_dir.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=label, dtype=a.dtype, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
-                repeat=a.repeat, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows)
-    (a.out_dir / "scaling.json").write_text(json.dumps(meta, indent=2))
-    plot(rows, a.out_dir / "scaling.png", f"{label} ({a.dtype})")
-    return 0
+
+def plot_or_say(meta: dict, out_dir: Path) -> None:
+    """scaling.png in ``out_dir``, or one line saying why not (matplotlib is an extra, not a dependency)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("scaling.py: no plot: matplotlib is not installed (pip install 'shardllama[plots]'; or --no-plot)",
+              file=sys.stderr)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(meta["rows"], out_dir / "scaling.png", f"{meta['model']} ({meta['dtype']})")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from shardllama import allreduce, curve
+from shardllama import allreduce, cli_common, curve
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
 from shardllama.errors import KeyFileError
@@ -245,10 +245,11 @@ def run_worker(endpoint: str, *, rank: int | None = None, model_path: str | None
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m workers") -> int:
+    """The worker's command line (``prog``: how the user started it, for its usage line)."""
     phases = Phases.from_process_start()
     phases.add("python and imports", phases.elapsed())
-    parser = argparse.ArgumentParser(prog="python -m workers", description="a shardllama worker process")
+    parser = argparse.ArgumentParser(prog=prog, description="a shardllama worker process")
     parser.add_argument("--connect", required=True, metavar="ENDPOINT",
                         help="the coordinator's endpoint, e.g. tcp://HOST:PORT")
     parser.add_argument("--model-path", help="this machine's copy of the model (remote workers)")
@@ -264,11 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                              "the keypair)")
     parser.add_argument("--insecure", action="store_true",
                         help="tcp without CurveZMQ, for a coordinator started with --insecure on a trusted network")
-    parser.add_argument("--log-level", default="WARNING")
+    cli_common.add_common(parser)  # --version, -v/-vv, --log-level (a local coordinator passes its own level)
     a = parser.parse_args(argv)
     if a.model_path is not None and not Path(a.model_path).exists():
         parser.error(f"--model-path {a.model_path}: no such file or directory")
-    logging.basicConfig(level=a.log_level.upper(), format="%(name)s: %(message)s", stream=sys.stderr)
+    cli_common.setup_logging(cli_common.log_level(a), "%(name)s: %(message)s")
     if a.parent_pid is not None:
         # Local worker: Ctrl-C in the terminal reaches the whole process group; the coordinator stops us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
