@@ -85,7 +85,7 @@ def test_logit_bias_minus_100_on_the_greedy_token_changes_the_output(server, cli
     plain = greedy(client, model, n=4)
     banned = greedy(client, model, n=4, logit_bias={str(first): -100})
     assert banned != plain
-    assert greedy_ids(server, n=4, logit_bias={first: -100})[0] != first  # integer keys on rllama's API
+    assert greedy_ids(server, n=4, logit_bias={str(first): -100})[0] != first  # and on rllama's API
 
 
 @pytest.mark.parametrize("bias, fragment", [
