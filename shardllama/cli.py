@@ -77,6 +77,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     params, seed = flags.sampling(args)
     options = flags.interactive_options(args, args.system_prompt)
     with flags.runtime_config(args).open(progress=_progress(args)) as model:
+        flags.check_vocab(params, model.args.vocab_size)
         return run_chat(model, params, seed, options, colour=_colour())
 
 
@@ -91,6 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             system = _read_prompt(args)
         params, seed = flags.sampling(args)
         with flags.runtime_config(args).open(progress=_progress(args)) as model:
+            flags.check_vocab(params, model.args.vocab_size)
             return run_interactive(model, params, seed, flags.interactive_options(args, system), colour=_colour())
     phases = Phases.from_process_start()  # the command's start-up, up to the first token
     prompt = _read_prompt(args)
@@ -106,6 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with phases("model header and tokenizer"):
             prepared = runtime.prepare(progress=progress)
         with prepared:
+            flags.check_vocab(params, prepared.args.vocab_size)  # before a single weight is read
             with phases("tokenize the prompt"):
                 prompt_ids = prepared.tokenizer.encode(prompt)
             if len(prompt_ids) > prepared.max_seq_len:  # checked before a single weight is read

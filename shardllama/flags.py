@@ -102,7 +102,50 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)")
     g.add_argument("--repetition-penalty-last-n", type=int, default=64,
                    help="recent tokens the penalty looks at; -1 = all (default 64)")
+    g.add_argument("--min-p", type=_fraction, default=0.0,
+                   help="keep tokens at least this fraction as likely as the most likely one, in [0, 1] (default 0 = off)")
+    g.add_argument("--presence-penalty", type=_penalty, default=0.0,
+                   help="subtracted once from the logit of each token already generated, in [-2, 2] (default 0)")
+    g.add_argument("--frequency-penalty", type=_penalty, default=0.0,
+                   help="times a token's count in the output, subtracted from its logit, in [-2, 2] (default 0)")
+    g.add_argument("--logit-bias", type=_logit_bias, action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS in [-100, 100] to token ID's logit (-100 bans it, 100 forces it); repeatable. "
+                        "Order: logit bias, repetition, presence/frequency, temperature, min-p, top-k, top-p")
     g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _penalty(text: str) -> float:
+    from .sampling import MAX_PENALTY
+
+    value = float(text)
+    if not -MAX_PENALTY <= value <= MAX_PENALTY:
+        raise argparse.ArgumentTypeError(f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {text}")
+    return value
+
+
+def _logit_bias(text: str) -> tuple[int, float]:
+    from .sampling import MAX_LOGIT_BIAS
+
+    token, sep, bias = text.partition("=")
+    try:
+        pair = int(token), float(bias)
+    except ValueError:
+        pair = None
+    if not sep or pair is None or pair[0] < 0 or not -MAX_LOGIT_BIAS <= pair[1] <= MAX_LOGIT_BIAS:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS, a token id >= 0 and a bias in [-{MAX_LOGIT_BIAS:g}, "
+                                         f"{MAX_LOGIT_BIAS:g}], got {text!r}")
+    return pair
+
+
+_fraction.__name__ = "number"
+_penalty.__name__ = "number"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,8 +294,22 @@ def sampling(ns: argparse.Namespace):
     """(SamplingParams, seed or None) of :func:`add_sampling_args`."""
     from .sampling import SamplingParams
 
-    params = SamplingParams(ns.temperature, ns.top_k, ns.top_p, ns.repetition_penalty, ns.repetition_penalty_last_n)
+    tokens = [token for token, _ in ns.logit_bias]
+    if len(set(tokens)) < len(tokens):
+        twice = next(t for t in tokens if tokens.count(t) > 1)
+        raise UsageError(f"--logit-bias names token {twice} twice")
+    params = SamplingParams(ns.temperature, ns.top_k, ns.top_p, ns.repetition_penalty, ns.repetition_penalty_last_n,
+                            min_p=ns.min_p, presence_penalty=ns.presence_penalty,
+                            frequency_penalty=ns.frequency_penalty, logit_bias=ns.logit_bias)
     return params, ns.seed
+
+
+def check_vocab(params, vocab_size: int) -> None:
+    """UsageError naming --logit-bias when it names a token the model (``vocab_size`` logits) does not have."""
+    try:
+        params.check_vocab(vocab_size)
+    except UsageError as e:
+        raise UsageError(str(e).replace("logit_bias", "--logit-bias", 1)) from None
 
 
 def server_config(ns: argparse.Namespace):

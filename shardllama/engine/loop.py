@@ -389,7 +389,7 @@ class Engine:
                 self._sample(member, logits)
 
     def _sample(self, r: Request, logits: torch.Tensor) -> None:
-        token, prob = choose(logits, r.tokens, r.params, r.generator)
+        token, prob = choose(logits, r.tokens, len(r.prompt), r.params, r.generator)
         # In f64: f32 probabilities of a 50k vocabulary sum to 1 only within ~1e-5.
         probs = torch.softmax(logits.double(), dim=-1) if r.full_distribution else None
         r.tokens.append(token)

@@ -79,7 +79,7 @@ def create_app(state: ServerState, *, stats_path: str = DEFAULT_STATS_PATH) -> w
 
 async def inference(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    req = request_from_dict(await read_json(request, required="prompt"))
+    req = request_from_dict(await read_json(request, required="prompt"), vocab_size=state.vocab_size)
     loop = asyncio.get_running_loop()
     ids = await loop.run_in_executor(None, state.tokenizer.encode, req.prompt)
     max_len = min(req.max_seq_len, state.max_seq_len)

@@ -106,6 +106,11 @@ class ServerState:
     metrics: Any = None  # the app's metrics.Metrics, if it has one
     _vocab_text: list[str] | None = dataclasses.field(default=None, init=False, repr=False)
 
+    @property
+    def vocab_size(self) -> int:
+        """Logits per token, the model's vocabulary (the tokenizer's may be smaller): logit_bias ids lie below."""
+        return self.engine.backend.args.vocab_size
+
     def vocab_text(self, n: int) -> list[str]:
         """Printable text of token ids 0..n-1 (ids beyond the tokenizer's vocabulary print as "")."""
         if self._vocab_text is None or len(self._vocab_text) != n:

@@ -15,13 +15,18 @@ Request fields (others are ignored, as servers beside OpenAI's do; ``null`` mean
     temperature         number in [0, 2], default 1.0 (0 = greedy)
     top_p               number in (0, 1], default 1.0
     top_k               integer >= 0 (ours, as llama.cpp's), default 0 = off
+    min_p               number in [0, 1] (vLLM's and llama.cpp's), default 0 = off
+    presence_penalty    number in [-2, 2], default 0: minus this from each generated token's logit
+    frequency_penalty   number in [-2, 2], default 0: minus this times the token's count in the output
+    logit_bias          {"token id": number in [-100, 100]}: added to the logits (-100 bans, +100 forces);
+                        the order of all these is ``sampling``'s
     stop                string or list of up to 4: generation ends before the first of them
     seed                integer: reproducible sampling
     stream              bool: server-sent events, ``data: {chunk}`` ... ``data: [DONE]``
     stream_options      {"include_usage": bool}: a last chunk with the usage
     cache_salt          string (vLLM's name): shares cached prompt prefixes only with requests of the same
                         salt (``prompt_cache``)
-    n, best_of          1 only;  echo  false only;  logprobs, logit_bias, suffix  not supported
+    n, best_of          1 only;  echo  false only;  logprobs, suffix  not supported
 
 Chat renders ``messages`` with the tokenizer's ``chat_template`` (GGUF ``tokenizer.chat_template`` or
 tokenizer_config.json) and encodes the result with special tokens parsed; the model's stop ids end the
@@ -212,7 +217,7 @@ async def model(request: web.Request) -> web.Response:
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     data = await read_json(request, required="prompt")
-    gen = parse_generation(data, default_max_tokens=16)
+    gen = parse_generation(data, default_max_tokens=16, vocab_size=state.vocab_size)
     if data.get("echo") not in (None, False):
         raise ParamError('"echo" must be false: echoing the prompt is not supported', "echo")
     ids = await _encode(state, prompt_ids(data, state.tokenizer), bos=None, param="prompt")
@@ -231,7 +236,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     data = await read_json(request, required="messages")
-    gen = parse_generation(data, default_max_tokens=None)
+    gen = parse_generation(data, default_max_tokens=None, vocab_size=state.vocab_size)
     text = render_chat(state.tokenizer, chat_messages(data))
     bos_text = state.tokenizer.token_text(state.tokenizer.bos_id) if state.tokenizer.bos_id is not None else ""
     # The template writes BOS itself when the model wants one; add it only where it did not (as llama.cpp).

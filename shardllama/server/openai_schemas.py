@@ -9,9 +9,9 @@ from typing import Any
 
 from ..chat_template import render_for
 from ..errors import ShardllamaError
-from ..sampling import SamplingParams
+from ..sampling import MAX_PENALTY, SamplingParams
 from ..tokenizer import Tokenizer
-from .schemas import RequestError, _kind, cache_salt, finite, show
+from .schemas import RequestError, _kind, cache_salt, finite, logit_bias, show
 
 MAX_STOP_STRINGS = 4
 
@@ -39,7 +39,8 @@ class Generation:
     cache_salt: str | None
 
 
-def parse_generation(data: dict[str, Any], *, default_max_tokens: int | None) -> Generation:
+def parse_generation(data: dict[str, Any], *, default_max_tokens: int | None, vocab_size: int) -> Generation:
+    """``vocab_size``: the model's logits, which ``logit_bias`` ids must lie within."""
     def number(name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
         value = data.get(name)
         if value is None:
@@ -73,11 +74,14 @@ def parse_generation(data: dict[str, Any], *, default_max_tokens: int | None) ->
     for name in ("n", "best_of"):
         if integer(name, 1) not in (None, 1):
             raise ParamError(f'"{name}" must be 1: one choice per request is supported', name)
-    for name in ("logprobs", "top_logprobs", "logit_bias", "suffix"):
+    for name in ("logprobs", "top_logprobs", "suffix"):
         if data.get(name) not in (None, False, 0, {}, ""):
             raise ParamError(f'"{name}" is not supported by this server', name)
     params = SamplingParams(temperature=number("temperature", 1.0, 0, 2), top_k=integer("top_k", 0, 2**31) or 0,
-                            top_p=number("top_p", 1.0, 0, 1, lo_open=True))
+                            top_p=number("top_p", 1.0, 0, 1, lo_open=True), min_p=number("min_p", 0.0, 0, 1),
+                            presence_penalty=number("presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+                            frequency_penalty=number("frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+                            logit_bias=logit_bias(data, vocab_size))
     max_tokens = integer("max_tokens", 0, 2**31)
     if max_tokens is None:
         max_tokens = integer("max_completion_tokens", 0, 2**31)

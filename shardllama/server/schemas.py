@@ -7,6 +7,11 @@ rllama's API (``POST /rllama/v1/inference``) takes one JSON object::
     top_k               integer >= 1, default 20
     top_p               number in (0, 1], default 1.0
     repetition_penalty  number > 0, default 1.0 (off; > 1 discourages repeats)
+    presence_penalty    number in [-2, 2], default 0 (OpenAI's; > 0 discourages any token already generated)
+    frequency_penalty   number in [-2, 2], default 0 (OpenAI's; > 0 discourages a token by its generated count)
+    min_p               number in [0, 1], default 0 (off): keeps tokens at least min_p times as likely as the top
+    logit_bias          object, token id (a string, as OpenAI sends it, or an integer) -> number in [-100, 100]
+                        added to that token's logit; default none
     stop_at_end_token   bool, default true
     max_seq_len         integer >= 1, default 1024, clamped to the server's --max-seq-len
     max_new_tokens      integer >= 0, default 1024
@@ -29,7 +34,7 @@ import sys
 from typing import Any
 
 from ..errors import ShardllamaError
-from ..sampling import SamplingParams
+from ..sampling import MAX_LOGIT_BIAS, MAX_PENALTY, SamplingParams
 
 JSON_TYPE = "application/json"
 MAX_CACHE_SALT = 256  # characters
@@ -63,10 +68,16 @@ class InferenceRequest:
     no_token_sampling: bool = False
     seed: int | None = None
     cache_salt: str | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              repetition_penalty=self.repetition_penalty)
+                              repetition_penalty=self.repetition_penalty, min_p=self.min_p,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              logit_bias=self.logit_bias)
 
 
 def check_content_type(content_type: str | None, charset: str | None) -> None:
@@ -147,7 +158,8 @@ def show(value: Any) -> str:
     return str(value)
 
 
-def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
+def request_from_dict(data: dict[str, Any], *, vocab_size: int) -> InferenceRequest:
+    """The request in ``data``; ``vocab_size``: the model's logits, which ``logit_bias`` ids must lie within."""
     if data.get("prompt") is None:
         raise RequestError('"prompt" is required (a string)')
     prompt = data["prompt"]
@@ -195,6 +207,13 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
     r = number("repetition_penalty")
     if r is not None and r <= 0:
         raise RequestError(f'"repetition_penalty" must be > 0 (1 = off), got {r}')
+    m = number("min_p")
+    if m is not None and not 0 <= m <= 1:
+        raise RequestError(f'"min_p" must be in [0, 1] (0 = off), got {m}', "min_p")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = number(name)
+        if value is not None and not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise RequestError(f'"{name}" must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}', name)
     boolean("stop_at_end_token")
     integer("max_seq_len", 1)
     integer("max_new_tokens", 0)
@@ -202,7 +221,35 @@ def request_from_dict(data: dict[str, Any]) -> InferenceRequest:
     seed = integer("seed", 0)
     if seed is not None and seed >= 2**64:
         raise RequestError(f'"seed" must be < 2**64, got {show(seed)}')
-    return InferenceRequest(**fields, cache_salt=cache_salt(data))
+    return InferenceRequest(**fields, cache_salt=cache_salt(data), logit_bias=logit_bias(data, vocab_size))
+
+
+def logit_bias(data: dict[str, Any], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """The request's ``logit_bias`` (both APIs): an object of token id -> bias in [-100, 100], the ids as
+    strings (JSON's keys, as OpenAI's clients send them) or integers; as (id, bias) pairs."""
+    value = data.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise RequestError(f'"logit_bias" must be an object of token id -> bias, got {_kind(value)}', "logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        token = key if isinstance(key, int) and not isinstance(key, bool) else None
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 20:
+            token = int(key)
+        if token is None or not 0 <= token < vocab_size:
+            shown = show(key) if token is not None else json.dumps(key)[:40]
+            raise RequestError(f'"logit_bias" names token {shown}: keys must be token ids in [0, {vocab_size}) '
+                               f"(the model's vocabulary)", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not finite(bias) \
+                or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            got = show(bias) if isinstance(bias, (int, float)) and not isinstance(bias, bool) else _kind(bias)
+            raise RequestError(f'"logit_bias" of token {token} must be a number in [-{MAX_LOGIT_BIAS:g}, '
+                               f"{MAX_LOGIT_BIAS:g}], got {got}", "logit_bias")
+        pairs.append((token, float(bias)))
+    if len({t for t, _ in pairs}) < len(pairs):  # "7" and "07"
+        raise RequestError('"logit_bias" names a token twice', "logit_bias")
+    return tuple(sorted(pairs))
 
 
 def cache_salt(data: dict[str, Any]) -> str | None:
