@@ -70,7 +70,8 @@ def test_json_schema_output_that_stops_validates_for_every_seed(client):
 
 def test_json_schema_on_completions_streamed(client):
     chunks = list(client.completions.create(model="m", prompt="A person, as JSON:", temperature=1, seed=3,
-                                            max_tokens=120, stream=True, response_format=schema_format(PERSON)))
+                                            max_tokens=120, stream=True,
+                                            extra_body={"response_format": schema_format(PERSON)}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(text), PERSON)
