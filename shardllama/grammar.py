@@ -101,7 +101,7 @@ def json_schema(tokenizer: Tokenizer, schema: Any, *, strict: bool = True, param
     try:
         source = llguidance.LLMatcher.grammar_from_json_schema(
             json.dumps(schema), defaults={"lenient": not strict}, overrides=JSON_OVERRIDES)
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # ValueError, or whatever else the library says of a schema it cannot read
         raise GrammarError(f'"{param}" is not a usable JSON schema ({e})', param) from None
     return Grammar(tokenizer, source, param=param, what="the JSON schema")
 

@@ -92,6 +92,7 @@ def test_json_object_is_parseable_json(client):
 def test_tools_give_tool_calls_whose_arguments_validate(client, tool_choice):
     named = isinstance(tool_choice, dict)
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    calls = 0
     for seed in range(5):
         r = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER, TIME], tool_choice=tool_choice,
                                            temperature=1, seed=seed, max_tokens=100)
@@ -102,6 +103,8 @@ def test_tools_give_tool_calls_whose_arguments_validate(client, tool_choice):
             assert call.type == "function" and call.id.startswith("call_") and choice.message.content is None
             assert call.function.name == "get_weather" or not named
             jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+            calls += 1
+    assert calls >= 3
 
 
 def test_auto_gives_a_call_or_text_and_none_gives_text(client):
@@ -158,6 +161,11 @@ def test_stream_with_response_format(client):
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": 3}, "tool_choice"),
+    ({"messages": ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": "{nope"}}]}]},
+     "messages[1].tool_calls[0].function.arguments"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
     ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]}, "tools"),
@@ -165,7 +173,7 @@ def test_stream_with_response_format(client):
 ])
 def test_refused_fields_are_400_naming_them(client, fields, param):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="m", messages=ASK, max_tokens=4, **fields)
+        client.chat.completions.create(model="m", **{"messages": ASK, "max_tokens": 4, **fields})
     assert e.value.body["param"] == param, e.value.body
     assert "\n" not in e.value.body["message"]
 

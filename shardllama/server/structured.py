@@ -142,7 +142,8 @@ def _tools(data: dict[str, Any], chat: bool) -> tuple[list[dict], str]:
         return out, "auto"
     if choice in ("none", "auto", "required"):
         return out, choice
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    f = choice.get("function") if isinstance(choice, dict) else None
+    name = f.get("name") if isinstance(f, dict) else None
     if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str)):
         raise ParamError('"tool_choice" must be "none", "auto", "required" or {"type": "function", "function": '
                          '{"name": ...}}', "tool_choice")
