@@ -11,10 +11,12 @@ import json
 import jsonschema
 import openai
 import pytest
+import requests
+from hypothesis import given, settings, strategies as st
 
 from shardllama.server import structured
 
-from .test_server import LAUNCHER, Server
+from .test_server import JSON_VALUES, LAUNCHER, Server
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},
@@ -200,3 +202,29 @@ def test_the_prompt_describes_tools_for_a_template_without_tool_syntax():
 
     Tok.chat_template = "{{ tools | length }} tools: {{ messages[-1]['content'] }}"  # one that reads tools
     assert structured.render(Tok(), {"messages": ASK}, st) == "1 tools: " + ASK[0]["content"]
+
+
+SCHEMAS = st.sampled_from([PERSON, {"type": "object"}, {"type": "frobnicate"}, {"enum": []}, {"$ref": "#/x"},
+                           {"type": "string", "pattern": "(("}, {"type": "integer", "minimum": 5, "maximum": 1}]) | JSON_VALUES
+FORMATS = (st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
+    {"name": st.sampled_from(["p", "bad name", ""]) | JSON_VALUES, "schema": SCHEMAS},
+    optional={"strict": JSON_VALUES})})
+    | st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "xml"]) | JSON_VALUES}) | JSON_VALUES)
+TOOLS = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function"]) | JSON_VALUES, "function": (
+    st.fixed_dictionaries({"name": st.sampled_from(["f", "get_weather", "x y"]) | JSON_VALUES},
+                          optional={"parameters": SCHEMAS, "description": JSON_VALUES}) | JSON_VALUES)}),
+    max_size=2) | JSON_VALUES
+CHOICES = st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}]) | JSON_VALUES
+
+
+@settings(max_examples=60, deadline=None)
+@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       fields=st.fixed_dictionaries({}, optional={"response_format": FORMATS, "tools": TOOLS, "tool_choice": CHOICES,
+                                                  "stop": st.sampled_from(["}", ["x"], None]),
+                                                  "parallel_tool_calls": JSON_VALUES, "stream": st.booleans()}))
+def test_structured_fields_never_5xx(server, route, fields):
+    body = {"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **fields}
+    r = requests.post(server.base + route, json=body, timeout=60)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert "\n" not in r.json()["error"]["message"], r.text
