@@ -57,11 +57,22 @@ class _Vocabulary:
                        for i in range(tokenizer.vocab_size)]
         self.special_token_ids = sorted(control)
         self._tokenizer = tokenizer
+        self._ids: dict[bytes, int] = {}
+        for i, piece in enumerate(self.tokens):
+            self._ids.setdefault(piece, i)
 
     def __call__(self, text: bytes | str) -> list[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        return self._tokenizer.encode(text, bos=False, special=False)
+        raw = text if isinstance(text, bytes) else text.encode()
+        ids = self._tokenizer.encode(raw.decode("utf-8", "replace"), bos=False, special=False)
+        # SentencePiece puts a space before the text ("{" -> "▁", "{"); llguidance wants the text's own
+        # tokens (else it forces that space where the grammar allows none).
+        if ids and not raw.startswith(b" ") and self.tokens[ids[0]].startswith(b" "):
+            rest = self.tokens[ids[0]][1:]
+            if not rest:
+                ids = ids[1:]
+            elif rest in self._ids:
+                ids = [self._ids[rest], *ids[1:]]
+        return ids
 
 
 def compiled_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
