@@ -115,3 +115,53 @@ def test_bad_schemas_name_the_field(tokenizer, schema, words):
 
 def test_the_compiled_tokenizer_is_kept(tokenizer):
     assert grammar.compiled_tokenizer(tokenizer) is grammar.compiled_tokenizer(tokenizer)
+
+
+class Script:
+    """A constraint that allows exactly ``tokens`` in turn, then nothing (``mask`` False) unless ``done_at``
+    says accept() reports the grammar done after that many tokens."""
+
+    def __init__(self, tokens: list[int], done_at: int | None = None):
+        self.tokens, self.done_at, self.i, self.masked = tokens, done_at, 0, 0
+        self.error = "script over"
+
+    def mask(self, logits):
+        if self.i >= len(self.tokens):
+            return False
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[self.tokens[self.i]] = True
+        logits.masked_fill_(~keep, -torch.inf)
+        self.masked += 1
+        return True
+
+    def accept(self, token):
+        assert token == self.tokens[self.i]
+        self.i += 1
+        return self.i == self.done_at
+
+
+def test_the_engine_masks_accepts_and_ends(tokenizer):
+    from shardllama.backend import LocalBackend
+    from shardllama.config import ModelArgs
+    from shardllama.engine import Engine, Finished, Request, Token
+    from shardllama.model import random_weights
+    from shardllama.sampling import SamplingParams
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
+    engine = Engine(LocalBackend(args, random_weights(args, seed=3), max_seq_len=32, n_blocks=8), cache_size=1)
+
+    def run(constraint, n=10):
+        request = Request(prompt=[1, 5, 9], params=SamplingParams(temperature=1.0), emit=None, max_new_tokens=n,
+                          max_len=32, logprobs=0, constraint=constraint, generator=torch.Generator().manual_seed(0))
+        return list(engine.run(request))
+
+    # Done after three tokens: the request ends there as if the model had stopped, without a fourth pass.
+    script = Script([40, 41, 42], done_at=3)
+    events = run(script)
+    assert [e.id for e in events] == [40, 41, 42] and events[-1].is_end and events[-1].last
+    assert script.masked == 3
+    # The log-probabilities are the model's own: one allowed token would have log-probability 0.
+    assert all(e.logprobs.logprob < -0.1 for e in events)
+    # Nothing allowed after two tokens: the request ends cleanly, without a token.
+    events = run(Script([7, 8]))
+    assert [e.id for e in events if isinstance(e, Token)] == [7, 8] and isinstance(events[-1], Finished)
