@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ModelFileError, UnsupportedError, UsageError, one_line
@@ -46,18 +47,31 @@ def compile_template(source: str) -> jinja2.Template:
         raise ModelFileError(f"the model's chat template does not compile ({one_line(e)})") from None
 
 
-def render(source: str, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
-           bos_token: str = "", eos_token: str = "") -> str:
-    """The conversation ``messages`` ([{"role": ..., "content": ...}]) as the template writes it."""
+@functools.lru_cache(maxsize=8)
+def uses_tools(source: str) -> bool:
+    """Whether the template reads a ``tools`` variable (it then writes tool definitions its own way)."""
+    env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
+    except jinja2.TemplateError:
+        return False
+
+
+def render(source: str, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+           bos_token: str = "", eos_token: str = "", tools: list[dict] | None = None) -> str:
+    """The conversation ``messages`` ([{"role": ..., "content": ...}]) as the template writes it;
+    ``tools`` (OpenAI's ``[{"type": "function", "function": {...}}]``) for a template that :func:`uses_tools`."""
+    extra = {} if tools is None else {"tools": tools}
     try:
         return compile_template(source).render(messages=[dict(m) for m in messages],
                                                add_generation_prompt=add_generation_prompt,
-                                               bos_token=bos_token, eos_token=eos_token)
+                                               bos_token=bos_token, eos_token=eos_token, **extra)
     except jinja2.TemplateError as e:  # a sandbox violation or a runtime error inside the template
         raise ModelFileError(f"the model's chat template failed ({one_line(e)})") from None
 
 
-def render_for(tokenizer, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
+def render_for(tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
     """``messages`` through ``tokenizer``'s own template, with its BOS / EOS text; UsageError if it has none."""
     if not tokenizer.chat_template:
         raise UsageError(f"{tokenizer.source}: the model has no chat template (tokenizer.chat_template in the GGUF "
@@ -66,4 +80,4 @@ def render_for(tokenizer, messages: Sequence[Mapping[str, str]], *, add_generati
         return tokenizer.token_text(i) if i is not None else ""
 
     return render(tokenizer.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                  bos_token=text(tokenizer.bos_id), eos_token=text(tokenizer.eos_id))
+                  bos_token=text(tokenizer.bos_id), eos_token=text(tokenizer.eos_id), tools=tools)

@@ -106,6 +106,7 @@ class TiktokenTokenizer(Tokenizer):
         self._init_common("tiktoken", str(path), n + N_SPECIAL, special["<|begin_of_text|>"],
                           special["<|end_of_text|>"], True if add_bos is None else add_bos, stops,
                           chat_template or LLAMA3_CHAT_TEMPLATE)
+        self.control_ids = frozenset(special.values())
 
     def _encode(self, text: str, special: bool) -> list[int]:
         if special:

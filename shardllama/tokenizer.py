@@ -53,6 +53,7 @@ class Tokenizer(abc.ABC):
     eos_id: int | None
     add_bos: bool  # whether encode() prepends BOS by default (from the model's metadata)
     stop_ids: frozenset[int]  # EOS and the other control tokens that end a turn
+    control_ids: frozenset[int]  # control (special) tokens: BOS, EOS, <|im_start|>...; never plain text
     chat_template: str | None  # jinja source, carried for the chat layer, not rendered here
 
     def encode(self, text: str, bos: bool | None = None, *, special: bool = True) -> list[int]:
@@ -79,6 +80,12 @@ class Tokenizer(abc.ABC):
             return ""
         return self._piece_bytes(id).decode("utf-8", "backslashreplace")
 
+    def token_bytes(self, id: int) -> bytes:
+        """The raw bytes a token stands for (what constrained decoding matches): ``b" world"``, a byte-fallback
+        ``<0xE4>`` as ``b"\\xe4"``, a control token as its text (``b"<|im_end|>"``; see ``control_ids``)."""
+        id = int(id)
+        return self._piece_bytes(id) if 0 <= id < self.vocab_size else b""
+
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
@@ -96,6 +103,7 @@ class Tokenizer(abc.ABC):
         self.add_bos = bool(add_bos) and bos_id is not None
         self.stop_ids = frozenset(i for i in stop_ids | {eos_id} if i is not None and 0 <= i < vocab_size)
         self.chat_template = chat_template
+        self.control_ids = frozenset()  # each source sets its own after this
 
     @abc.abstractmethod
     def _encode(self, text: str, special: bool) -> list[int]: ...
@@ -127,6 +135,7 @@ class SentencePieceTokenizer(Tokenizer):
         add_bos = config.get("add_bos_token")
         self._init_common("sentencepiece", str(path), n, bos if bos >= 0 else None, eos if eos >= 0 else None,
                           add_bos if isinstance(add_bos, bool) else True, stops, chat_template_of(config, path.parent))
+        self.control_ids = frozenset(control)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         if not special or self._special_re is None:
@@ -168,6 +177,7 @@ class HFTokenizer(Tokenizer):
         self._spelling = spelling
         self._special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
         self._init_common(kind, source, vocab_size, bos_id, eos_id, add_bos, stop_ids, chat_template)
+        self.control_ids = frozenset(i for i in self._special if 0 <= i < vocab_size)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         tk = self._tk

@@ -24,6 +24,7 @@ import gguf
 import pytest
 import sentencepiece as spm
 import tokenizers
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -643,3 +644,23 @@ def test_bos_requested_without_bos(demo_fields: dict) -> None:
     with pytest.raises(UnsupportedError) as e:
         tok.encode("hi", bos=True)
     assert_one_line(e, "nobos.gguf", "BOS")
+
+
+def test_token_bytes_spell_the_text_for_constrained_decoding(every_kind: dict[str, Tokenizer],
+                                                             sp_ref: spm.SentencePieceProcessor) -> None:
+    """token_bytes (what grammar.py hands llguidance) joined give the text back, byte-fallback tokens their
+    byte; control tokens are marked; a JSON grammar over each vocabulary allows exactly the tokens that start
+    an object."""
+    from shardllama import grammar
+
+    text = "Grüße, {\"a\": 12} 日本"
+    for kind, tok in every_kind.items():
+        spelled = b"".join(tok.token_bytes(i) for i in tok.encode(text, bos=False, special=False))
+        assert spelled.lstrip(b" ") == text.encode(), kind  # SentencePiece's dummy prefix adds a space
+        assert {tok.bos_id, tok.eos_id} - {None} <= tok.control_ids and tok.stop_ids <= tok.control_ids, kind
+        logits = torch.zeros(tok.vocab_size)
+        assert grammar.json_object(tok).constraint().mask(logits), kind
+        allowed = [tok.token_bytes(i) for i in torch.nonzero(torch.isfinite(logits)).flatten().tolist()]
+        assert allowed and all(b.startswith(b"{") for b in allowed), (kind, allowed[:5])
+    sp = every_kind["sentencepiece"]
+    assert sp.token_bytes(sp_ref.piece_to_id("<0xE4>")) == b"\xe4"

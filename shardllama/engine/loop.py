@@ -389,7 +389,11 @@ class Engine:
                 self._sample(member, logits)
 
     def _sample(self, r: Request, logits: torch.Tensor) -> None:
-        token, prob = choose(logits, r.tokens, len(r.prompt), r.params, r.generator)
+        if r.constraint is not None and not r.constraint.mask(masked := logits.clone()):  # grammar.py
+            log.warning("a request's grammar allows no next token (%s): it ends", r.constraint.error)
+            self.counters.completed += 1
+            return self._end(r, Finished(r.stats()))
+        token, prob = choose(logits if r.constraint is None else masked, r.tokens, len(r.prompt), r.params, r.generator)
         # In f64: f32 probabilities of a 50k vocabulary sum to 1 only within ~1e-5.
         probs = torch.softmax(logits.double(), dim=-1) if r.full_distribution else None
         r.tokens.append(token)
@@ -399,7 +403,7 @@ class Engine:
             if self.observer is not None:
                 self.observer("first_token", r.first_token_s, len(r.prompt))
         self.counters.generated += 1
-        is_end = token in r.stop_ids
+        is_end = token in r.stop_ids or (r.constraint is not None and r.constraint.accept(token))
         last = is_end or r.generated >= r.budget
         if last:
             self.counters.completed += 1

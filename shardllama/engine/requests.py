@@ -12,7 +12,7 @@ thinks of a token whatever the request's sampling settings.
 
 ``n`` > 1 choices of one prompt are one request with ``followers``: the engine admits them together, feeds
 the prompt once, and when it is done each follower starts from the leader's KV blocks (shared, the partial
-last block copied) and samples from the same logits with its own generator.  :meth:`~.loop.Engine.submit` may refuse a request (:class:`QueueFull`,
+last block copied) and samples from the same logits with its own generator (and its own ``constraint``).  :meth:`~.loop.Engine.submit` may refuse a request (:class:`QueueFull`,
 :class:`ServerClosing`); :meth:`~.loop.Engine.stats` reports the :class:`Counters`.
 """
 
@@ -107,6 +107,7 @@ class Request:
     cache_salt: str | None = None  # shares cached prefixes only with requests of the same salt (``prompt_cache``)
     logprobs: int | None = None  # each Token's Logprobs with this many top tokens (0: the chosen one only)
     prompt_logprobs: bool = False  # a PromptLogprobs event (the prompt is then fed whole, not from the cache)
+    constraint: object | None = None  # a grammar.Constraint: masks each step's logits, accepts the drawn token
     followers: list["Request"] = dataclasses.field(default_factory=list)  # more choices of the same prompt
     # State, owned by the engine:
     tokens: list[int] = dataclasses.field(default_factory=list)  # the prompt, then what was generated

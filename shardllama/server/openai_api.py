@@ -24,6 +24,9 @@ Request fields (others are ignored, as servers beside OpenAI's do; ``null`` mean
     seed                integer: reproducible sampling
     stream              bool: server-sent events, ``data: {chunk}`` ... ``data: [DONE]``
     stream_options      {"include_usage": bool}: a last chunk with the usage
+    response_format     {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema",
+                        "strict"}}: the output is JSON under that schema (``structured``)
+    tools, tool_choice  function tools (chat): answers with ``tool_calls`` (``structured``)
     cache_salt          string (vLLM's name): shares cached prompt prefixes only with requests of the same
                         salt (``prompt_cache``)
     n, best_of          1 only;  echo  false only;  logprobs, suffix  not supported
@@ -56,6 +59,7 @@ from ..engine import Failed, Finished, Request, Token
 from .common import (STATE, ModelNotFound, ServerState, _message, error_middleware, read_json, ready_middleware,
                      status_for)
 from .openai_schemas import ContextLengthExceeded, ParamError, Generation, chat_messages, parse_generation, prompt_ids, render_chat
+from . import structured
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,8 @@ class Outcome:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome: Outcome) -> AsyncIterator[str]:
+async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome: Outcome,
+                    constraint: object | None = None) -> AsyncIterator[str]:
     """Runs a request on the engine; yields the text each token adds ("" too, so the caller knows the
     generation has started), and fills ``outcome``.  Errors before the first token propagate."""
     loop = asyncio.get_running_loop()
@@ -98,7 +103,7 @@ async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome
               max_new_tokens=state.max_seq_len if gen.max_tokens is None else gen.max_tokens,
               max_len=state.max_seq_len, stop_ids=state.tokenizer.stop_ids,
               generator=torch.Generator().manual_seed(gen.seed if gen.seed is not None else secrets.randbits(63)),
-              cache_salt=gen.cache_salt)
+              cache_salt=gen.cache_salt, constraint=constraint)  # structured output: structured.py
     state.engine.submit(job)
     decoder, stops = state.tokenizer.stream(), StopScanner(gen.stop)
     try:
@@ -126,13 +131,13 @@ async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome
 
 async def _respond(request: web.Request, state: ServerState, ids: list[int], gen: Generation,
                    whole: Callable[[str, Outcome], dict], chunk: Callable[[str | None, Outcome | None], dict],
-                   first_chunk: dict | None = None) -> web.StreamResponse:
+                   first_chunk: dict | None = None, st: structured.Structured | None = None) -> web.StreamResponse:
     """Runs the generation and answers with one JSON body (``whole``) or with SSE chunks (``chunk(text,
     None)`` per piece of text, ``chunk(None, outcome)`` for the finish)."""
     outcome = Outcome(prompt_tokens=len(ids))
     response: web.StreamResponse | None = None
     try:
-        async with contextlib.aclosing(_generate(state, ids, gen, outcome)) as pieces:
+        async with contextlib.aclosing(_generate(state, ids, gen, outcome, st and st.constraint())) as pieces:
             if not gen.stream:
                 text = "".join([piece async for piece in pieces])
                 return web.json_response(whole(text, outcome), dumps=_dumps)
@@ -195,6 +200,12 @@ async def _encode(state: ServerState, prompt: str | list[int], *, bos: bool | No
     return prompt
 
 
+async def _structured(state: ServerState, data: dict, gen: Generation, *, chat: bool) -> structured.Structured | None:
+    """response_format / tools compiled to a grammar, in a thread (the first one per tokenizer takes ~0.4 s)."""
+    return await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(structured.parse, data, state.tokenizer, gen.stop, chat=chat))
+
+
 # ---- handlers -------------------------------------------------------------------------------------------
 
 
@@ -218,6 +229,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     data = await read_json(request, required="prompt")
     gen = parse_generation(data, default_max_tokens=16, vocab_size=state.vocab_size)
+    st = await _structured(state, data, gen, chat=False)  # response_format: structured.py
     if data.get("echo") not in (None, False):
         raise ParamError('"echo" must be false: echoing the prompt is not supported', "echo")
     ids = await _encode(state, prompt_ids(data, state.tokenizer), bos=None, param="prompt")
@@ -230,14 +242,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _respond(
         request, state, ids, gen,
         whole=lambda text, o: {**head, "choices": [choice(text, o)], "usage": o.usage()},
-        chunk=lambda text, o: {**head, "choices": [choice(text or "", o)]})
+        chunk=lambda text, o: {**head, "choices": [choice(text or "", o)]}, st=st)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     data = await read_json(request, required="messages")
     gen = parse_generation(data, default_max_tokens=None, vocab_size=state.vocab_size)
-    text = render_chat(state.tokenizer, chat_messages(data))
+    st = await _structured(state, data, gen, chat=True)  # response_format, tools: structured.py
+    text = structured.render(state.tokenizer, data, st)
     bos_text = state.tokenizer.token_text(state.tokenizer.bos_id) if state.tokenizer.bos_id is not None else ""
     # The template writes BOS itself when the model wants one; add it only where it did not (as llama.cpp).
     bos = state.tokenizer.add_bos and not (bos_text and text.startswith(bos_text))
@@ -245,18 +258,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": state.model_name}
 
-    def delta(fields: dict, outcome: Outcome | None) -> dict:
-        return {**head, "choices": [{"index": 0, "delta": fields, "logprobs": None,
-                                     "finish_reason": outcome and outcome.finish_reason}]}
+    def delta(fields: dict, finish_reason: str | None) -> dict:
+        return {**head, "choices": [{"index": 0, "delta": fields, "logprobs": None, "finish_reason": finish_reason}]}
 
     def whole(text: str, o: Outcome) -> dict:
+        message, finish_reason = structured.message(st, text, o.finish_reason)  # text or tool_calls
         return {**head, "object": "chat.completion", "usage": o.usage(), "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-             "finish_reason": o.finish_reason}]}
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}]}
 
+    deltas = structured.Deltas(st)  # text, or a tool call held to the end
     return await _respond(request, state, ids, gen, whole=whole,
-                          chunk=lambda text, o: delta({} if text is None else {"content": text}, o),
-                          first_chunk=delta({"role": "assistant", "content": ""}, None))
+                          chunk=lambda text, o: delta(*deltas(text, o and o.finish_reason)),
+                          first_chunk=delta({"role": "assistant", "content": ""}, None), st=st)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------
