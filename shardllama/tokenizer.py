@@ -79,6 +79,12 @@ class Tokenizer(abc.ABC):
             return ""
         return self._piece_bytes(id).decode("utf-8", "backslashreplace")
 
+    def token_bytes(self, id: int) -> bytes:
+        """One token's raw bytes (a lone byte of a multi-byte character as that byte); b"" outside the
+        vocabulary.  The OpenAI API's ``bytes`` field."""
+        id = int(id)
+        return self._piece_bytes(id) if 0 <= id < self.vocab_size else b""
+
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
