@@ -197,8 +197,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         text = (echoes[c.prompt][0] if piece.prompt_entries is not None else "") + piece.text
         if not (text or piece.items or piece.prompt_entries is not None or piece.finish_reason):
             return None
+        shown = piece.items or piece.prompt_entries is not None
         return {**head, "choices": [{"text": text, "index": c.index, "finish_reason": piece.finish_reason,
-                                     "logprobs": logprobs(c, piece.items, piece.prompt_entries)}]}
+                                     "logprobs": logprobs(c, piece.items, piece.prompt_entries) if shown else None}]}
 
     # With echo but no log-probabilities the engine sends no prompt event: the prompt opens the stream.
     opening = ([{**head, "choices": [{"text": echoes[c.prompt][0], "index": c.index, "logprobs": None,
