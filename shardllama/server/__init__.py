@@ -5,8 +5,10 @@ keeps the prompt cache.
 - :mod:`.config`: :class:`ServerConfig`, the settings, and the KV-cache blocks they ask for;
 - :mod:`.schemas`, :mod:`.openai_schemas`: the request fields, defaults and validation;
 - :mod:`.app`: the aiohttp application (``create_app``) and rllama's routes; :mod:`.openai_api`: the OpenAI
-  routes, mounted under ``/v1``; :mod:`.common`: what both share (the state, the exception -> status table,
-  the error middleware, reading a JSON body);
+  routes, mounted under ``/v1``, which run their choices (``n``, lists of prompts) through
+  :mod:`.openai_choices` and write log-probabilities in OpenAI's shapes with :mod:`.openai_logprobs`;
+  :mod:`.common`: what both share (the state, the exception -> status table, the error middleware, reading
+  a JSON body);
 - :mod:`.access`: the Host-header check, the API key and CORS (``--allowed-hosts``, ``--api-key``,
   ``--cors-origin``).
 
