@@ -40,7 +40,7 @@ class Collector:
 
     def __call__(self, event):
         self.events.append(event)
-        if isinstance(event, (Failed, Finished)) or event.last:
+        if isinstance(event, (Failed, Finished)) or (isinstance(event, Token) and event.last):
             self.ended.set()
 
     def tokens(self) -> list[int]:

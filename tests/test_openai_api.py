@@ -14,7 +14,7 @@ import requests
 from hypothesis import given, settings, strategies as st
 
 from shardllama.loading import open_checkpoint
-from shardllama.server.openai_api import ParamError, render_chat
+from shardllama.server.openai_schemas import ParamError, render_chat
 from shardllama.tokenizer_files import load_tokenizer
 
 from .test_server import JSON, JSON_VALUES, LAUNCHER, LONE_SURROGATES, NOT_JSON, Server
@@ -132,13 +132,14 @@ def test_chat_ends_the_turn_at_the_end_token(client, model):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"n": 2}, "n"),
-    ({"echo": True}, "echo"),
+    ({"n": 2, "best_of": 1}, "best_of"),
+    ({"suffix": "x"}, "suffix"),
     ({"temperature": 3}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": -1}, "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"prompt": [PROMPT, PROMPT]}, "prompt"),
+    ({"prompt": [PROMPT, {"text": PROMPT}]}, "prompt[1]"),
+    ({"n": 3}, "n"),  # more than the server's max_concurrent (2)
     ({"prompt": [10**9]}, "prompt"),
     ({"prompt": "x " * 200}, "prompt"),  # longer than the context
     ({"extra_body": {"seed": "1"}}, "seed"),
@@ -151,7 +152,7 @@ def test_bad_completion_requests_get_openai_400s(client, model, kwargs, param):
     body = e.value.body
     assert body["type"] == "invalid_request_error" and body["param"] == param
     assert body["code"] == ("context_length_exceeded" if "longer than the context" in body["message"] else None)
-    assert param in body["message"]
+    assert param.split("[")[0] in body["message"]
 
 
 @pytest.mark.parametrize("messages, param", [
@@ -209,7 +210,15 @@ def test_missing_template_is_a_400_naming_the_model():
 
 
 OPENAI_FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream",
-                 "stream_options", "n", "echo", "logprobs", "model"]
+                 "stream_options", "n", "echo", "logprobs", "model", "top_logprobs", "best_of", "suffix"]
+CHOICE_FIELDS = {  # values the server mostly accepts, edges included, so that many bodies run choices
+    "n": st.integers(0, 4), "best_of": st.integers(0, 4), "logprobs": st.booleans() | st.integers(-1, 21),
+    "top_logprobs": st.integers(-1, 21), "echo": st.booleans(), "suffix": st.none() | st.text(max_size=3),
+    "seed": st.integers(-(2**63), 2**64 - 1), "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+}
+PROMPTS = st.text(max_size=20) | st.lists(st.text(max_size=8) | st.lists(st.integers(-1, 50000), max_size=4),
+                                          max_size=3)
 MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
                                            "content": st.text(max_size=10) | LONE_SURROGATES | JSON_VALUES}),
                     max_size=3)
@@ -219,10 +228,12 @@ OPENAI_BODIES = st.one_of(
     st.fixed_dictionaries({"messages": MESSAGES | JSON_VALUES, "max_tokens": st.integers(0, 3)},
                           optional={"stop": JSON_VALUES, "stream": st.booleans(), "temperature": JSON_VALUES}),
     st.dictionaries(st.sampled_from(OPENAI_FIELDS), JSON_VALUES, max_size=5),
+    st.fixed_dictionaries({"prompt": PROMPTS, "max_tokens": st.integers(0, 3)}, optional=CHOICE_FIELDS),
+    st.fixed_dictionaries({"messages": MESSAGES, "max_tokens": st.integers(0, 3)}, optional=CHOICE_FIELDS),
 )
 
 
-@settings(settings.get_profile("server"), max_examples=40)
+@settings(settings.get_profile("server"), max_examples=60)
 @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=OPENAI_BODIES,
        ctype=st.sampled_from(JSON * 3 + NOT_JSON))
 def test_fuzzed_bodies_never_get_a_5xx(server, route, body, ctype):

@@ -275,7 +275,7 @@ def test_a_body_not_declared_json_gets_415(server, ctype):
 settings.register_profile("server", max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 FIELDS = ["prompt", "temperature", "top_k", "top_p", "repetition_penalty", "stop_at_end_token", "max_seq_len",
-          "max_new_tokens", "no_token_sampling", "seed", "junk"]
+          "max_new_tokens", "no_token_sampling", "seed", "top_probs", "junk"]
 LONE_SURROGATES = st.sampled_from(["\ud800", "a\udfff", "\udbff\ud800b"])  # json.dumps writes "\\ud800"
 HUGE_INTEGERS = st.integers(300, 4000).map(lambda digits: 10**digits) | st.integers(300, 4000).map(lambda d: -(10**d))
 JSON_VALUES = st.recursive(
@@ -293,6 +293,7 @@ IN_RANGE = {  # values the server accepts, edges included, so that many bodies s
     "max_seq_len": st.integers(1, 2**70),
     "no_token_sampling": st.booleans(),
     "seed": st.integers(0, 2**64 - 1),
+    "top_probs": st.integers(0, 20),
 }
 BODIES = st.one_of(
     st.fixed_dictionaries({"prompt": st.text(max_size=30), "max_new_tokens": st.integers(0, 3)}, optional=IN_RANGE)

@@ -5,9 +5,11 @@ keeps the prompt cache.
 - :mod:`.config`: :class:`ServerConfig`, the settings, and the KV-cache blocks they ask for;
 - :mod:`.schemas`, :mod:`.openai_schemas`: the request fields, defaults and validation;
 - :mod:`.app`: the aiohttp application (``create_app``) and rllama's routes; :mod:`.openai_api`: the OpenAI
-  routes, mounted under ``/v1``; :mod:`.common`: what both share (the state, the exception -> status table,
-  the error middleware, reading a JSON body); :mod:`.structured`: the OpenAI routes' ``response_format`` and
-  ``tools`` as grammars (``shardllama.grammar``) and the answers as ``tool_calls``;
+  routes, mounted under ``/v1``, which run their choices (``n``, lists of prompts) through
+  :mod:`.openai_choices` and write log-probabilities in OpenAI's shapes with :mod:`.openai_logprobs`;
+  :mod:`.common`: what both share (the state, the exception -> status table, the error middleware, reading
+  a JSON body); :mod:`.structured`: the OpenAI routes' ``response_format`` and ``tools`` as grammars
+  (``shardllama.grammar``) and the answers as ``tool_calls``;
 - :mod:`.access`: the Host-header check, the API key and CORS (``--allowed-hosts``, ``--api-key``,
   ``--cors-origin``);
 - :mod:`.metrics`: ``GET /metrics`` (Prometheus), fed by the HTTP layer and the engine's observer.

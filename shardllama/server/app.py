@@ -26,6 +26,11 @@ probability>}`` — temperature 1, no top-k/top-p/penalty, summing to 1 — with
 end tokens and ``"chosen": true, "id": ...`` on the token the generation continued with (sampled with the
 request's settings, as rllama did).
 
+With ``top_probs: N`` (ours) the token's entry (the chosen one's, with ``no_token_sampling``) also carries
+``"top_probs": [{"id", "text", "p"}, ...]``: the N most likely tokens under the model's own distribution
+(temperature 1, no filter or penalty: the exponentials of the OpenAI API's log-probabilities), most likely
+first, ``text`` as ``token_text`` prints it.
+
 A generation that fails after its first line ends with a line ``{"error": "..."}``; before it, the request
 gets the error status.  A client that disconnects stops its generation at the next token.
 """
@@ -36,6 +41,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import secrets
 from typing import Any
 
@@ -93,7 +99,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
         prompt=ids, params=req.sampling(), emit=functools.partial(loop.call_soon_threadsafe, queue.put_nowait),
         max_new_tokens=req.max_new_tokens, max_len=max_len,
         stop_ids=state.tokenizer.stop_ids if req.stop_at_end_token else frozenset(),
-        full_distribution=req.no_token_sampling,
+        full_distribution=req.no_token_sampling, logprobs=req.top_probs,
         generator=torch.Generator().manual_seed(req.seed if req.seed is not None else secrets.randbits(63)),
         cache_salt=req.cache_salt,
     )
@@ -129,7 +135,7 @@ async def _stream(request: web.Request, state: ServerState, job: Request, queue:
                 line = await loop.run_in_executor(None, _distribution_line, state, event)
             else:
                 text = decoder.push(event.id) + (decoder.flush() if event.last else "")
-                line = _token_line(text, event)
+                line = _token_line(state, text, event)
             await response.write(line)
             if event.last:
                 break
@@ -170,11 +176,21 @@ def _stats_fields(event: Token) -> dict[str, int]:
                 generated=s.generated)
 
 
-def _token_line(text: str, event: Token) -> bytes:
+def _top_probs(state: ServerState, event: Token) -> dict[str, list[dict[str, Any]]]:
+    """The request's ``top_probs`` most likely tokens under the model's own distribution (the same numbers as
+    ``no_token_sampling``'s ``p``), most likely first."""
+    if event.logprobs is None:
+        return {}
+    return {"top_probs": [{"id": i, "text": state.tokenizer.token_text(i), "p": math.exp(lp)}
+                          for i, lp in event.logprobs.top]}
+
+
+def _token_line(state: ServerState, text: str, event: Token) -> bytes:
     entry: dict[str, Any] = {"p": event.prob}
     if event.is_end:
         entry["is_end_token"] = True
     entry["id"] = event.id
+    entry.update(_top_probs(state, event))
     entry.update(_stats_fields(event))
     return _json_line({text: entry})
 
@@ -193,7 +209,7 @@ def _distribution_line(state: ServerState, event: Token) -> bytes:
     for i in state.tokenizer.stop_ids:
         if i < len(texts):
             out[texts[i]]["is_end_token"] = True
-    out[texts[event.id]].update(chosen=True, id=event.id, **_stats_fields(event))
+    out[texts[event.id]].update(chosen=True, id=event.id, **_top_probs(state, event), **_stats_fields(event))
     return _json_line(out)
 
 

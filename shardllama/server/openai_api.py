@@ -6,12 +6,13 @@ limit, queue and prompt cache):
     POST /v1/completions        prompt -> text
     POST /v1/chat/completions   messages -> the model's chat template -> text
 
-Request fields (others are ignored, as servers beside OpenAI's do; ``null`` means the default)::
+Request fields (``null`` means the default)::
 
-    prompt              string, a list of one string, a token array or a list of one token array
+    prompt              string, token array, or a list of strings and token arrays (each prompt gets ``n``
+                        choices, choice index = prompt index * n + j; all are submitted together, so they batch)
     messages            [{"role": str, "content": str or [{"type": "text", "text": str}, ...]}, ...]
     max_tokens          integer >= 0; default 16 for completions (as OpenAI), the context for chat
-                        (``max_completion_tokens`` is its newer name)
+                        (``max_completion_tokens`` is its newer name); 0 with ``echo``: only the prompt
     temperature         number in [0, 2], default 1.0 (0 = greedy)
     top_p               number in (0, 1], default 1.0
     top_k               integer >= 0 (ours, as llama.cpp's), default 0 = off
@@ -21,7 +22,13 @@ Request fields (others are ignored, as servers beside OpenAI's do; ``null`` mean
     logit_bias          {"token id": number in [-100, 100]}: added to the logits (-100 bans, +100 forces);
                         the order of all these is ``sampling``'s
     stop                string or list of up to 4: generation ends before the first of them
-    seed                integer: reproducible sampling
+    seed                integer: reproducible sampling; choice i > 0 uses a seed derived from it and i
+    n                   integer >= 1, default 1: choices per prompt, sharing the prompt's KV blocks (fed once);
+                        at most the server's max_concurrent
+    best_of             equal to ``n`` or absent (choices are not ranked)
+    logprobs            chat: bool; completions: integer 0..20 (top tokens per position; OpenAI allows 5)
+    top_logprobs        chat: integer 0..20, with ``logprobs: true``
+    echo                completions: bool, the prompt's text first (with ``logprobs``: its tokens' too)
     stream              bool: server-sent events, ``data: {chunk}`` ... ``data: [DONE]``
     stream_options      {"include_usage": bool}: a last chunk with the usage
     response_format     {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema",
@@ -29,7 +36,14 @@ Request fields (others are ignored, as servers beside OpenAI's do; ``null`` mean
     tools, tool_choice  function tools (chat): answers with ``tool_calls`` (``structured``)
     cache_salt          string (vLLM's name): shares cached prompt prefixes only with requests of the same
                         salt (``prompt_cache``)
-    n, best_of          1 only;  echo  false only;  logprobs, suffix  not supported
+
+Log-probabilities are the raw log-softmax of the model's logits, before temperature, penalties and filters
+(vLLM's default); their shapes are :mod:`.openai_logprobs`'.  ``usage`` counts each prompt's tokens once and
+every choice's generated tokens; ``usage.prompt_tokens_details.cached_tokens`` is what the prompt cache
+supplied.  ``suffix`` and the legacy ``functions`` / ``function_call`` are refused (400 naming them).  Fields that have no meaning for
+this server are accepted and ignored: ``user``, ``metadata``, ``store``, ``service_tier``,
+``parallel_tool_calls``, ``modalities``, ``prediction``, ``reasoning_effort``, ``audio``, ``web_search_options``;
+``model`` must be a string and is not checked against the model's id (there is one model).
 
 Chat renders ``messages`` with the tokenizer's ``chat_template`` (GGUF ``tokenizer.chat_template`` or
 tokenizer_config.json) and encodes the result with special tokens parsed; the model's stop ids end the
@@ -42,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -50,16 +63,16 @@ import secrets
 import time
 from typing import Any, AsyncIterator, Callable
 
-import torch
 from aiohttp import web
 
-from ..stops import StopScanner
 from .access import enable_cors, guard_middleware
-from ..engine import Failed, Finished, Request, Token
+from . import structured
 from .common import (STATE, ModelNotFound, ServerState, _message, error_middleware, read_json, ready_middleware,
                      status_for)
-from .openai_schemas import ContextLengthExceeded, ParamError, Generation, chat_messages, parse_generation, prompt_ids, render_chat
-from . import structured
+from .openai_choices import Choice, Piece, Run, collect
+from .openai_logprobs import chat_content, completion_logprobs, echo_of, prompt_items
+from .openai_schemas import (ContextLengthExceeded, ParamError, Generation, parse_choices, parse_generation,
+                             prompt_list)
 
 log = logging.getLogger(__name__)
 
@@ -79,78 +92,38 @@ def create_openai_app(state: ServerState) -> web.Application:
     return app
 
 
-# ---- generation -----------------------------------------------------------------------------------------
+# ---- responses -----------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Outcome:
-    prompt_tokens: int
-    completion_tokens: int = 0
-    finish_reason: str = "length"
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-async def _generate(state: ServerState, ids: list[int], gen: Generation, outcome: Outcome,
-                    constraint: object | None = None) -> AsyncIterator[str]:
-    """Runs a request on the engine; yields the text each token adds ("" too, so the caller knows the
-    generation has started), and fills ``outcome``.  Errors before the first token propagate."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    job = Request(prompt=ids, params=gen.params, emit=functools.partial(loop.call_soon_threadsafe, queue.put_nowait),
-              max_new_tokens=state.max_seq_len if gen.max_tokens is None else gen.max_tokens,
-              max_len=state.max_seq_len, stop_ids=state.tokenizer.stop_ids,
-              generator=torch.Generator().manual_seed(gen.seed if gen.seed is not None else secrets.randbits(63)),
-              cache_salt=gen.cache_salt, constraint=constraint)  # structured output: structured.py
-    state.engine.submit(job)
-    decoder, stops = state.tokenizer.stream(), StopScanner(gen.stop)
-    try:
-        while True:
-            event = await queue.get()
-            if isinstance(event, Failed):
-                raise event.error
-            if isinstance(event, Finished):
-                return
-            assert isinstance(event, Token), event
-            outcome.completion_tokens += 1
-            text = stops.push(decoder.push(event.id) + (decoder.flush() if event.last else ""))
-            if stops.stop_at is not None:
-                outcome.finish_reason = "stop"
-                yield text
-                return
-            if event.last:
-                outcome.finish_reason = "stop" if event.is_end else "length"
-                yield text + stops.finish()
-                return
-            yield text
-    finally:
-        state.engine.cancel(job)  # a no-op once it finished; stops it after a stop string or a disconnect
-
-
-async def _respond(request: web.Request, state: ServerState, ids: list[int], gen: Generation,
-                   whole: Callable[[str, Outcome], dict], chunk: Callable[[str | None, Outcome | None], dict],
-                   first_chunk: dict | None = None, st: structured.Structured | None = None) -> web.StreamResponse:
-    """Runs the generation and answers with one JSON body (``whole``) or with SSE chunks (``chunk(text,
-    None)`` per piece of text, ``chunk(None, outcome)`` for the finish)."""
-    outcome = Outcome(prompt_tokens=len(ids))
+async def _respond(request: web.Request, state: ServerState, run: Run, gen: Generation, head: dict,
+                   whole: Callable[[list[Choice], dict], dict], chunk: Callable[[Piece], dict | None],
+                   opening: list[dict] = ()) -> web.StreamResponse:
+    """Runs the choices and answers with one JSON body (``whole(choices, usage)``) or with server-sent events:
+    the ``opening`` chunks, then ``chunk(piece)`` for each piece (None: nothing to send), then the usage
+    chunk (``head`` with no choices) if asked for.  The response starts with the first engine event, so a request that fails before it
+    gets an error status."""
     response: web.StreamResponse | None = None
+
+    async def start() -> web.StreamResponse:
+        r = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                        "Cache-Control": "no-cache"})
+        await r.prepare(request)
+        for first in opening:
+            await r.write(_event(first))
+        return r
+
     try:
-        async with contextlib.aclosing(_generate(state, ids, gen, outcome, st and st.constraint())) as pieces:
+        run.submit()
+        async with contextlib.aclosing(run.pieces()) as pieces:
             if not gen.stream:
-                text = "".join([piece async for piece in pieces])
-                return web.json_response(whole(text, outcome), dumps=_dumps)
+                await collect(pieces)
+                return web.json_response(whole(run.choices, run.usage()), dumps=_dumps)
             try:
                 async for piece in pieces:
                     if response is None:
-                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                                               "Cache-Control": "no-cache"})
-                        await response.prepare(request)
-                        if first_chunk is not None:
-                            await response.write(_event(first_chunk))
-                    if piece:
-                        await response.write(_event(chunk(piece, None)))
+                        response = await start()
+                    if (body := chunk(piece)) is not None:
+                        await response.write(_event(body))
             except ConnectionResetError:
                 raise
             except Exception as e:
@@ -161,18 +134,14 @@ async def _respond(request: web.Request, state: ServerState, ids: list[int], gen
                 await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
                 return response
-            if response is None:  # max_tokens 0: no token, no chunk yet
-                response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-                await response.prepare(request)
-                if first_chunk is not None:
-                    await response.write(_event(first_chunk))
-            await response.write(_event(chunk(None, outcome)))
+            if response is None:  # nothing came (cannot happen: every choice ends with a piece)
+                response = await start()
             if gen.include_usage:
-                await response.write(_event({**chunk(None, outcome), "choices": [], "usage": outcome.usage()}))
+                await response.write(_event({**head, "choices": [], "usage": run.usage()}))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
-    except ConnectionResetError:  # the client went away; _generate's exit cancelled the job
+    except ConnectionResetError:  # the client went away; leaving pieces() cancelled the choices
         if response is None:
             raise
         log.info("client %s went away mid-stream", request.remote)
@@ -229,47 +198,87 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     data = await read_json(request, required="prompt")
     gen = parse_generation(data, default_max_tokens=16, vocab_size=state.vocab_size)
+    choices = parse_choices(data, chat=False)
     st = await _structured(state, data, gen, chat=False)  # response_format: structured.py
-    if data.get("echo") not in (None, False):
-        raise ParamError('"echo" must be false: echoing the prompt is not supported', "echo")
-    ids = await _encode(state, prompt_ids(data, state.tokenizer), bos=None, param="prompt")
+    texts = prompt_list(data, state.tokenizer)
+    prompts = [await _encode(state, p, bos=None, param="prompt" if len(texts) == 1 else f"prompt[{i}]")
+               for i, p in enumerate(texts)]
+    run = Run(state, prompts, gen, choices, st)
+    tok = state.tokenizer
+    echoes = [echo_of(tok, ids, t if isinstance(t, str) else None) if choices.echo else ("", [])
+              for ids, t in zip(prompts, texts)]
     head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
 
-    def choice(text: str, outcome: Outcome | None) -> dict:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": outcome and outcome.finish_reason}
+    def logprobs(c: Choice, items: list, prompt_entries: tuple | None) -> dict | None:
+        if choices.logprobs is None:
+            return None
+        echo, offsets = echoes[c.prompt]
+        shown = prompt_items(prompts[c.prompt], prompt_entries, offsets) if prompt_entries is not None else []
+        return completion_logprobs(tok, shown + [(i, lp, len(echo) + o) for i, lp, o in items])
 
-    return await _respond(
-        request, state, ids, gen,
-        whole=lambda text, o: {**head, "choices": [choice(text, o)], "usage": o.usage()},
-        chunk=lambda text, o: {**head, "choices": [choice(text or "", o)]}, st=st)
+    def whole(cs: list[Choice], usage: dict) -> dict:
+        return {**head, "usage": usage, "choices": [
+            {"text": echoes[c.prompt][0] + c.text, "index": c.index,
+             "logprobs": logprobs(c, c.items, c.prompt_entries), "finish_reason": c.finish_reason} for c in cs]}
+
+    def chunk(piece: Piece) -> dict | None:
+        c = piece.choice
+        text = (echoes[c.prompt][0] if piece.prompt_entries is not None else "") + piece.text
+        if not (text or piece.items or piece.prompt_entries is not None or piece.finish_reason):
+            return None
+        shown = piece.items or piece.prompt_entries is not None
+        return {**head, "choices": [{"text": text, "index": c.index, "finish_reason": piece.finish_reason,
+                                     "logprobs": logprobs(c, piece.items, piece.prompt_entries) if shown else None}]}
+
+    # With echo but no log-probabilities the engine sends no prompt event: the prompt opens the stream.
+    opening = ([{**head, "choices": [{"text": echoes[c.prompt][0], "index": c.index, "logprobs": None,
+                                      "finish_reason": None}]} for c in run.choices]
+               if choices.echo and choices.logprobs is None else [])
+    return await _respond(request, state, run, gen, head, whole, chunk, opening)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     data = await read_json(request, required="messages")
     gen = parse_generation(data, default_max_tokens=None, vocab_size=state.vocab_size)
+    choices = parse_choices(data, chat=True)
     st = await _structured(state, data, gen, chat=True)  # response_format, tools: structured.py
     text = structured.render(state.tokenizer, data, st)
     bos_text = state.tokenizer.token_text(state.tokenizer.bos_id) if state.tokenizer.bos_id is not None else ""
     # The template writes BOS itself when the model wants one; add it only where it did not (as llama.cpp).
     bos = state.tokenizer.add_bos and not (bos_text and text.startswith(bos_text))
     ids = await _encode(state, text, bos=bos, param="messages")
+    run = Run(state, [ids], gen, choices, st)
+    deltas = [structured.Deltas(st) for _ in run.choices]  # per choice: text, or a tool call held to the end
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": state.model_name}
 
-    def delta(fields: dict, finish_reason: str | None) -> dict:
-        return {**head, "choices": [{"index": 0, "delta": fields, "logprobs": None, "finish_reason": finish_reason}]}
+    def logprobs(items: list) -> dict | None:
+        return None if choices.logprobs is None else {"content": chat_content(state.tokenizer, items)}
 
-    def whole(text: str, o: Outcome) -> dict:
-        message, finish_reason = structured.message(st, text, o.finish_reason)  # text or tool_calls
-        return {**head, "object": "chat.completion", "usage": o.usage(), "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}]}
+    def delta(index: int, fields: dict, items: list | None, finish_reason: str | None) -> dict:
+        return {**head, "choices": [{"index": index, "delta": fields, "finish_reason": finish_reason,
+                                     "logprobs": None if items is None else logprobs(items)}]}
 
-    deltas = structured.Deltas(st)  # text, or a tool call held to the end
-    return await _respond(request, state, ids, gen, whole=whole,
-                          chunk=lambda text, o: delta(*deltas(text, o and o.finish_reason)),
-                          first_chunk=delta({"role": "assistant", "content": ""}, None), st=st)
+    def whole(cs: list[Choice], usage: dict) -> dict:
+        answers = [structured.message(st, c.text, c.finish_reason) for c in cs]  # text or tool_calls
+        return {**head, "object": "chat.completion", "usage": usage, "choices": [
+            {"index": c.index, "message": message, "logprobs": logprobs(c.items), "finish_reason": finish_reason}
+            for c, (message, finish_reason) in zip(cs, answers)]}
+
+    def chunk(piece: Piece) -> dict | None:
+        fields, _ = deltas[piece.choice.index](piece.text, None)
+        finish_reason = None
+        if piece.finish_reason:
+            last, finish_reason = deltas[piece.choice.index](None, piece.finish_reason)
+            fields = {**fields, **last}
+        if not (fields or piece.items or finish_reason):
+            return None
+        return delta(piece.choice.index, fields, piece.items if piece.items else None, finish_reason)
+
+    opening = [delta(c.index, {"role": "assistant", "content": ""}, None, None) for c in run.choices]
+    return await _respond(request, state, run, gen, head, whole, chunk, opening)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------

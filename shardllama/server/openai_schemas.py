@@ -14,6 +14,7 @@ from ..tokenizer import Tokenizer
 from .schemas import RequestError, _kind, cache_salt, finite, logit_bias, show
 
 MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 20  # top tokens per position (OpenAI's chat limit; its completions allow 5, vLLM 20)
 
 
 class ParamError(RequestError):
@@ -71,12 +72,6 @@ def parse_generation(data: dict[str, Any], *, default_max_tokens: int | None, vo
 
     if data.get("model") is not None and not isinstance(data["model"], str):
         raise ParamError(f'"model" must be a string, got {_kind(data["model"])}', "model")
-    for name in ("n", "best_of"):
-        if integer(name, 1) not in (None, 1):
-            raise ParamError(f'"{name}" must be 1: one choice per request is supported', name)
-    for name in ("logprobs", "top_logprobs", "suffix"):
-        if data.get(name) not in (None, False, 0, {}, ""):
-            raise ParamError(f'"{name}" is not supported by this server', name)
     params = SamplingParams(temperature=number("temperature", 1.0, 0, 2), top_k=integer("top_k", 0, 2**31) or 0,
                             top_p=number("top_p", 1.0, 0, 1, lo_open=True), min_p=number("min_p", 0.0, 0, 1),
                             presence_penalty=number("presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
@@ -104,23 +99,84 @@ def parse_generation(data: dict[str, Any], *, default_max_tokens: int | None, vo
                       cache_salt=cache_salt(data))
 
 
-def prompt_ids(data: dict[str, Any], tokenizer: Tokenizer) -> list[int] | str:
-    """``prompt`` as text to encode, or as the token ids it already is."""
+@dataclasses.dataclass(frozen=True)
+class Choices:
+    """How many choices of each prompt, and what log-probabilities they report."""
+
+    n: int
+    logprobs: int | None  # top tokens per position (0: the chosen token only); None: no log-probabilities
+    echo: bool  # completions: the prompt's text (and, with logprobs, its tokens' log-probabilities) first
+
+
+def parse_choices(data: dict[str, Any], *, chat: bool) -> Choices:
+    """``n``, ``best_of``, ``suffix`` and the log-probability fields: chat's ``logprobs: bool`` with
+    ``top_logprobs: 0..20``, or completions' ``logprobs: 0..20`` with ``echo``."""
+    n = _integer(data, "n", 1, 2**31) or 1
+    best_of = _integer(data, "best_of", 1, 2**31)
+    if best_of not in (None, n):
+        raise ParamError(f'"best_of" must equal "n" ({n}): choices are not ranked, got {best_of}', "best_of")
+    if data.get("suffix") is not None:
+        raise ParamError('"suffix" is not supported: the model only continues text (no fill-in-the-middle)',
+                         "suffix")
+    echo = data.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise ParamError(f'"echo" must be true or false, got {_kind(echo)}', "echo")
+    if chat:
+        if echo:
+            raise ParamError('"echo" is a /v1/completions field: chat does not echo the prompt', "echo")
+        wanted = data.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise ParamError(f'"logprobs" must be true or false, got {_kind(wanted)}', "logprobs")
+        top = _integer(data, "top_logprobs", 0, MAX_LOGPROBS)
+        if top is not None and not wanted:
+            raise ParamError('"top_logprobs" needs "logprobs": true', "top_logprobs")
+        return Choices(n, (top or 0) if wanted else None, False)
+    if data.get("top_logprobs") is not None:
+        raise ParamError('"top_logprobs" is a chat field: /v1/completions takes "logprobs": N', "top_logprobs")
+    logprobs = None if data.get("logprobs") is False else _integer(data, "logprobs", 0, MAX_LOGPROBS)
+    return Choices(n, logprobs, bool(echo))
+
+
+def _integer(data: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(f'"{name}" must be an integer, got {_kind(value)}', name)
+    if not lo <= value <= hi:
+        raise ParamError(f'"{name}" must be in [{lo}, {hi}], got {show(value)}', name)
+    return value
+
+
+def prompt_list(data: dict[str, Any], tokenizer: Tokenizer) -> list[str | list[int]]:
+    """``prompt`` as a list of prompts, each text to encode or the token ids it already is: a string, a token
+    array, or a non-empty list of strings and token arrays."""
     prompt = data.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-        bad = [i for i in prompt if not 0 <= i < tokenizer.vocab_size]
-        if bad:
-            raise ParamError(f'"prompt" holds token id {bad[0]}, outside the vocabulary (size '
-                             f'{tokenizer.vocab_size})', "prompt")
-        return list(prompt)
     if prompt is None:
         raise ParamError('"prompt" is required (a string)', "prompt")
-    raise ParamError(f'"prompt" must be a string, a list of one string or a token array, got {_kind(prompt)}'
-                     + (f" of {len(prompt)}" if isinstance(prompt, list) and len(prompt) > 1 else ""), "prompt")
+    if isinstance(prompt, str) or _is_ids(prompt):
+        return [_one_prompt(prompt, "prompt", tokenizer)]
+    if not isinstance(prompt, list) or not prompt:
+        got = "an empty array" if prompt == [] else _kind(prompt)
+        raise ParamError(f'"prompt" must be a string, a token array or a list of them, got {got}', "prompt")
+    return [_one_prompt(p, f"prompt[{i}]", tokenizer) for i, p in enumerate(prompt)]
+
+
+def _is_ids(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in value))
+
+
+def _one_prompt(prompt: Any, where: str, tokenizer: Tokenizer) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if not _is_ids(prompt):
+        raise ParamError(f'"{where}" must be a string or a non-empty token array, got {_kind(prompt)}', where)
+    bad = [i for i in prompt if not 0 <= i < tokenizer.vocab_size]
+    if bad:
+        raise ParamError(f'"{where}" holds token id {show(bad[0])}, outside the vocabulary (size '
+                         f'{tokenizer.vocab_size})', where)
+    return list(prompt)
 
 
 def chat_messages(data: dict[str, Any]) -> list[dict[str, str]]:

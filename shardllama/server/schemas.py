@@ -16,6 +16,8 @@ rllama's API (``POST /rllama/v1/inference``) takes one JSON object::
     max_seq_len         integer >= 1, default 1024, clamped to the server's --max-seq-len
     max_new_tokens      integer >= 0, default 1024
     no_token_sampling   bool, default false
+    top_probs           integer in [0, 20], optional (ours): each token line carries the ``top_probs`` most
+                        likely tokens under the model's own distribution (see :mod:`.app`)
     seed                integer in [0, 2**64), optional (ours): reproducible sampling
     cache_salt          string of 1 to 256 characters, optional (vLLM's name): shares cached prompt prefixes
                         (and ``cached_tokens``) only with requests of the same salt; without one, with every
@@ -38,6 +40,7 @@ from ..sampling import MAX_LOGIT_BIAS, MAX_PENALTY, SamplingParams
 
 JSON_TYPE = "application/json"
 MAX_CACHE_SALT = 256  # characters
+MAX_TOP_PROBS = 20  # as OpenAI's top_logprobs
 
 
 class RequestError(ShardllamaError):
@@ -66,6 +69,7 @@ class InferenceRequest:
     max_seq_len: int = 1024
     max_new_tokens: int = 1024
     no_token_sampling: bool = False
+    top_probs: int | None = None
     seed: int | None = None
     cache_salt: str | None = None
     min_p: float = 0.0
@@ -218,6 +222,9 @@ def request_from_dict(data: dict[str, Any], *, vocab_size: int) -> InferenceRequ
     integer("max_seq_len", 1)
     integer("max_new_tokens", 0)
     boolean("no_token_sampling")
+    top = integer("top_probs", 0)
+    if top is not None and top > MAX_TOP_PROBS:
+        raise RequestError(f'"top_probs" must be <= {MAX_TOP_PROBS}, got {show(top)}')
     seed = integer("seed", 0)
     if seed is not None and seed >= 2**64:
         raise RequestError(f'"seed" must be < 2**64, got {show(seed)}')
