@@ -99,7 +99,7 @@ class Worker:
         with self.phases("select device"):
             device = dev.select(config.device)  # before anything else touches CUDA
         torch.set_num_threads(self.threads or config.threads)
-        if dtype in (torch.float16, torch.bfloat16, torch.int8):
+        if dtype in (torch.float16, torch.bfloat16, torch.int8) and device.type == "cpu":  # (CPU kernels only)
             from shardllama import kernels
 
             with self.phases("kernel library"):
