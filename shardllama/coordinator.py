@@ -122,12 +122,7 @@ class Coordinator:
         self.n_workers = default_workers(args) if n_workers is None else n_workers
         self.specs = plan(args, self.n_workers)  # UsageError for a bad N
         self.devices = dev.check_list(devices, self.n_workers)
-        reduce = reduce or ("dist" if dev.is_gpu(self.devices) else "shm")
-        if reduce not in dist_reduce.REDUCES or (reduce == "shm" and dev.is_gpu(self.devices)):
-            raise UsageError(f"reduce {reduce!r}: choose " + ("dist for GPU workers" if dev.is_gpu(self.devices)
-                                                             else " or ".join(dist_reduce.REDUCES)))
-        if endpoint != "ipc" and dev.is_gpu(self.devices):
-            raise UsageError("GPU workers are local workers (remote workers compute on their CPUs)")
+        reduce = dist_reduce.choose(reduce, dev.is_gpu(self.devices), endpoint == "ipc")
         self.max_seq_len = max_seq_len or args.max_seq_len
         if block_size < 1:
             raise UsageError(f"KV-cache block size must be >= 1, got {block_size}")

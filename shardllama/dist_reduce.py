@@ -27,6 +27,18 @@ import torch
 REDUCES = ("shm", "dist")
 
 
+def choose(reduce: str | None, gpu: bool, local: bool) -> str:
+    """How the workers sum (``shm`` / ``dist``; None: dist on GPUs, else shm); UsageError where it cannot be."""
+    from .errors import UsageError
+
+    reduce = reduce or ("dist" if gpu else "shm")
+    if reduce not in REDUCES or (reduce == "shm" and gpu):
+        raise UsageError(f"reduce {reduce!r}: choose " + ("dist for GPU workers" if gpu else " or ".join(REDUCES)))
+    if gpu and not local:
+        raise UsageError("GPU workers are local workers (remote workers compute on their CPUs)")
+    return reduce
+
+
 class Group:
     """The coordinator's end: where the workers of each generation meet (:meth:`init_method`)."""
 

@@ -239,3 +239,19 @@ def test_a_worker_killed_in_a_dist_group_replaces_the_whole_group():
         assert got is not None and torch.allclose(got, want, atol=1e-5)
         assert not set(c.pids) & set(old), "both ranks are new: a process group cannot take in one new rank"
         assert c.cache_epoch >= 1
+
+
+def test_a_shard_is_placed_once_and_int8_dequantized_on_the_device():
+    """``place`` on a device that is not the CPU (meta: shapes and dtypes, no memory) copies every weight,
+    turns each int8 matrix and its scale into one float matrix; on the CPU the shard is left as it is."""
+    from shardllama.quant import quantize
+    from workers.device import place
+
+    w = torch.randn(6, 4)
+    q = quantize(w)
+    shard = {"a.weight": q.q, "a.weight_scale": q.scale, "norm.weight": torch.ones(4)}
+    assert place(shard, torch.device("cpu"), torch.float32) is shard
+    out = place(shard, torch.device("meta"), torch.float16)
+    assert set(out) == {"a.weight", "norm.weight"}
+    assert out["a.weight"].device.type == "meta" and out["a.weight"].dtype == torch.float16
+    assert out["a.weight"].shape == (6, 4) and out["norm.weight"].dtype == torch.float32
