@@ -255,3 +255,13 @@ def test_a_shard_is_placed_once_and_int8_dequantized_on_the_device():
     assert set(out) == {"a.weight", "norm.weight"}
     assert out["a.weight"].device.type == "meta" and out["a.weight"].dtype == torch.float16
     assert out["a.weight"].shape == (6, 4) and out["norm.weight"].dtype == torch.float32
+
+
+def test_the_command_line_with_the_dist_reduction_says_what_shm_says(demo_gguf):
+    """The whole worker path from the command line: --device cpu --reduce dist (gloo between two workers)
+    gives the greedy text that the shared-memory reduction gives."""
+    common = ["--model-path", str(demo_gguf), "--prompt", "The capital of France is", "--max-new-tokens", "8",
+              "--temperature", "0", "-q", "--workers", "2", "--device", "cpu"]
+    dist, shm = run_cli(*common, "--reduce", "dist"), run_cli(*common, "--reduce", "shm")
+    assert dist.returncode == 0 and shm.returncode == 0, dist.stderr + shm.stderr
+    assert dist.stdout == shm.stdout and dist.stdout.startswith("The capital of France is")

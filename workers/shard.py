@@ -101,7 +101,7 @@ class ShardModel:
                     part = self._compute(phase, i, h, step)  # (B, T, dim)
                     h = h + part if reduce is None else reduce(h, part, allreduce.ticket(pass_no, 2 * i + j))
             if not all_logits:
-                h = last_positions(h, lengths.to(self.device)).unsqueeze(1)  # (B, 1, dim)
+                h = last_positions(h, lengths).unsqueeze(1)  # (B, 1, dim); host indices index a GPU tensor too
             return self._compute(P.HEAD, self.args.n_layers, h, step)
 
 
