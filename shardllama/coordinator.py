@@ -44,7 +44,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from . import allreduce, chunked
+from . import allreduce, chunked, devices as dev, dist_reduce
 from . import protocol as P
 from .block_transfer import BlockTransfer
 from .config import ModelArgs
@@ -111,6 +111,8 @@ class Coordinator:
         phases: Phases | None = None,  # times the start: shards, workers (``shardllama -v``)
         local_workers: LocalWorkers | None = None,  # ipc: workers started already, taken if they fit
         prefill_precision: str | None = None,  # f32 / bf16 (kernels.gemm); None: the process default
+        devices: Sequence[str] | None = None,  # each worker's (``devices``: cpu or cuda:K); None: all cpu
+        reduce: str | None = None,  # whole passes sum through "shm" or "dist" (torch.distributed); None: dist on GPUs
     ):
         self.args = args
         # Resolved here, on this CPU, so local workers (the same CPU) say nothing more about a fallback.
@@ -119,6 +121,8 @@ class Coordinator:
         self.dtype = activation_dtype(self.weight_dtype)  # of h, the messages and the embedding (int8: f32)
         self.n_workers = default_workers(args) if n_workers is None else n_workers
         self.specs = plan(args, self.n_workers)  # UsageError for a bad N
+        self.devices = dev.check_list(devices, self.n_workers)
+        reduce = dist_reduce.choose(reduce, dev.is_gpu(self.devices), endpoint == "ipc")
         self.max_seq_len = max_seq_len or args.max_seq_len
         if block_size < 1:
             raise UsageError(f"KV-cache block size must be >= 1, got {block_size}")
@@ -145,6 +149,7 @@ class Coordinator:
         self.embeddings: torch.Tensor | None = None  # (vocab, dim)
         self._pass = 0  # whole passes so far: numbers the reductions' tickets (never wraps)
         self._reduce_seg: Segment | None = None  # the workers' reduction segment (local workers)
+        self._group: dist_reduce.Group | None = None  # or their torch.distributed rendezvous
         self._procs: list[subprocess.Popen] = []  # every process started, for the finalizer
         self._owned: list = []  # what the finalizer releases: the socket, shard store, reduction segment
         self._closed = False
@@ -160,9 +165,12 @@ class Coordinator:
                                  keys_dir=Path(keys_dir) if keys_dir is not None else None, insecure=insecure,
                                  ipc_dir=started[0] if started else None)
             self._owned.append(self.router)
+            if reduce == "dist" and self.local and self.n_workers > 1 and whole_pass is not False:
+                self._group = dist_reduce.Group()
+                self._owned.append(self._group)
             self.pool = WorkerPool(self.router, self.n_workers, self._config, local=self.local, timeout=timeout,
                                    connect_timeout=connect_timeout, threads=threads_per_worker, spin_s=self.spin_s,
-                                   phases=self.phases, procs=self._procs)
+                                   phases=self.phases, procs=self._procs, together=self._group is not None)
             self.blocks = BlockTransfer(self.pool, args, self.specs, self.dtype, self.n_blocks, block_size)
             # Local workers start before the shards are written: they import torch meanwhile.
             self.pool.start(range(self.n_workers), started[1] if started else None)
@@ -177,15 +185,16 @@ class Coordinator:
                                              phases=self.phases)
                 self._owned.append(self.store)
                 self.embeddings = self.store.embeddings()
-                if whole_pass is not False and allreduce.supported():
+                if whole_pass is not False and self._group is None and allreduce.supported():
                     rows = WHOLE_PASS_ROWS if self.n_workers > 1 else 0  # one worker has nothing to add up
                     self._reduce_seg = allreduce.create(key, self.n_workers, rows, args.dim, self.dtype)
                     self._owned.append(self._reduce_seg)
             else:
                 self.embeddings = load("tok_embeddings.weight").to(self.dtype)
+            reduces = self.n_workers == 1 or self._reduce_seg is not None or self._group is not None
             if whole_pass is None:
-                whole_pass = self.n_workers == 1 or self._reduce_seg is not None
-            elif whole_pass and not (self.n_workers == 1 or self._reduce_seg is not None):
+                whole_pass = reduces
+            elif whole_pass and not reduces:
                 raise UsageError("whole passes need local workers on x86 (or a single worker)")
             self.whole_pass = whole_pass
             self.pool.admit(range(self.n_workers))
@@ -201,7 +210,8 @@ class Coordinator:
             spin_us=self.spin_s * 1e6,
             segment=self.store.worker_segment(rank) if self.store is not None else None,
             reduce=self._reduce_seg.name if self._reduce_seg is not None and self.whole_pass else None,
-            timeout=self.timeout, prefill_precision=self.prefill_precision)
+            timeout=self.timeout, prefill_precision=self.prefill_precision, device=self.devices[rank],
+            dist=self._group.init_method(self.pool.epoch) if self._group is not None and self.whole_pass else None)
 
     # ---- the Backend interface --------------------------------------------------------------------
 
@@ -233,7 +243,8 @@ class Coordinator:
         self.blocks.check_rows(start, tables, T)
         step = self.pool.next_step()
         dim, n_layers = self.args.dim, self.args.n_layers
-        if self.whole_pass and (self.n_workers == 1 or B * T <= WHOLE_PASS_ROWS):
+        # torch.distributed has no row limit: GPU workers never take the star
+        if self.whole_pass and (self.n_workers == 1 or self._group is not None or B * T <= WHOLE_PASS_ROWS):
             return self._whole_pass(tokens, start, tables, lengths, all_logits)
 
         def compute(phase: P.Phase, layer: int, rows: int = T, block: StepBlock | None = None) -> TensorFrame:

@@ -82,9 +82,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--worker-timeout", type=float, default=60.0,
                    help="seconds a worker may take for one step before the run fails naming it (default 60)")
     add_keys_dir_arg(w)
+    add_device_args(w)
     w.add_argument("--insecure", action="store_true",
                    help="--listen without CurveZMQ: any peer that reaches the port may join as a worker and the "
                         "activations travel unencrypted (only on a network you trust)")
+
+
+def add_device_args(w) -> None:
+    """--device (and rllama's --opencl-device), --reduce: the GPU workers' flags (``devices``)."""
+    w.add_argument("--device", metavar="cpu|cuda|cuda:K[,cuda:L...]",
+                   help="where the workers compute: cpu (default), or one worker per GPU (cuda: every visible GPU; "
+                        "--workers must equal the number listed), summing through NCCL")
+    w.add_argument("--opencl-device", type=int, metavar="N", help="rllama's GPU flag: the same as --device cuda:N")
+    w.add_argument("--reduce", choices=("shm", "dist"),
+                   help="how local workers sum their partials: shm (shared memory; the default on CPUs) or dist "
+                        "(torch.distributed: gloo on CPUs, NCCL on GPUs, where it is the only choice)")
 
 
 def add_keys_dir_arg(p) -> None:
@@ -279,13 +291,20 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 def runtime_config(ns: argparse.Namespace):
     """The model and worker flags of :func:`add_model_args`."""
+    from . import devices
     from .rope import parse_override
     from .runtime import RuntimeConfig
 
+    device_list, workers = devices.resolve(devices.from_flags(ns.device, ns.opencl_device), ns.workers)
+    if device_list and ns.listen:
+        raise UsageError("--device cuda runs local workers, one per GPU; --listen waits for remote ones")
+    if device_list and ns.reduce == "shm":
+        raise UsageError("--reduce shm: GPU workers sum through torch.distributed (NCCL); leave --reduce out")
     return RuntimeConfig(
+        devices=device_list, reduce=ns.reduce,
         model_path=ns.model_path, param_path=ns.param_path, tokenizer_path=ns.tokenizer_path, dtype=ns.dtype,
         max_seq_len=ns.max_seq_len, rope_override=parse_override(ns.rope_scaling) if ns.rope_scaling else None,
-        prefill_precision=ns.prefill_precision, max_threads=ns.max_threads, workers=ns.workers,
+        prefill_precision=ns.prefill_precision, max_threads=ns.max_threads, workers=workers,
         keep_shards=ns.keep_shards, listen=ns.listen, worker_timeout=ns.worker_timeout, keys_dir=ns.keys_dir,
         insecure=ns.insecure, quiet=getattr(ns, "quiet", False))
 

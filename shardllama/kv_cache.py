@@ -78,10 +78,14 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
         if block_size < 1:
             raise ValueError(f"KV-cache block size must be >= 1, got {block_size}")
         shape = (n_layers, n_blocks, block_size, n_kv_heads, head_dim)
+        if torch.device(device).type != "cpu":  # a GPU's memory is taken up front (no lazy pages there)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+            return
         self.k = _lazy_zeros(shape, dtype)
         self.v = _lazy_zeros(shape, dtype)
 

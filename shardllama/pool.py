@@ -64,7 +64,7 @@ class WorkerPool:
 
     def __init__(self, router: Router, n_workers: int, config: Callable[[int], P.WorkerConfig], *, local: bool,
                  timeout: float, connect_timeout: float, threads: int, spin_s: float, phases: Phases,
-                 procs: list):
+                 procs: list, together: bool = False):
         self.router = router
         self.n_workers = n_workers
         self.config = config
@@ -75,6 +75,9 @@ class WorkerPool:
         self.spin_s = spin_s
         self.phases = phases
         self.procs = procs  # every process started, for the owner's finalizer
+        # Workers in one torch.distributed group (``dist_reduce``): a group cannot take in a single new rank,
+        # so one failure replaces them all, as a new generation (``epoch``) meeting at a new rendezvous.
+        self.together = together
         self.members = [Member(r) for r in range(n_workers)]
         self.epoch = 0  # +1 whenever a worker is replaced
         self.replaced_why = ""  # which worker was replaced last, and why
@@ -194,10 +197,13 @@ class WorkerPool:
             if w.rank in self._broken:
                 log.warning("%s %s while idle; replacing it", w.name(), self._broken[w.rank])
         for rank in sorted(self._broken):
-            self.restart(rank)
+            if rank in self._broken:  # (a restart of the whole group replaced the rest too)
+                self.restart(rank)
 
     def restart(self, rank: int) -> None:
         """Replace worker ``rank`` (a local one is killed and started again; a remote one must reconnect)."""
+        if self.together:
+            return self._restart_all(rank)
         w = self.members[rank]
         if w.proc is not None and w.proc.poll() is None:
             w.proc.kill()
@@ -213,6 +219,20 @@ class WorkerPool:
         finally:
             self.replacing = False
         self._broken.pop(rank, None)
+
+    def _restart_all(self, rank: int) -> None:
+        why = self._broken.get(rank, "restarted")
+        self.replaced_why = f"{self.members[rank].name()} was replaced, and its group with it ({why})"
+        for w in self.members:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+            self._rank_of.pop(w.ident, None)
+            self._broken.setdefault(w.rank, why)
+        self.members = [Member(r) for r in range(self.n_workers)]
+        self.epoch += 1
+        self.admit(range(self.n_workers))
+        self._broken.clear()
 
     def _reachable(self, w: Member) -> bool:
         """False when ZeroMQ no longer has a connection to ``w`` (a full queue only means it is slow)."""

@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import struct
 from typing import Any, ClassVar, NamedTuple
 
@@ -304,9 +305,12 @@ class WorkerConfig:
     reduce: str | None  # the whole pass's reduction segment; None: no whole passes
     timeout: float  # the coordinator's per-layer timeout
     prefill_precision: str  # as the coordinator resolved it (``kernels.gemm``)
+    device: str = "cpu"  # cpu or cuda:K: where it keeps its weights and KV cache and computes (``devices``)
+    dist: str | None = None  # torch.distributed init_method of the workers' group (``dist_reduce``); None: none
     FIELDS: ClassVar = {"rank": _INT, "n_workers": _INT, "args": (dict,), "dtype": _STR, "max_seq_len": _INT,
                         "n_blocks": _INT, "block_size": _INT, "threads": _INT, "spin_us": _NUM, "segment": _STR + _NONE,
-                        "reduce": _STR + _NONE, "timeout": _NUM, "prefill_precision": _STR}
+                        "reduce": _STR + _NONE, "timeout": _NUM, "prefill_precision": _STR, "device": _STR,
+                        "dist": _STR + _NONE}
 
     def pack(self) -> bytes:
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -320,6 +324,10 @@ class WorkerConfig:
         for key in ("max_seq_len", "n_blocks", "block_size"):
             if not 1 <= body[key] < 1 << 31:
                 raise BadFrame(f"CONFIG whose {key!r} is {body[key]}, not between 1 and 2**31")
+        if not re.fullmatch(r"cpu|cuda:\d{1,3}", body["device"]):
+            raise BadFrame(f"CONFIG whose 'device' is not cpu or cuda:N")
+        if body["dist"] is not None and not body["dist"].startswith("file:///"):
+            raise BadFrame("CONFIG whose 'dist' is not a file:/// rendezvous")
         try:
             args = ModelArgs(**body["args"])
         except (TypeError, ValueError, ModelFileError) as e:

@@ -166,6 +166,8 @@ def start(
     phases: Phases | None = None,
     local_workers=None,
     prefill_precision: str | None = None,
+    devices: Sequence[str] | None = None,  # one per worker (``shardllama.devices``); None: all cpu
+    reduce: str | None = None,  # how workers sum: shm / dist (``dist_reduce``); None: the devices' default
 ) -> Model:
     """Load the weights of a prepared checkpoint and start its backend (closes the checkpoint).
 
@@ -202,6 +204,7 @@ def start(
                 keep_shards=keep_shards, model_path=p.path, timeout=worker_timeout,
                 threads_per_worker=threads_per_worker, endpoint=listen or "ipc", keys_dir=keys_dir,
                 insecure=insecure, phases=phases, local_workers=local_workers, prefill_precision=prefill_precision,
+                devices=devices, reduce=reduce,
             )
     return Model(args=p.args, tokenizer=p.tokenizer, backend=backend, path=p.path, dtype=p.dtype)
 
@@ -258,6 +261,8 @@ class RuntimeConfig:
     keys_dir: Path | None = None
     insecure: bool = False
     quiet: bool = False  # the notes of prepare() are not said
+    devices: tuple[str, ...] | None = None  # each worker's (``devices.resolve``); None: all on the CPU
+    reduce: str | None = None  # shm / dist (``dist_reduce``); None: the devices' default
 
     def prepare(self, *, progress: bool = False) -> Prepared:
         return prepare(self.model_path, param_path=self.param_path, tokenizer_path=self.tokenizer_path,
@@ -276,7 +281,7 @@ class RuntimeConfig:
         """The local workers, started now (forked: ``launch``) so that they are ready while this process
         reads the model's header and writes the shards: a context manager giving a LocalWorkers, or None for
         ``workers`` 0 and ``listen``."""
-        if self.workers == 0 or self.listen:
+        if self.workers == 0 or self.listen or self.devices:  # GPU workers: spawned, never forked (``devices``)
             return contextlib.nullcontext()
         from .launch import LocalWorkers, default_workers
 
@@ -306,7 +311,8 @@ class RuntimeConfig:
         return start(prepared, n_blocks=n_blocks, workers=self.workers, keep_shards=self.keep_shards,
                      listen=self.listen, worker_timeout=self.worker_timeout,
                      threads_per_worker=self.threads_per_worker, progress=progress, keys_dir=self.keys_dir,
-                     insecure=self.insecure, phases=phases, local_workers=local_workers, prefill_precision=prefill)
+                     insecure=self.insecure, phases=phases, local_workers=local_workers, prefill_precision=prefill,
+                     devices=self.devices, reduce=self.reduce)
 
     def open(self, *, progress: bool = False) -> Model:
         """prepare, then start with the default KV cache (interactive mode, chat)."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from shardllama.model import Transformer
-from shardllama.server.openai_api import render_chat
+from shardllama.server.openai_schemas import render_chat
 
 from .helpers import seq_cache
 from .test_server import LAUNCHER, Server

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from shardllama import allreduce, cli_common, curve
+from shardllama import allreduce, cli_common, curve, dist_reduce
 from shardllama import protocol as P
 from shardllama.config import ModelArgs
 from shardllama.errors import KeyFileError
@@ -36,6 +36,7 @@ from shardllama.shm import Segment
 from shardllama.tensor_frames import BlockChunk, TensorFrame
 from shardllama.transport import Dealer, Hangup
 
+from . import device as dev
 from .shard import ShardModel, cut_weights
 
 log = logging.getLogger("shardllama.worker")
@@ -56,9 +57,11 @@ class Worker:
         self.model: ShardModel | None = None
         self.segment: Segment | None = None
         self.reduce_segment: Segment | None = None
-        self.reduce: allreduce.AllReduce | None = None
+        self.reduce: allreduce.AllReduce | dist_reduce.DistReduce | None = None
 
     def close(self) -> None:
+        if isinstance(self.reduce, dist_reduce.DistReduce):
+            self.reduce.close()
         self.model = self.reduce = None  # drop the views before unmapping
         for seg in (self.segment, self.reduce_segment):
             if seg is not None:
@@ -93,8 +96,10 @@ class Worker:
         # As the coordinator resolved it on its CPU; a remote worker's own CPU may still lack bf16 (then: f32).
         prefill = gemm.check(config.prefill_precision, "the coordinator's prefill_precision")
         self.rank = config.rank
+        with self.phases("select device"):
+            device = dev.select(config.device)  # before anything else touches CUDA
         torch.set_num_threads(self.threads or config.threads)
-        if dtype in (torch.float16, torch.bfloat16, torch.int8):
+        if dtype in (torch.float16, torch.bfloat16, torch.int8) and device.type == "cpu":  # (CPU kernels only)
             from shardllama import kernels
 
             with self.phases("kernel library"):
@@ -110,8 +115,12 @@ class Worker:
                 weights = self._load_own(args, spec, dtype)
         with self.phases("KV cache and rope tables"):
             self.model = ShardModel(args, spec, weights, activation_dtype(dtype), config.max_seq_len,
-                                    config.n_blocks, config.block_size, prefill)
-        if config.reduce:
+                                    config.n_blocks, config.block_size, prefill, device)
+        if config.dist:
+            with self.phases("join the reduction group"):
+                self.reduce = dist_reduce.DistReduce(config.dist, self.rank, config.n_workers, device,
+                                                     2 * config.timeout + 5)
+        elif config.reduce:
             self.reduce_segment = Segment.attach(config.reduce, writable=True)
             # Later than the coordinator's deadline: it names the worker that fell behind and aborts the pass.
             self.reduce = allreduce.AllReduce(self.reduce_segment, self.rank, 2 * config.timeout + 5,
