@@ -300,7 +300,7 @@ def test_verbose_says_where_the_start_up_went(tmp_path, workers):
         expected |= {"start worker processes", "lay out shards", "read checkpoint", "convert weights", "write shards",
                      "workers ready"}
         # The workers' own start beside the coordinator's phases: forked after its imports, they import nothing.
-        own = re.search(r"workers ready .*\(slowest worker's own: python and imports ([\d.]+) s, kernel library "
+        own = re.search(r"workers ready .*\(slowest worker's own: python and imports ([\d.]+) s, (?:select device [\d.]+ s, )?kernel library "
                         r"[\d.]+ s, map shard [\d.]+ s", r.stderr)
         assert own, r.stderr
     else:
