@@ -5,7 +5,6 @@ against rllama's API on the same server and against a teacher-forced forward of 
 from __future__ import annotations
 
 import collections
-import json
 import math
 
 import openai
@@ -16,7 +15,7 @@ from shardllama.model import Transformer
 from shardllama.server.openai_schemas import render_chat
 
 from .helpers import seq_cache
-from .test_server import LAUNCHER, Server
+from .test_server import openai_client, serving
 
 PROMPT = "The meaning of life is"
 CONTEXT = 96
@@ -24,19 +23,13 @@ CONTEXT = 96
 
 @pytest.fixture(scope="module")
 def server(demo_gguf):
-    cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": CONTEXT,
-           "serve": {"max_concurrent": 3, "max_queue": 3, "prompt_cache_size": 4}}
-    s = Server(LAUNCHER, json.dumps(cfg))
-    yield s
-    s.stop()
-    log = "".join(s.lines)
-    assert s.proc.returncode == 0, log
-    assert "Traceback" not in log and "internal error" not in log, log
+    yield from serving(demo_gguf, workers=0, max_seq_len=CONTEXT, max_concurrent=3, max_queue=3,
+                       cache=4)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0, timeout=120)
+    return openai_client(server, 120)
 
 
 @pytest.fixture(scope="module")

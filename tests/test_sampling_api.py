@@ -12,10 +12,9 @@ import requests
 from hypothesis import given, settings, strategies as st
 
 from shardllama.loading import open_checkpoint
-from shardllama.tokenizer_files import load_tokenizer
 
 from .test_cli import run_cli
-from .test_server import JSON_VALUES, LAUNCHER, Server
+from .test_server import JSON_VALUES, gguf_tokenizer, openai_client, serving
 
 PROMPT = "The meaning of life is"
 REPEATING = "one two one two one two one two"
@@ -23,20 +22,13 @@ REPEATING = "one two one two one two one two"
 
 @pytest.fixture(scope="module")
 def server(demo_gguf):
-    cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": 96,
-           "serve": {"max_concurrent": 2, "max_queue": 2, "prompt_cache_size": 2}}
-    s = Server(LAUNCHER, json.dumps(cfg))
-    yield s
-    s.stop()
-    log = "".join(s.lines)
-    assert s.proc.returncode == 0, log
-    assert "Traceback" not in log and "internal error" not in log, log
+    yield from serving(demo_gguf, workers=0, max_seq_len=96, max_concurrent=2, max_queue=2,
+                       cache=2)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(demo_gguf):
-    with open_checkpoint(demo_gguf) as ckpt:
-        return load_tokenizer(demo_gguf, gguf_fields=ckpt.gguf_fields)
+    return gguf_tokenizer(demo_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def vocab_size(demo_gguf):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0, timeout=60)
+    return openai_client(server, 60)
 
 
 @pytest.fixture(scope="module")

@@ -112,10 +112,10 @@ class Server:
                 self.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def server(demo_gguf):
-    cfg = {"model": str(demo_gguf), "workers": 2, "max_seq_len": 64,
-           "serve": {"max_concurrent": 2, "max_queue": 1, "prompt_cache_size": 4}}
+def serving(model, *, workers: int, max_seq_len: int, max_concurrent: int, max_queue: int, cache: int):
+    """A module fixture's body: a server on ``model`` for the tests, then a check that it stopped cleanly."""
+    cfg = {"model": str(model), "workers": workers, "max_seq_len": max_seq_len,
+           "serve": {"max_concurrent": max_concurrent, "max_queue": max_queue, "prompt_cache_size": cache}}
     s = Server(LAUNCHER, json.dumps(cfg))
     yield s
     s.stop()
@@ -124,10 +124,25 @@ def server(demo_gguf):
     assert "Traceback" not in log and "internal error" not in log, log
 
 
+def gguf_tokenizer(path):
+    with open_checkpoint(path) as ckpt:
+        return load_tokenizer(path, gguf_fields=ckpt.gguf_fields)
+
+
+def openai_client(server: Server, timeout: float = 60):
+    import openai
+
+    return openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server(demo_gguf):
+    yield from serving(demo_gguf, workers=2, max_seq_len=64, max_concurrent=2, max_queue=1, cache=4)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(demo_gguf):
-    with open_checkpoint(demo_gguf) as ckpt:
-        return load_tokenizer(demo_gguf, gguf_fields=ckpt.gguf_fields)
+    return gguf_tokenizer(demo_gguf)
 
 
 def entry(line: dict) -> tuple[str, dict]:

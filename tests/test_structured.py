@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 from shardllama.server import structured
 
-from .test_server import JSON_VALUES, LAUNCHER, Server
+from .test_server import JSON_VALUES, openai_client, serving
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},
@@ -37,19 +37,13 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(demo_gguf):
-    cfg = {"model": str(demo_gguf), "workers": 0, "max_seq_len": 512,
-           "serve": {"max_concurrent": 4, "max_queue": 4, "prompt_cache_size": 2}}
-    s = Server(LAUNCHER, json.dumps(cfg))
-    yield s
-    s.stop()
-    log = "".join(s.lines)
-    assert s.proc.returncode == 0, log
-    assert "Traceback" not in log and "internal error" not in log, log
+    yield from serving(demo_gguf, workers=0, max_seq_len=512, max_concurrent=4, max_queue=4,
+                       cache=2)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0, timeout=120)
+    return openai_client(server, 120)
 
 
 def schema_format(schema: dict) -> dict:
