@@ -55,14 +55,7 @@ def parse_generation(data: dict[str, Any], *, default_max_tokens: int | None, vo
         return float(value)
 
     def integer(name: str, lo: int, hi: int = 2**64 - 1) -> int | None:
-        value = data.get(name)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamError(f'"{name}" must be an integer, got {_kind(value)}', name)
-        if not lo <= value <= hi:
-            raise ParamError(f'"{name}" must be in [{lo}, {hi}], got {show(value)}', name)
-        return value
+        return _integer(data, name, lo, hi)
 
     def boolean(name: str) -> bool:
         value = data.get(name)
