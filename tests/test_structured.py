@@ -222,3 +222,15 @@ def test_structured_fields_never_5xx(server, route, fields):
     assert r.status_code in (200, 400), r.text
     if r.status_code == 400:
         assert "\n" not in r.json()["error"]["message"], r.text
+
+
+def test_logprobs_cover_every_token_of_a_json_answer(client):
+    """The grammar's last token (the closing brace) ends the answer but is part of it: it has its entry."""
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "A person as JSON."}],
+                                       response_format=schema_format(PERSON), temperature=0, max_tokens=200,
+                                       logprobs=True, top_logprobs=2)
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice
+    content = choice.logprobs.content
+    assert b"".join(bytes(e.bytes) for e in content).decode() == choice.message.content
+    assert len(content) == r.usage.completion_tokens

@@ -152,7 +152,8 @@ class Run:
         """Fills ``piece`` with what ``event`` adds to ``c``; True when that ends the choice."""
         c.tokens += 1
         text = c.decoder.push(event.id) + (c.decoder.flush() if event.last else "")
-        if event.logprobs is not None and not event.is_end:
+        # The end token that closes the turn is not part of the answer (as OpenAI); a grammar's last token is.
+        if event.logprobs is not None and event.id not in c.job.stop_ids:
             piece.items.append((event.id, event.logprobs, c.offset))
         c.offset += len(text)
         piece.text = c.stops.push(text)
