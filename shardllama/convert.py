@@ -21,7 +21,7 @@ from .errors import ModelFileError
 from .model import expected_shapes
 from .names import EMBEDDING, HEAD, head_source
 from .phases import Phases
-from .quant import INT8, stored
+from .quant import is_weight_quantized, stored
 from .sharding import ShardSpec, shard, worker_weights
 
 Loader = Callable[[str], torch.Tensor]  # checkpoint weight name -> the full float tensor
@@ -49,9 +49,10 @@ def _converted(sources: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]
 
 def model_weights(args: ModelArgs, dtype: torch.dtype) -> dict[str, str]:
     """Every weight the reference model holds in weight dtype ``dtype`` -> the checkpoint weight it is
-    converted from: the checkpoint's own, and with int8 the head (a tied one as its own copy)."""
+    converted from: the checkpoint's own, and with quantized matrices (int8, blocks) the head (a tied one as
+    its own copy)."""
     names = {name: name for name in expected_shapes(args)}
-    if dtype == INT8:
+    if is_weight_quantized(dtype):
         names[HEAD] = head_source(args, names)
     return names
 

@@ -57,7 +57,9 @@ from .model import DTYPES, last_positions
 from .kv_cache import BLOCK_SIZE, blocks_for
 from .phases import Phases
 from .pool import WorkerPool
-from .quant import activation_dtype
+from .names import EMBEDDING
+from .qblocks import BlockWeight
+from .quant import activation_dtype, stored
 from .sharding import plan
 from .shm import Segment, ShardStore, shard_key
 from .tensor_frames import StepBlock, TensorFrame
@@ -72,14 +74,10 @@ Weights = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
 
 
 def _dtype(dtype: torch.dtype | str) -> tuple[torch.dtype, str]:
-    names = {v: k for k, v in DTYPES.items()}
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        return DTYPES[dtype], dtype
-    if dtype not in names:
-        raise UsageError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
-    return dtype, names[dtype]
+    name = dtype if isinstance(dtype, str) else {v: k for k, v in DTYPES.items()}.get(dtype)
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name], name
 
 
 class Coordinator:
@@ -113,6 +111,7 @@ class Coordinator:
         prefill_precision: str | None = None,  # f32 / bf16 (kernels.gemm); None: the process default
         devices: Sequence[str] | None = None,  # each worker's (``devices``: cpu or cuda:K); None: all cpu
         reduce: str | None = None,  # whole passes sum through "shm" or "dist" (torch.distributed); None: dist on GPUs
+        block_types: Mapping[str, int] | None = None,  # weights that come as blocks -> their type (``qblocks``)
     ):
         self.args = args
         # Resolved here, on this CPU, so local workers (the same CPU) say nothing more about a fallback.
@@ -120,7 +119,7 @@ class Coordinator:
         self.weight_dtype, self.dtype_name = _dtype(dtype)
         self.dtype = activation_dtype(self.weight_dtype)  # of h, the messages and the embedding (int8: f32)
         self.n_workers = default_workers(args) if n_workers is None else n_workers
-        self.specs = plan(args, self.n_workers)  # UsageError for a bad N
+        self.specs = plan(args, self.n_workers, self.weight_dtype)  # UsageError for a bad N
         self.devices = dev.check_list(devices, self.n_workers)
         reduce = dist_reduce.choose(reduce, dev.is_gpu(self.devices), endpoint == "ipc")
         self.max_seq_len = max_seq_len or args.max_seq_len
@@ -175,6 +174,8 @@ class Coordinator:
             # Local workers start before the shards are written: they import torch meanwhile.
             self.pool.start(range(self.n_workers), started[1] if started else None)
             load = weights.__getitem__ if isinstance(weights, Mapping) else weights
+            if isinstance(weights, Mapping) and block_types is None:
+                block_types = {n: w.qtype for n, w in weights.items() if isinstance(w, BlockWeight)}
             if self.local:
                 key = f"anon{uuid.uuid4().hex[:12]}"  # shards of weights that no file names are never reused
                 if model_path is not None:
@@ -182,7 +183,7 @@ class Coordinator:
                 files = fingerprint(model_path) if keep_shards else None  # what kept shards must match
                 self.store = ShardStore.open(args, self.specs, self.weight_dtype, load, key, keep=keep_shards,
                                              info={"model": str(model_path) if model_path else None}, files=files,
-                                             phases=self.phases)
+                                             phases=self.phases, block_types=block_types)
                 self._owned.append(self.store)
                 self.embeddings = self.store.embeddings()
                 if whole_pass is not False and self._group is None and allreduce.supported():
@@ -190,7 +191,7 @@ class Coordinator:
                     self._reduce_seg = allreduce.create(key, self.n_workers, rows, args.dim, self.dtype)
                     self._owned.append(self._reduce_seg)
             else:
-                self.embeddings = load("tok_embeddings.weight").to(self.dtype)
+                self.embeddings = stored(EMBEDDING, load(EMBEDDING), self.weight_dtype)[EMBEDDING].to(self.dtype)
             reduces = self.n_workers == 1 or self._reduce_seg is not None or self._group is not None
             if whole_pass is None:
                 whole_pass = reduces

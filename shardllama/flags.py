@@ -53,9 +53,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "default: the SmolLM2-135M-Instruct demo model, downloaded once and cached")
     g.add_argument("--param-path", type=Path, help="params.json / config.json, if not beside the model")
     g.add_argument("--tokenizer-path", type=Path, help="tokenizer.model / tokenizer.json, if not beside the model")
-    g.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16", "int8"),
-                   help="weight precision (auto: as stored, and quantized GGUF types as int8; int8: quantized at "
-                        "load time, one scale per row, computing in f32)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16", "int8", "gguf", "q8", "q4"),
+                   help="weight precision (auto: as stored, a quantized GGUF's blocks computed in place (gguf); "
+                        "int8: quantized at load time, one scale per row; q8 / q4: quantized at load time to "
+                        "GGUF's Q8_0 / Q4_0 blocks; all of these compute in f32)")
     g.add_argument("--f16", dest="dtype", action="store_const", const="f16", help="alias for --dtype f16 (rllama)")
     g.add_argument("--max-seq-len", type=_positive_int,
                    help="context length to allocate (default: the model's trained context, at most 4096)")

@@ -30,11 +30,14 @@ from .kernels import gemm
 from .config import ModelArgs
 from .kv_cache import BLOCK_SIZE, KVCache, blocks_for, check_tables, contiguous_tables, flat_index
 from .names import head_source, layer_prefix
+from .qblocks import GGUF, Q4, Q8, BlockWeight
 from .quant import Int8Weight, linear_weight
 
-# Weight dtypes.  int8 quantizes the matrices and keeps everything else in f32 (shardllama.quant).
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
-Linear = torch.Tensor | Int8Weight  # a matrix that linear() multiplies by: float, or int8 with its row scales
+# Weight dtypes.  int8 quantizes the matrices and keeps everything else in f32 (shardllama.quant); gguf keeps a
+# quantized file's blocks, q8 / q4 quantize to Q8_0 / Q4_0 blocks (shardllama.qblocks).
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "gguf": GGUF,
+          "q8": Q8, "q4": Q4}
+Linear = torch.Tensor | Int8Weight | BlockWeight  # a matrix that linear() multiplies by
 
 
 # ---- the pieces ----------------------------------------------------------------------------------------
@@ -44,8 +47,8 @@ def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
     """``x @ w.T`` (F.linear).  A decode step (a few rows of x) with f16/bf16 weights goes to a C++ kernel
     that streams the weights near memory bandwidth (shardllama.kernels); more rows with f16/f32 weights to
     oneDNN's GEMM at the prefill precision in force (kernels.gemm: f32, or bf16 where the CPU has it); int8
-    weights to quant.linear; the rest, and machines without the kernels, to torch."""
-    if isinstance(w, Int8Weight):
+    and block weights to quant.linear; the rest, and machines without the kernels, to torch."""
+    if isinstance(w, (Int8Weight, BlockWeight)):
         return quant.linear(x, w)
     if kernels.applies(x, w):
         return kernels.matvec(x, w)

@@ -36,6 +36,6 @@ def carries_head(names: Container[str]) -> bool:
 
 def head_source(args: ModelArgs, names: Container[str]) -> str:
     """The weight that is the output head, among ``names`` (a checkpoint's or a weights dict's): the token
-    embedding when the model ties them, unless the weights carry a head of their own -- int8 gives a tied
-    head its own int8 copy and keeps the embedding, a lookup, in float."""
+    embedding when the model ties them, unless the weights carry a head of their own -- quantized weights
+    (int8, blocks) give a tied head its own quantized copy and keep the embedding, a lookup, in float."""
     return EMBEDDING if args.tie_embeddings and not carries_head(names) else HEAD

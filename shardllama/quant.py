@@ -31,8 +31,9 @@ from typing import Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, qblocks
 from .errors import ModelFileError
+from .qblocks import BlockWeight
 
 INT8 = torch.int8
 ACTIVATIONS = torch.float32  # the float dtype of everything but the quantized matrices
@@ -73,13 +74,16 @@ def reference_linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     return F.linear(x, dequantize(w, x.dtype))
 
 
-def linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+def linear(x: torch.Tensor, w: Int8Weight | BlockWeight) -> torch.Tensor:
     """``x @ w.T`` for an int8 weight and f32 x (..., K) -> (..., N) f32.
 
     The C++ kernel for any number of rows: a decode step streams the int8 rows near memory bandwidth, and
     a prompt goes through the same kernel in blocks of 8 rows, which at 16 and 64 rows measured ~20x
     faster than dequantizing per call and 1.2-1.8x faster than torch._weight_int8pack_mm with bf16
-    activations (tools/results/int8.md).  Where the kernel is unavailable, :func:`reference_linear`."""
+    activations (tools/results/int8.md).  Where the kernel is unavailable, :func:`reference_linear`.
+    Block weights: :func:`qblocks.linear`."""
+    if isinstance(w, BlockWeight):
+        return qblocks.linear(x, w)
     if kernels.applies_int8(x, w.q, w.scale):
         return kernels.matvec_int8(x, w.q, w.scale)
     return reference_linear(x, w)
@@ -97,7 +101,10 @@ def stored(name: str, full: torch.Tensor, dtype: torch.dtype) -> dict[str, torch
     """The tensors that hold the full float weight ``name`` in a model of weight dtype ``dtype``.
 
     Float dtypes: ``{name: full in dtype}``.  int8: ``{name: q, name_scale: scale}`` for the matrices that
-    :func:`is_quantized` names, ``{name: full in f32}`` for the rest."""
+    :func:`is_quantized` names, ``{name: full in f32}`` for the rest.  Block dtypes: :func:`qblocks.stored`
+    (``full`` may then be a :class:`~shardllama.qblocks.BlockWeight`, a quantized file's own blocks)."""
+    if dtype in qblocks.DTYPES:
+        return qblocks.stored(name, full, dtype, is_quantized(name, len(full.shape)))
     if dtype != INT8:
         return {name: full.to(dtype)}
     if not full.is_floating_point():
@@ -110,9 +117,12 @@ def stored(name: str, full: torch.Tensor, dtype: torch.dtype) -> dict[str, torch
     return {name: w.q, name + SCALE_SUFFIX: w.scale}
 
 
-def linear_weight(weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | Int8Weight:
-    """``weights[name]``, or for an int8 weight the Int8Weight of it and its scale."""
+def linear_weight(weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | Int8Weight | BlockWeight:
+    """``weights[name]``, or for an int8 weight the Int8Weight of it and its scale, for blocks the BlockWeight
+    of them and their type."""
     w = weights[name]
+    if w.dtype == qblocks.GGUF:
+        return qblocks.linear_weight(weights, name)
     if w.dtype != INT8:
         return w
     scale = weights.get(name + SCALE_SUFFIX)
@@ -123,10 +133,16 @@ def linear_weight(weights: Mapping[str, torch.Tensor], name: str) -> torch.Tenso
 
 def activation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of activations, KV cache, norms and embedding in a model whose weights are ``dtype``."""
-    return ACTIVATIONS if dtype == INT8 else dtype
+    return ACTIVATIONS if dtype == INT8 or dtype in qblocks.DTYPES else dtype
 
 
 def source_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to load checkpoint weights in for a model of weight dtype ``dtype`` (int8: f32, quantized
-    from there, so nothing is rounded twice)."""
-    return torch.float32 if dtype == INT8 else dtype
+    """The dtype to load checkpoint weights in for a model of weight dtype ``dtype`` (int8, q8, q4: f32,
+    quantized from there, so nothing is rounded twice; gguf: as stored, quantized matrices as their blocks)."""
+    return torch.float32 if dtype == INT8 or dtype in qblocks.TARGET else dtype
+
+
+def is_weight_quantized(dtype: torch.dtype) -> bool:
+    """Whether a model of weight dtype ``dtype`` holds its matrices quantized (int8 or blocks): then the
+    embedding stays a float lookup and a tied head is a copy of its own."""
+    return dtype == INT8 or dtype in qblocks.DTYPES

@@ -19,6 +19,8 @@ from .loading import Checkpoint, open_checkpoint, load_weights
 from .model import DTYPES
 from .kv_cache import BLOCK_SIZE
 from .phases import Phases
+from . import qblocks
+from .qblocks import GGUF
 from .quant import activation_dtype, source_dtype
 from .tokenizer import Tokenizer
 from .tokenizer_files import load_tokenizer
@@ -52,7 +54,7 @@ def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype, n_workers: int = 0) 
     if n_workers:
         from .sharding import plan
 
-        kv_heads = sum(len(spec.kv_heads) for spec in plan(args, n_workers))
+        kv_heads = sum(len(spec.kv_heads) for spec in plan(args, n_workers, dtype))
     return 2 * args.n_layers * kv_heads * args.head_dim * activation_dtype(dtype).itemsize
 
 
@@ -60,13 +62,16 @@ DEFAULT_CONTEXT = 4096  # --max-seq-len when not given: the model's trained cont
 
 
 def resolve_dtype(name: str, native: torch.dtype, quant_types: Sequence[str] = ()) -> torch.dtype:
-    """``auto`` keeps a float checkpoint's own precision and loads a quantized one (GGUF Q4_K, Q8_0...) as
-    int8, not widened to f32 (a 7B Q4_K_M would need 27 GB); ``int8`` is quantized at load time
-    (shardllama.quant), whatever the checkpoint holds."""
+    """``auto`` keeps a float checkpoint's own precision and a quantized one's blocks (GGUF Q4_K, Q8_0...:
+    ``gguf``, computed in place, shardllama.qblocks); ``int8``, ``q8`` and ``q4`` are quantized at load time
+    (shardllama.quant, shardllama.qblocks), whatever the checkpoint holds."""
     if name == "auto":
         if quant_types:
-            return torch.int8
+            return GGUF
         return native if native in DTYPES.values() else torch.float32
+    if name == "gguf" and not quant_types:
+        raise UsageError("--dtype gguf keeps a GGUF file's quantized blocks, and this model holds none; "
+                         "--dtype q8 or q4 quantizes it")
     try:
         return DTYPES[name]
     except KeyError:
@@ -136,8 +141,11 @@ def prepare(
         notes = []
         torch_dtype = resolve_dtype(dtype, ckpt.native_dtype, ckpt.quant_types)
         if dtype == "auto" and ckpt.quant_types:
-            notes.append(f"{Path(model_path).name}: {'/'.join(ckpt.quant_types)} weights load as int8 "
-                         "(--dtype f32, f16 or bf16 widens them instead)")
+            own = [q for q in ckpt.quant_types if qblocks.has_kernel(q)]
+            other = [q for q in ckpt.quant_types if q not in own]
+            notes.append(f"{Path(model_path).name}: {'/'.join(own) or 'no'} weights computed as stored"
+                         + (f", {'/'.join(other)} requantized to Q8_0" if other else "")
+                         + " (--dtype int8, f16 or f32 converts them instead)")
         trained = args.max_seq_len
         if max_seq_len is None:
             max_seq_len = min(trained, DEFAULT_CONTEXT)
@@ -199,12 +207,13 @@ def start(
 
             # Shards are written one weight at a time straight from the (memory-mapped) checkpoint.
             load = _progress_loader(ckpt, source_dtype(p.dtype), progress)  # int8: floats, quantized there
+            block_types = ckpt.block_types() if p.dtype == GGUF else None  # gguf: what comes as blocks
             backend = Coordinator(
                 p.args, load, n_workers=workers, dtype=p.dtype, max_seq_len=p.max_seq_len, n_blocks=n_blocks,
                 keep_shards=keep_shards, model_path=p.path, timeout=worker_timeout,
                 threads_per_worker=threads_per_worker, endpoint=listen or "ipc", keys_dir=keys_dir,
                 insecure=insecure, phases=phases, local_workers=local_workers, prefill_precision=prefill_precision,
-                devices=devices, reduce=reduce,
+                devices=devices, reduce=reduce, block_types=block_types,
             )
     return Model(args=p.args, tokenizer=p.tokenizer, backend=backend, path=p.path, dtype=p.dtype)
 

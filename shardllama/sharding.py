@@ -9,7 +9,9 @@ Every layer is cut the Megatron way so that each worker's partial output is a pl
   ``model.py`` return each worker's contribution to the full result;
 - norms are replicated; the output head is cut by vocabulary rows (each worker returns a slice of the
   logits); the token embedding stays with the coordinator, which gathers the rows of the batch;
-- int8 weights' per-row scales go with their rows (see :func:`plan_entry`).
+- int8 weights' per-row scales go with their rows (see :func:`plan_entry`);
+- block-quantized weights (``qblocks``) are cut between blocks only: the plan gives wo and w2 column ranges
+  of whole blocks (``plan``'s ``dtype``), and a block type's tag goes to every worker.
 
 :data:`PLAN` is the table, :func:`plan` turns ``ModelArgs`` + N into one :class:`ShardSpec` per worker,
 :func:`shard` cuts a full tensor for one worker and :func:`unshard` puts the pieces back together.
@@ -20,6 +22,7 @@ The shared-memory writer and remote workers both get their slices from ``convert
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -28,6 +31,7 @@ from .config import ModelArgs
 from .errors import UsageError
 from .model import expected_shapes
 from .names import HEAD, head_source, layer_prefix, weight_kind
+from .qblocks import QTYPE_SUFFIX, block_weights, column_unit
 from .quant import SCALE_SUFFIX
 
 
@@ -68,6 +72,8 @@ def plan_entry(name: str) -> Split:
     if name.endswith(SCALE_SUFFIX):
         split = plan_entry(name.removesuffix(SCALE_SUFFIX))
         return REPLICATED if split.dim == 1 else split
+    if name.endswith(QTYPE_SUFFIX):
+        return REPLICATED
     try:
         return PLAN[weight_kind(name)]
     except KeyError:
@@ -118,11 +124,13 @@ def check_workers(args: ModelArgs, n_workers: int) -> None:
         )
 
 
-def plan(args: ModelArgs, n_workers: int) -> list[ShardSpec]:
-    """One ShardSpec per worker: every worker gets at least one query head."""
+def plan(args: ModelArgs, n_workers: int, dtype: torch.dtype | None = None) -> list[ShardSpec]:
+    """One ShardSpec per worker: every worker gets at least one query head.  With block-quantized weights
+    (``dtype``, :mod:`.qblocks`) the ranges of wo's and w2's columns hold whole blocks."""
     check_workers(args, n_workers)
-    q_ranges = _split(args.n_heads, n_workers)
-    ffn_ranges = _split(args.hidden_dim, n_workers, ALIGN)
+    heads_unit, ffn_unit = _block_units(args, n_workers, dtype)
+    q_ranges = _split(args.n_heads, n_workers, (heads_unit,))
+    ffn_ranges = _split(args.hidden_dim, n_workers, (ffn_unit,) if ffn_unit > 1 else ALIGN)
     vocab_ranges = _split(args.vocab_size, n_workers, ALIGN)
     specs = []
     for rank, q in enumerate(q_ranges):
@@ -138,6 +146,23 @@ def plan(args: ModelArgs, n_workers: int) -> list[ShardSpec]:
             kv_of_q=tuple(h // args.n_rep - kv.start for h in q),
         ))
     return specs
+
+
+def _block_units(args: ModelArgs, n_workers: int, dtype: torch.dtype | None) -> tuple[int, int]:
+    """(query heads, FFN units) that each worker's ranges must be multiples of, for whole blocks; UsageError
+    where N workers cannot each get some."""
+    if dtype is None:
+        return 1, 1
+    hd = args.head_dim
+    unit = column_unit(dtype, args.n_heads * hd)
+    heads_unit = math.lcm(unit, hd) // hd
+    ffn_unit = column_unit(dtype, args.hidden_dim)
+    for most, u, what in ((args.n_heads // heads_unit, unit, f"attention.wo ({heads_unit} query heads a block)"),
+                          (args.hidden_dim // ffn_unit, ffn_unit, f"feed_forward.w2 ({args.hidden_dim} columns)")):
+        if most < n_workers:
+            raise UsageError(f"{n_workers} workers cannot each hold whole {u}-weight blocks of {what} with "
+                             f"quantized weights; use at most {most} workers")
+    return heads_unit, ffn_unit
 
 
 GLOBAL_WEIGHTS = ("tok_embeddings.weight", "norm.weight", "output.weight")
@@ -159,8 +184,19 @@ def shard(name: str, tensor: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
         raise KeyError(f"{name!r} stays with the coordinator; workers hold no part of it")
     if split.dim is None:
         return tensor
-    r = spec.rows(split.axis)
+    r = _in_tensor(name, tensor, split, spec.rows(split.axis))
     return tensor.narrow(split.dim, r.start, len(r))
+
+
+def _in_tensor(name: str, tensor: torch.Tensor, split: Split, r: range) -> range:
+    """The range ``r`` of a weight's rows or columns as the indices of ``tensor``'s dimension ``split.dim``:
+    the same, but for the columns of blocks (N, K // bs, ts) uint8 (``qblocks``), which are cut between blocks."""
+    if split.dim != 1 or tensor.dtype != torch.uint8 or tensor.dim() != 3:
+        return r
+    bs = block_weights(tensor.shape[2])
+    if r.start % bs or r.stop % bs:
+        raise UsageError(f"{name}: columns {r.start}..{r.stop} cut inside its blocks of {bs} weights")
+    return range(r.start // bs, r.stop // bs)
 
 
 def unshard(name: str, parts: Sequence[torch.Tensor], specs: Sequence[ShardSpec]) -> torch.Tensor:
@@ -170,7 +206,7 @@ def unshard(name: str, parts: Sequence[torch.Tensor], specs: Sequence[ShardSpec]
     if split.dim is None:
         assert all(torch.equal(p, parts[0]) for p in parts[1:]), f"replicas of {name} differ"
         return parts[0]
-    rows = [spec.rows(split.axis) for spec in specs]
+    rows = [_in_tensor(name, parts[0], split, spec.rows(split.axis)) for spec in specs]
     shape = list(parts[0].shape)
     shape[split.dim] = max(r.stop for r in rows)
     full = parts[0].new_empty(shape)

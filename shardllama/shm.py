@@ -2,7 +2,8 @@
 
 One segment (:mod:`.segment`) per worker (``shardllama-<key>-...-r<rank>``) plus one for the coordinator's
 token embedding (``...-emb``).  With int8 weights a segment also holds each matrix's f32 scales
-(``<name>_scale``) and the embedding stays f32 (``quant.stored`` decides what is stored how).
+(``<name>_scale``), with block weights each matrix's type (``<name>_qtype``), and the embedding stays f32
+(``quant.stored`` decides what is stored how).
 
 Ownership: the coordinator creates the segments and leaves them registered with Python's resource tracker,
 so they are unlinked even when the coordinator is SIGKILLed.  Workers map them with plain ``mmap`` so
@@ -35,6 +36,7 @@ from .config import ModelArgs
 from .convert import Loader, cut
 from .model import expected_shapes
 from .phases import Phases
+from . import qblocks
 from .quant import stored
 # Segment and SHM_DIR are also imported from here (workers, tests), as before segment.py was split out.
 from .segment import (FORMAT_VERSION, PREFIX, SHM_DIR, ForeignSegmentError, Segment, run_tag,  # noqa: F401
@@ -107,6 +109,7 @@ class ShardStore:
         info: Mapping | None = None,
         files: dict | None = None,
         phases: Phases | None = None,
+        block_types: Mapping[str, int] | None = None,
     ) -> "ShardStore":
         """Cut ``load``'s weights into new segments of this run.  With ``keep`` (``files``: the model's
         :func:`~.fingerprint.fingerprint`), map the kept set of ``key`` if it is ours and of the same
@@ -124,7 +127,7 @@ class ShardStore:
         info = dict(info or {}, key=key, owner_pid=os.getpid(), dtype=str(dtype).removeprefix("torch."),
                     n_workers=len(specs), args=args.to_dict(), version=FORMAT_VERSION, identity=identity)
         with phases("lay out shards"):
-            layouts = _layouts(args, specs, dtype)
+            layouts = _layouts(args, specs, dtype, block_types or {})
         try:
             segments = _create(key, parts, layouts, dict(info, kept=keep), None if keep else run_tag())
         except FileExistsError:
@@ -164,13 +167,16 @@ def _remove(segments: Iterable[Segment]) -> None:
         seg.unlink()
 
 
-def _layouts(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype) -> dict[str, dict]:
+def _layouts(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype,
+             block_types: Mapping[str, int]) -> dict[str, dict]:
     """Part -> {tensor name: (dtype, shape)}; computed by storing and cutting meta tensors with ``stored``
-    and ``shard`` themselves (int8 adds each matrix's scales; the embedding stays float)."""
+    and ``shard`` themselves (int8 adds each matrix's scales, blocks their type; the embedding stays float)."""
     shapes = expected_shapes(args)
 
     def layout(name: str, src: str, spec: ShardSpec | None) -> dict:
-        parts = stored(name, torch.empty(shapes[src], device="meta"), dtype)
+        qtype = block_types.get(src)
+        full = torch.empty(shapes[src], device="meta") if qtype is None else qblocks.meta(shapes[src], qtype)
+        parts = stored(name, full, dtype)
         return {n: (t.dtype, tuple(t.shape if spec is None else shard(n, t, spec).shape)) for n, t in parts.items()}
 
     layouts = {EMBED: layout("tok_embeddings.weight", "tok_embeddings.weight", None)}

@@ -26,20 +26,20 @@ def test_demo_model_greedy_meaning_of_life(demo_gguf):
     assert "ms/token" in r.stderr and "time to first token" in r.stderr
 
 
-def test_plain_command_uses_the_cached_demo_model_as_int8_and_quiet_silences_stderr(demo_gguf):
-    # No --model-path: the default model, found in the cache the fixture filled.  Its file is Q4_1, so it
-    # loads as int8 (not widened to f32): the same text as an explicit --dtype int8.
+def test_plain_command_uses_the_cached_demo_model_as_stored_and_quiet_silences_stderr(demo_gguf):
+    # No --model-path: the default model, found in the cache the fixture filled.  Its file is Q4_1 (and
+    # Q8_0), computed on its own blocks (not widened to f32): the same text as an explicit --dtype gguf.
     common = ["generate", "--prompt", "The meaning of life is", "--temperature", "0", "--max-new-tokens", "5",
               "--no-echo"]
     env = {"SHARDLLAMA_CACHE": str(demo_gguf.parent)}
     r = run_cli(*common, "-q", env=env)
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
-    int8 = run_cli(*common, "--dtype", "int8", env=env)
-    assert int8.returncode == 0, int8.stderr
-    assert r.stdout == int8.stdout and len(r.stdout) > 10
+    explicit = run_cli(*common, "--dtype", "gguf", env=env)
+    assert explicit.returncode == 0, explicit.stderr
+    assert r.stdout == explicit.stdout and len(r.stdout) > 10
     loud = run_cli(*common, env=env)
-    assert "Q4_1/Q8_0 weights load as int8" in loud.stderr.splitlines()[0]
+    assert "Q4_1/Q8_0 weights computed as stored" in loud.stderr.splitlines()[0]
 
 
 def test_seed_reproduces_and_prompt_file(demo_gguf, tmp_path):

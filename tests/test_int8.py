@@ -364,8 +364,8 @@ def test_coordinator_dtype_errors():
     weights = random_weights(ARGS)
     with pytest.raises(UsageError, match="unknown dtype 'int4'.*int8"):
         Coordinator(ARGS, weights, n_workers=1, dtype="int4")
-    with pytest.raises(UsageError, match="unsupported dtype torch.uint8"):
-        Coordinator(ARGS, weights, n_workers=1, dtype=torch.uint8)
+    with pytest.raises(UsageError, match="unknown dtype torch.int16"):
+        Coordinator(ARGS, weights, n_workers=1, dtype=torch.int16)
     with pytest.raises(ModelFileError, match="int8 weights are quantized from float ones"):  # already int8
         Coordinator(ARGS, full_weights(ARGS, torch.int8, weights.__getitem__), n_workers=1, dtype=torch.int8)
 

@@ -10,7 +10,7 @@ import gguf
 import pytest
 import torch
 
-from shardllama import cli
+from shardllama import cli, qblocks
 from shardllama.errors import ModelFileError
 from shardllama.loading.base import Checkpoint
 from shardllama.model import random_weights
@@ -28,11 +28,11 @@ def no_weight_read(monkeypatch):
     monkeypatch.setattr(Checkpoint, "load", load)
 
 
-def test_quantized_file_loads_as_int8_and_says_so(tmp_path):
+def test_quantized_file_keeps_its_blocks_and_says_so(tmp_path):
     path = write_gguf(tmp_path / "q.gguf", random_weights(ARGS), ARGS, Q.Q8_0)
     with prepare(path) as p:
-        assert p.dtype == torch.int8
-        assert any("Q8_0 weights load as int8" in n for n in p.notes)
+        assert p.dtype == qblocks.GGUF
+        assert any("Q8_0 weights computed as stored" in n for n in p.notes)
     with prepare(path, dtype="f32") as p:  # --dtype still decides
         assert p.dtype == torch.float32 and not p.notes
     with prepare(write_gguf(tmp_path / "f.gguf", random_weights(ARGS), ARGS, Q.F16)) as p:
@@ -103,7 +103,7 @@ def test_notes_are_said_unless_quiet(tmp_path, capsys, caplog):
     common = ["--model-path", path, "--prompt", "x", "--max-new-tokens", "1", "--workers", "0", "--no-echo"]
     with caplog.at_level(logging.WARNING):
         assert run_main(capsys, *common)[0] == 0
-        assert "Q8_0 weights load as int8" in caplog.text
+        assert "Q8_0 weights computed as stored" in caplog.text
         caplog.clear()
         assert run_main(capsys, *common, "-q") == (0, [])
         assert caplog.text == ""

@@ -17,6 +17,7 @@ from typing import Mapping
 import torch
 
 from shardllama.model import Step
+from shardllama import qblocks
 from shardllama.quant import INT8, SCALE_SUFFIX, Int8Weight, dequantize
 
 
@@ -35,14 +36,16 @@ def select(name: str) -> torch.device:
 def place(weights: Mapping[str, torch.Tensor], device: torch.device,
           float_dtype: torch.dtype) -> Mapping[str, torch.Tensor]:
     """The shard on ``device``: unchanged on the CPU, else copied once, int8 matrices (with their scales)
-    dequantized there to ``float_dtype``."""
+    dequantized there to ``float_dtype``, block-quantized ones (``qblocks``) before they go."""
     if device.type == "cpu":
         return weights
     out = {}
     for name, w in weights.items():
-        if name.endswith(SCALE_SUFFIX):
+        if name.endswith((SCALE_SUFFIX, qblocks.QTYPE_SUFFIX)):
             continue
-        if w.dtype == INT8:
+        if w.dtype == qblocks.GGUF:  # blocks: dequantized on the host (no GPU kernel for them here)
+            out[name] = qblocks.dequantize(qblocks.linear_weight(weights, name)).to(device, float_dtype)
+        elif w.dtype == INT8:
             q = Int8Weight(w.to(device), weights[name + SCALE_SUFFIX].to(device))
             out[name] = dequantize(q, float_dtype)  # (N, K); q is dropped when this returns
         else:

@@ -105,7 +105,7 @@ class Worker:
             with self.phases("kernel library"):
                 kernels.library()  # build (or load) the matvec kernel now, under the connect timeout, not mid-step
         self.wire.spin_s = config.spin_us * 1e-6
-        spec = plan(args, config.n_workers)[self.rank]
+        spec = plan(args, config.n_workers, dtype)[self.rank]
         if config.segment:
             with self.phases("map shard"):
                 self.segment = Segment.attach(config.segment)

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from .. import qblocks
 from ..config import ModelArgs
 from ..errors import ModelFileError, ShardllamaError, UsageError, one_line
 from ..model import expected_shapes
@@ -64,8 +65,9 @@ class Checkpoint(abc.ABC):
         """The quantized type weight ``name`` is stored in, or None for a float one."""
         return None
 
-    def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """One full weight in Meta layout, converted to ``dtype``, contiguous.
+    def load(self, name: str, dtype: torch.dtype) -> torch.Tensor | qblocks.BlockWeight:
+        """One full weight in Meta layout, converted to ``dtype``, contiguous; with ``qblocks.GGUF`` a quantized
+        weight as its blocks (:meth:`block_types`) and the rest in f32.
 
         The result owns its memory or, when no conversion was needed, is a copy-on-write view of the
         memory-mapped file: writing to it never touches the file, but while this checkpoint is open a later
@@ -73,6 +75,11 @@ class Checkpoint(abc.ABC):
         """
         if name not in self._shapes:
             raise KeyError(f"{name!r} is not a weight of this model")
+        if dtype == qblocks.GGUF:  # quantized weights as their blocks, the rest in f32
+            blocks = self._blocks(name)
+            if blocks is not None:
+                return blocks
+            dtype = torch.float32
         if not dtype.is_floating_point:  # int8 comes from quant.stored, never from a plain cast
             raise UsageError(f"checkpoint weights load as a float dtype, not {dtype}; int8 models quantize them "
                              "(shardllama.loading.load_weights)")
@@ -80,6 +87,15 @@ class Checkpoint(abc.ABC):
         if tuple(t.shape) != self._shapes[name]:
             raise ModelFileError(f"{self.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {self._shapes[name]}")
         return t.to(dtype).contiguous()
+
+    def block_types(self) -> dict[str, int]:
+        """Weight name -> its GGUF quantized type, for the weights that ``load(name, qblocks.GGUF)`` gives as
+        blocks (without reading them)."""
+        return {}
+
+    def _blocks(self, name: str) -> qblocks.BlockWeight | None:
+        """Weight ``name`` as the blocks of its quantized type (a view of the file), or None for a float one."""
+        return None
 
     @abc.abstractmethod
     def _read(self, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
+from .. import qblocks
 from ..config import ModelArgs
 from ..errors import ModelFileError, UnsupportedError, one_line
 from ..names import carries_head
@@ -160,6 +161,16 @@ class GGUFCheckpoint(Checkpoint):
             return dequantize(t.data, t.tensor_type).reshape(self.shape(name))
         except (ValueError, RuntimeError) as e:
             raise ModelFileError(f"{self._files[name]}: cannot read tensor {t.name!r} ({one_line(e)})") from None
+
+    def block_types(self) -> dict[str, int]:
+        return {name: int(t.tensor_type) for name, t in self._tensors.items() if t.tensor_type not in FLOAT_TYPES}
+
+    def _blocks(self, name: str) -> qblocks.BlockWeight | None:
+        t = self._tensors[name]
+        if t.tensor_type in FLOAT_TYPES:
+            return None
+        raw = torch.from_numpy(np.asarray(t.data)).reshape(self.shape(name)[0], -1)  # (N, bytes of a row)
+        return qblocks.from_bytes(raw, t.tensor_type)
 
     def _quant_type(self, name: str) -> str | None:
         t = self._tensors[name].tensor_type
