@@ -1,9 +1,11 @@
-"""Compiling ``matvec.cpp`` once per machine and importing the cached library afterwards.
+"""Compiling the kernels' C++ sources once per machine and importing the cached libraries afterwards.
 
-The library lives in ``<cache>/kernels/shardllama_matvec-<key>/``, where ``<cache>`` is shardllama's cache
-directory (``$SHARDLLAMA_CACHE``, else ``~/.cache/shardllama``; see :func:`shardllama.demo.cache_dir`) and
-``<key>`` hashes the source, torch's version, the Python ABI, the machine and the CPU flags the kernel
-dispatches on: a changed source or another torch builds afresh instead of importing a stale library.
+Each source is a :class:`Library` (``MATVEC``: ``matvec.cpp``; ``BLOCKS``: ``blocks.cpp``, the quantized-block
+kernels).  A library lives in ``<cache>/kernels/<name>-<key>/`` (``shardllama_matvec-<key>``, ...), where
+``<cache>`` is shardllama's cache directory (``$SHARDLLAMA_CACHE``, else ``~/.cache/shardllama``; see
+:func:`shardllama.demo.cache_dir`) and ``<key>`` hashes the source, its compiler flags, torch's version, the
+Python ABI, the machine and the CPU flags the kernels dispatch on: a changed source or another torch builds
+afresh instead of importing a stale library.
 
 A finished build leaves a ``built`` file naming the library; later processes import it directly (a few
 milliseconds) without ``torch.utils.cpp_extension`` (whose import and ninja run cost more).  Processes that
@@ -22,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +40,26 @@ NAME = "shardllama_matvec"  # the module name compiled into the library (TORCH_E
 CFLAGS = ("-O3", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 _FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma")  # what the dispatch reads
+
+
+class Library(NamedTuple):
+    """A C++ source compiled into the Python module ``name`` with ``cflags``; ``what`` names it in the log."""
+
+    name: str
+    source: Path
+    cflags: tuple[str, ...] = CFLAGS
+    what: str = "matrix-vector kernel"
+
+
+MATVEC = Library(NAME, SOURCE)
+# -ffp-contract=off: blocks.cpp's dequantization must round each product and sum as numpy does (bit-exact with
+# gguf.quants); the kernel's fused multiply-adds are written as FMA intrinsics, which the flag leaves alone.
+BLOCKS = Library("shardllama_blocks", SOURCE.with_name("blocks.cpp"), CFLAGS + ("-ffp-contract=off",),
+                 "quantized-block kernels")
+
+
+def _library(source: Path | Library) -> Library:
+    return source if isinstance(source, Library) else MATVEC._replace(source=Path(source))
 
 
 class Unsupported(RuntimeError):
@@ -74,27 +97,30 @@ def check_cpu() -> None:
         raise Unsupported(f"the CPU lacks AVX2/F16C/FMA (torch capability {capability}, flags {' '.join(flags)})")
 
 
-def cache_key(source: bytes) -> str:
+def cache_key(source: bytes, cflags: tuple[str, ...] = CFLAGS) -> str:
     h = hashlib.sha256(source)
-    for part in (torch.__version__, sys.implementation.cache_tag, platform.machine(), " ".join(cpu_flags()), *CFLAGS,
+    for part in (torch.__version__, sys.implementation.cache_tag, platform.machine(), " ".join(cpu_flags()), *cflags,
                  *LDFLAGS):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
 
 
-def default_directory(source: Path = SOURCE) -> Path:
+def default_directory(source: Path | Library = MATVEC) -> Path:
     from ..demo import cache_dir
 
-    return cache_dir() / "kernels" / f"{NAME}-{cache_key(source.read_bytes())}"
+    lib = _library(source)
+    return cache_dir() / "kernels" / f"{lib.name}-{cache_key(lib.source.read_bytes(), lib.cflags)}"
 
 
-def load(source: Path = SOURCE, directory: Path | None = None) -> ModuleType:
-    """The compiled library, built into ``directory`` first if it is not there yet.
+def load(source: Path | Library = MATVEC, directory: Path | None = None) -> ModuleType:
+    """The compiled library (a Library, or a path: that source as ``matvec.cpp``'s module), built into
+    ``directory`` first if it is not there yet.
 
     Raises Unsupported on a CPU the kernel cannot use, BuildError when compiling or importing fails.
     """
     check_cpu()
-    directory = Path(directory) if directory is not None else default_directory(source)
+    lib = _library(source)
+    directory = Path(directory) if directory is not None else default_directory(lib)
     marker = directory / "built"
     if marker.is_file():
         return _import(directory, marker)
@@ -106,7 +132,7 @@ def load(source: Path = SOURCE, directory: Path | None = None) -> ModuleType:
     with locked(directory / "build.lock"):
         if marker.is_file():  # another process built it while this one waited
             return _import(directory, marker)
-        module = _compile(source, directory)
+        module = _compile(lib, directory)
         tmp = marker.with_suffix(f".{os.getpid()}")
         tmp.write_text(Path(module.__file__).name + "\n")
         # What later processes import must be writable by no one else, whatever the umask (002 is common):
@@ -117,24 +143,25 @@ def load(source: Path = SOURCE, directory: Path | None = None) -> ModuleType:
         return module
 
 
-def _compile(source: Path, directory: Path) -> ModuleType:
+def _compile(lib: Library, directory: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
         raise BuildError("ninja is not installed (pip install ninja); torch.utils.cpp_extension needs it")
     (directory / "lock").unlink(missing_ok=True)  # torch's own baton, left behind by a killed build
-    log.info("compiling the matrix-vector kernel into %s (once per machine, ~10 s)", directory)
+    source = lib.source
+    log.info("compiling the %s into %s (once per machine, ~10 s)", lib.what, directory)
     t0 = time.perf_counter()
     try:
         # copies: cpp_extension appends to the lists it is given (and CFLAGS is part of the cache key)
-        module = cpp_extension.load(NAME, [str(source)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
-                                    build_directory=str(directory), verbose=False)
+        module = cpp_extension.load(lib.name, [str(source)], extra_cflags=list(lib.cflags),
+                                    extra_ldflags=list(LDFLAGS), build_directory=str(directory), verbose=False)
     except Exception as e:  # cpp_extension raises RuntimeError / CalledProcessError / OSError with the compiler's output
         log.debug("compiling %s failed:\n%s", source, e)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         first = next((ln for ln in lines if ": error:" in ln or "fatal error" in ln), lines[0])  # gcc's own words
         raise BuildError(f"compiling {source.name} failed: {first[:300]}") from e
-    log.info("compiled the matrix-vector kernel in %.1f s", time.perf_counter() - t0)
+    log.info("compiled the %s in %.1f s", lib.what, time.perf_counter() - t0)
     return module
 
 

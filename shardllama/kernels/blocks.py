@@ -1,0 +1,191 @@
+"""Products with GGUF quantized weights computed on the file's own blocks (``blocks.cpp``).
+
+A quantized matrix W (N rows, K columns) is a uint8 tensor ``blocks`` of shape (N, K // bs, ts): bs weights in
+ts bytes per block, in ggml's native layout (``ggml-common.h``; the layouts are spelled out in ``blocks.cpp``),
+unit stride along the last two dims and any row stride, so a worker's row slice or block-column cut
+(``blocks.narrow(1, b0, nb)``) of a shared-memory tensor is used where it lies.  Memory is the file's bytes, and
+dequantization is exact: :func:`dequantize` returns what ``gguf.quants.dequantize`` does, bit for bit.
+
+:func:`linear` computes ``x @ W.T`` with f32 x and f32 sums: up to ``MAX_ROWS`` rows of x (a decode step) by a
+matrix-vector kernel that decodes each block into AVX-512 registers and multiplies it into every row of x;
+more rows (a prompt) by dequantizing tiles of ``TILE_ROWS`` rows and multiplying them with
+``shardllama.kernels.gemm`` (at the prefill precision in force) or ``F.linear``, so a prompt never widens a
+whole matrix at once.  Where the library is missing (disabled, no compiler, no AVX-512) the same results come
+from :func:`reference_linear`, the dequantize-then-``F.linear`` oracle.
+
+:func:`quantize` makes Q8_0 / Q4_0 blocks from float weights (``--dtype q8`` / ``q4``), bit-exact with
+``gguf.quants.quantize`` but in vectorized torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..loading import gguf_dequant
+from . import build
+
+log = logging.getLogger("shardllama.kernels")
+
+Q = GGMLQuantizationType
+SUPPORTED: dict[GGMLQuantizationType, tuple[int, int]] = {
+    t: GGML_QUANT_SIZES[t] for t in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL)
+}
+MAX_ROWS = 8  # rows of x up to which the matrix-vector kernel runs; more go through dequantized tiles
+TILE_ROWS = 128  # weight rows dequantized at a time for a prompt (128 x 11008 f32: 5.6 MB of scratch)
+
+_library: ModuleType | bool | None = None  # None: not tried yet; False: unavailable (said once)
+_lock = threading.Lock()
+
+
+def library() -> ModuleType | None:
+    """The compiled block kernels (built on first use), or None when kernels are disabled
+    (``shardllama.kernels.enable`` / ``SHARDLLAMA_KERNELS``) or unavailable here."""
+    global _library
+    from . import enabled
+
+    if not enabled():
+        return None
+    if _library is None:
+        with _lock:
+            if _library is None:
+                _library = _load()
+    return _library or None
+
+
+def _load() -> ModuleType | bool:
+    try:
+        lib = build.load(build.BLOCKS)
+    except build.Unsupported as e:
+        log.info("quantized-block kernels not used: %s", e)
+        return False
+    except Exception as e:  # a failed build must never stop the program: torch computes the same
+        log.warning("quantized-block kernels unavailable, dequantizing in torch (slower): %s", e)
+        return False
+    if not lib.has_avx512():
+        log.info("quantized-block kernels not used: the CPU lacks AVX-512 (F, BW, VL, DQ)")
+        return False
+    return lib
+
+
+def _check(blocks: torch.Tensor, qtype: int) -> tuple[int, int]:
+    """(bs, ts) of ``qtype`` after checking that ``blocks`` is laid out as the module says."""
+    try:
+        bs, ts = SUPPORTED[Q(qtype)]
+    except (ValueError, KeyError):
+        raise ValueError(f"quantized blocks: type {qtype} is not one of "
+                         f"{', '.join(t.name for t in SUPPORTED)}") from None
+    if blocks.dtype != torch.uint8 or blocks.dim() != 3 or blocks.shape[2] != ts:
+        raise ValueError(f"quantized blocks: {Q(qtype).name} wants uint8 (N, K/{bs}, {ts}), got "
+                         f"{blocks.dtype} {tuple(blocks.shape)}")
+    if blocks.shape[1] > 1 and blocks.stride(1) != ts or blocks.stride(2) != 1:
+        raise ValueError(f"quantized blocks: the blocks of a row must be contiguous, got strides {blocks.stride()}")
+    return bs, ts
+
+
+def torch_dequantize(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """:func:`dequantize` without the library: ``shardllama.loading.gguf_dequant`` (torch or gguf's numpy)."""
+    bs, ts = _check(blocks, qtype)
+    N, nb, _ = blocks.shape
+    raw = blocks.contiguous().view(N, nb * ts).numpy()
+    return gguf_dequant.dequantize(raw, Q(qtype)).reshape(N, nb * bs)
+
+
+def dequantize(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """(N, nb, ts) uint8 blocks -> (N, nb * bs) f32 weights, bit-exact with ``gguf.quants.dequantize``."""
+    _check(blocks, qtype)
+    lib = library()
+    if lib is None:
+        return torch_dequantize(blocks, qtype)
+    return lib.dequantize(blocks, int(qtype))
+
+
+def reference_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """``F.linear(x, W)`` with W dequantized in torch (the oracle, and the path without the library)."""
+    w = torch_dequantize(blocks, qtype)
+    return F.linear(x.float(), w).to(x.dtype)
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from . import gemm
+
+    return gemm.linear(x, w) if gemm.applies(x, w) else F.linear(x, w)
+
+
+def linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """``x @ W.T`` for (..., K) x: (..., N) in x's dtype, computed in f32 (x widened to f32, f32 sums)."""
+    bs, _ = _check(blocks, qtype)
+    N, nb, _ = blocks.shape
+    if x.shape[-1] != nb * bs:
+        raise ValueError(f"quantized linear: x has {x.shape[-1]} columns, the weight {nb * bs}")
+    lib = library()
+    if lib is None or x.device.type != "cpu" or x.requires_grad:
+        return reference_linear(x, blocks, qtype)
+    xf = x.float()
+    rows = xf.numel() // max(1, x.shape[-1])
+    if rows <= MAX_ROWS:
+        y = lib.matvec(xf, blocks, int(qtype))
+    else:
+        x2 = xf.reshape(rows, -1)
+        y = torch.empty(rows, N, dtype=torch.float32)
+        scratch = torch.empty(min(N, TILE_ROWS), nb * bs, dtype=torch.float32)
+        for i in range(0, N, TILE_ROWS):
+            n = min(TILE_ROWS, N - i)
+            w = lib.dequantize(blocks[i:i + n], int(qtype), scratch[:n])
+            y[:, i:i + n] = _gemm(x2, w)
+        y = y.view(*x.shape[:-1], N)
+    return y.to(x.dtype)
+
+
+# ---- quantizing (Q8_0, Q4_0), bit-exact with gguf.quants.quantize ----------------------------------------
+
+
+def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """(n, 1) f32 -> (n, 2) uint8: the value rounded to f16, little-endian."""
+    return d.half().view(torch.uint8)
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    # gguf: d = max|b| / 127; q = round-half-away(b / d) (as b * (1/d)); stored d is f16(d)
+    d = b.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    v = b * inv
+    a = v.abs()
+    fl = a.floor()
+    q = (fl + (2 * (a - fl)).floor()) * v.sign()
+    return torch.cat([_f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    # gguf: the value of largest magnitude (the first such) / -8 is d; q = trunc(b / d + 8.5) clipped to 0..15
+    imax = b.abs().argmax(dim=1, keepdim=True)
+    d = b.gather(1, imax) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = (b * inv + 8.5).trunc().clamp_(0, 15).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), q[:, :16] | (q[:, 16:] << 4)], dim=1)
+
+
+_QUANTIZERS = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0}
+_QUANT_CHUNK = 1 << 16  # blocks per step: bounded temporaries (a few MB) whatever the matrix
+
+
+def quantize(w: torch.Tensor, qtype: int) -> torch.Tensor:
+    """(N, K) float weights -> (N, K // 32, ts) uint8 blocks of Q8_0 or Q4_0, the bytes
+    ``gguf.quants.quantize`` writes."""
+    fn = _QUANTIZERS.get(Q(qtype)) if qtype in set(SUPPORTED) else None
+    if fn is None:
+        raise ValueError(f"quantize: only {', '.join(t.name for t in _QUANTIZERS)}, not {Q(qtype).name}")
+    bs, ts = SUPPORTED[Q(qtype)]
+    if w.dim() != 2 or w.shape[1] % bs:
+        raise ValueError(f"quantize: {Q(qtype).name} wants (N, K) with K a multiple of {bs}, got {tuple(w.shape)}")
+    N, K = w.shape
+    flat = w.detach().reshape(-1, bs)
+    out = torch.empty(flat.shape[0], ts, dtype=torch.uint8)
+    for i in range(0, flat.shape[0], _QUANT_CHUNK):
+        out[i:i + _QUANT_CHUNK] = fn(flat[i:i + _QUANT_CHUNK].float())
+    return out.view(N, K // bs, ts)
