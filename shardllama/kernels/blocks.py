@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..loading import gguf_dequant
 from . import build
 
 log = logging.getLogger("shardllama.kernels")
@@ -93,6 +92,8 @@ def torch_dequantize(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     bs, ts = _check(blocks, qtype)
     N, nb, _ = blocks.shape
     raw = blocks.contiguous().view(N, nb * ts).numpy()
+    from ..loading import gguf_dequant  # here: the loaders import shardllama.qblocks, which imports this module
+
     return gguf_dequant.dequantize(raw, Q(qtype)).reshape(N, nb * bs)
 
 
