@@ -34,7 +34,7 @@ import torch
 
 from .config import ModelArgs
 from .convert import Loader, cut
-from .model import expected_shapes
+from .model import DTYPES, expected_shapes
 from .phases import Phases
 from . import qblocks
 from .quant import stored
@@ -124,7 +124,8 @@ class ShardStore:
             if store is not None:
                 log.info("using kept shards %s (%.1f MB)", key, store.nbytes() / 1e6)
                 return store
-        info = dict(info or {}, key=key, owner_pid=os.getpid(), dtype=str(dtype).removeprefix("torch."),
+        name = next((n for n, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))  # --dtype's
+        info = dict(info or {}, key=key, owner_pid=os.getpid(), dtype=name,
                     n_workers=len(specs), args=args.to_dict(), version=FORMAT_VERSION, identity=identity)
         with phases("lay out shards"):
             layouts = _layouts(args, specs, dtype, block_types or {})

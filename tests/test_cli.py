@@ -38,6 +38,8 @@ def test_plain_command_uses_the_cached_demo_model_as_stored_and_quiet_silences_s
     explicit = run_cli(*common, "--dtype", "gguf", env=env)
     assert explicit.returncode == 0, explicit.stderr
     assert r.stdout == explicit.stdout and len(r.stdout) > 10
+    # The file's own numbers, as f32 computes them: transformers' and llama.cpp's greedy text.
+    assert MEANING.startswith(r.stdout.rstrip("\n"))
     loud = run_cli(*common, env=env)
     assert "Q4_1/Q8_0 weights computed as stored" in loud.stderr.splitlines()[0]
 
@@ -136,7 +138,7 @@ def test_keep_shards_then_list_and_clean(demo_gguf):
         # One kept set of this key; a private set of the same model, dtype and N (another run's, or the previous
         # test's while its resource tracker is still unlinking it) may be listed beside it.
         [line] = [x for x in listed.stdout.splitlines() if x.startswith(key) and "  kept  " in x]
-        assert "float32  2 workers" in line and str(demo_gguf) in line
+        assert "f32  2 workers" in line and str(demo_gguf) in line  # --dtype's name
         # The second run attaches to the kept shards rather than writing them again.
         again = run_cli(*common)
         assert again.returncode == 0, again.stderr

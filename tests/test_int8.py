@@ -440,14 +440,18 @@ def test_cli_int8_on_the_demo_model(demo_gguf):
     assert runs[2].stdout == runs[0].stdout
 
 
-def test_cli_int8_with_remote_workers(tmp_path):
-    """`--listen` with two `shardllama worker --connect` processes that quantize their own slices: the same
-    text as local int8 workers."""
+@pytest.mark.parametrize("dtype, stored", [("int8", "F32"), ("gguf", "Q8_0")])
+def test_cli_int8_with_remote_workers(tmp_path, dtype, stored):
+    """`--listen` with two `shardllama worker --connect` processes that quantize (int8) or cut between blocks
+    (a Q8_0 file's own, ``qblocks``) their own slices: the same text as local workers."""
+    import gguf
+
     from tests.test_loading import ARGS as TINY, write_gguf
 
-    model_file = write_gguf(tmp_path / "tiny.gguf", random_weights(TINY, seed=5))
+    model_file = write_gguf(tmp_path / "tiny.gguf", random_weights(TINY, seed=5), TINY,
+                            gguf.GGMLQuantizationType[stored])
     common = ["--model-path", model_file, "--prompt", "tok1 tok2 tok3", "--temperature", "0", "--max-new-tokens", "8",
-              "--ignore-eos", "-q", "--workers", "2", "--dtype", "int8"]
+              "--ignore-eos", "-q", "--workers", "2", "--dtype", dtype]
     local = run_cli(*common, timeout=120)
     assert local.returncode == 0, local.stderr
     # CurveZMQ is on by default over tcp: a keypair in a config directory of the test's own, shared by both ends.

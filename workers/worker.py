@@ -30,6 +30,7 @@ from shardllama.errors import KeyFileError
 from shardllama.kernels import gemm
 from shardllama.model import DTYPES, Step
 from shardllama.phases import Phases
+from shardllama import qblocks
 from shardllama.quant import activation_dtype, source_dtype
 from shardllama.sharding import ShardSpec, plan
 from shardllama.shm import Segment
@@ -99,11 +100,12 @@ class Worker:
         with self.phases("select device"):
             device = dev.select(config.device)  # before anything else touches CUDA
         torch.set_num_threads(self.threads or config.threads)
-        if dtype in (torch.float16, torch.bfloat16, torch.int8) and device.type == "cpu":  # (CPU kernels only)
-            from shardllama import kernels
+        if dtype in (torch.float16, torch.bfloat16, torch.int8, *qblocks.DTYPES) and device.type == "cpu":
+            from shardllama import kernels  # (CPU kernels only)
+            from shardllama.kernels import blocks
 
-            with self.phases("kernel library"):
-                kernels.library()  # build (or load) the matvec kernel now, under the connect timeout, not mid-step
+            with self.phases("kernel library"):  # built (or loaded) now, under the connect timeout, not mid-step
+                blocks.library() if dtype in qblocks.DTYPES else kernels.library()
         self.wire.spin_s = config.spin_us * 1e-6
         spec = plan(args, config.n_workers, dtype)[self.rank]
         if config.segment:
