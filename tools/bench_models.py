@@ -7,8 +7,11 @@ those f16 files quantized by llama.cpp's own quantizer (``llama_cpp.llama_model_
 extra), so both engines read exactly what people download.  A file is written on first use into
 ``~/.cache/shardllama/bench/`` (``$SHARDLLAMA_CACHE``); a path to any llama GGUF works too.
 
-Made on the Intel kind (2 vCPUs) on 2026-12-03: the demo's three quantized files in 2-4 s each, the 7B's in
-about 1.5-4 minutes each (Q4_0 97 s); the 7B f16 file itself ~3 minutes (tools/make_gguf.py).
+Made on the Intel kind (2 vCPUs, shared, niced) on 2026-12-03 by llama-cpp-python 0.3.36: the demo's Q4_0,
+Q4_K_M and Q8_0 in 2-4 s each; the 7B's Q4_0 in 97 s (3.83 GB), Q4_K_M in 720 s (4.08 GB: the K-quants'
+search for scales is the slow part) and Q8_0 in 81 s (7.16 GB); the 7B f16 file itself ~3 minutes
+(tools/make_gguf.py).  llama.cpp keeps some tensors at other types (the demo's 576-wide rows are not whole
+256-weight blocks, so its "Q4_K_M" is mostly Q5_0): :func:`tensor_types` says what a file holds.
 """
 
 from __future__ import annotations
