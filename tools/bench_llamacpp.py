@@ -1,23 +1,35 @@
-"""shardllama against llama.cpp on the same GGUF files, in one run: decode, prefill, GB/s, peak memory.
+"""shardllama against llama.cpp on the same GGUF files, in one run: decode, prefill, GB/s, memory.
 
     python tools/bench_llamacpp.py                                   # demo model f16 + f32, then random 7B f16
     python tools/bench_llamacpp.py --models demo-f16 --rounds 1 --repeat 1 --decode-tokens 8   # a quick look
+    python tools/bench_llamacpp.py --models demo-q4_k_m 7b-q4_k_m --workers 2 --dtypes auto int8   # quantized files
     python tools/bench_llamacpp.py --models 7b-f16 --rounds 2 --repeat 1 --append   # add rows to the last run
     python tools/bench_llamacpp.py --models path/to/model.gguf --workers 1 2 --llama-threads 1 2
     python tools/bench_llamacpp.py --models 7b-f16 --workers 2 --prefill-precisions f32 bf16 --rounds 2 --repeat 1
     python tools/bench_llamacpp.py --models demo-f32 --workers 2 --baseline ../before   # a change against its parent
 
 Needs llama-cpp-python, the project's optional ``bench`` extra (never a test dependency); it compiles
-llama.cpp from source (~5 minutes on 2 cores), natively for this CPU with::
+llama.cpp from source (~5-10 minutes on 2 cores).  Which build, by CPU kind:
 
-    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install -e '.[bench]'
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install -e '.[bench]'       # tuned to this CPU
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+        -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+        -DGGML_AMX_BF16=OFF" pip install --force-reinstall --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36
 
-Models: ``demo-f16`` / ``demo-f32`` are the demo model (SmolLM2-135M-Instruct, shipped as Q4_1, which
-llama-cpp-python 0.3.36 crashes on) rewritten with every matrix dequantized; ``7b-f16`` is a random-weight
-LLaMA-7B (dim 4096, 32 layers, FFN 11008, vocab 32000; 13.5 GB).  ``demo-q4_k_m``, ``7b-q8_0``... (Q4_0,
-Q4_K_M, Q5_K_M, Q8_0) are those f16 files quantized by llama.cpp's own quantizer; shardllama loads them as
-it loads any quantized file (today: as int8).  tools/make_gguf.py writes them once into
-``~/.cache/shardllama/bench/`` (``$SHARDLLAMA_CACHE``); a path to any llama GGUF works too.
+The native build runs every file here on the Intel kind as this project's VMs have it (Xeon family 6 model
+207, whose hypervisor does not expose AMX: checked 2026-12-03 on Q4_0, Q4_1, Q4_K_M, Q8_0, f16, f32) and
+is the one to use on AMD.  On an Intel host that does expose AMX, a native build dies with a general
+protection fault in libggml-cpu on every quantized file (its AMX path; the issue of 2026-12-02); the second
+build, AVX-512 without AMX, runs them there.  The table's header says which build was timed: the CPU
+features its ggml was compiled for (``llama_print_system_info``), and any this CPU has that it leaves out.
+
+Models (tools/bench_models.py): ``demo-f16`` / ``demo-f32`` (the demo model dequantized), ``7b-f16`` (a
+random-weight LLaMA-7B, 13.5 GB), and those f16 files quantized by llama.cpp's own quantizer:
+``demo-q4_0``, ``demo-q4_k_m``, ``demo-q8_0``, ``7b-q4_0``, ``7b-q4_k_m``, ``7b-q8_0`` (and ``-q5_k_m``),
+written into ``~/.cache/shardllama/bench/`` on first use; or a path to any llama GGUF.  shardllama loads a
+file with each ``--dtypes`` (default ``auto``: what the CLI does with no --dtype -- a quantized file's own
+block types once shardllama computes on them in place, int8 before; ``int8`` or ``f16`` to compare); the
+``weights`` column says what it became.
 
 How it measures.  Every engine configuration -- llama.cpp with ``--llama-threads`` threads, shardllama with
 ``--workers`` N worker processes (one torch thread each, the default) -- runs in a fresh subprocess that
@@ -38,8 +50,6 @@ generation loop asks).  The five likeliest next tokens after the last decode run
 engines, a check that both compute the same model.
 
 - decode ms/token: the time of a decode run divided by its tokens.
-- GB/s: weight bytes one decode step reads (every tensor but the embedding table, which is read one row at
-  a time -- unless the output head is tied to it) / decode time.  What decoding is bound by.
 - vs llama.cpp: llama.cpp's time / ours on the same model (llama.cpp with the most threads), so > 1 is
   faster than llama.cpp.
 - start-up s: command to first token, as a person waits for it: a fresh process's wall time from its own
@@ -49,10 +59,16 @@ engines, a check that both compute the same model.
   and writes private shards; "kept" is a second fresh process mapping the shards a first one kept
   (``--keep-shards``; with ``--no-kept-startup``, not measured).  The set is removed again unless it was there
   before.  Median over rounds; other processes' CPU is not checked for these.
+- GB/s: weight bytes one decode step reads / decode time: for llama.cpp the file's tensors but the
+  embedding table (read a row at a time) unless the output head is tied to it; for shardllama its
+  workers' shared-memory segments, i.e. the weights in the form it computes on.
+- shm weights GB (× file): the workers' segments in shared memory, and their ratio to the bytes of the
+  same tensors in the file (the issue's target for weights kept in place: <= 1.15x).  The coordinator's
+  embedding table (f32) is its own segment, stated in the notes with the total.
 - peak memory: llama.cpp's peak RSS (the mapped model file counts in it); shardllama's largest sum of PSS
   over the coordinator and its workers, read between phases (shared-memory shards count once, split
-  among the processes that map them).  ``shm_gb`` in the JSON is the size of the shards themselves.  GB
-  are 10^9 bytes throughout.
+  among the processes that map them): weights, embedding, KV cache and every interpreter.  GB are 10^9
+  bytes throughout.
 
 Writes ``<out>.json`` (every sample, the settings, machine and versions) and ``<out>.md`` (the table) with
 ``--out`` (default ``tools/results/bench-llamacpp``); ``--append`` adds to the models already there.
@@ -64,8 +80,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -76,207 +90,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # As a script, tools/ comes first on sys.path: put this checkout ahead of any installed shardllama, so the
 # engine timed is the one beside this file (the workers then import it from there too).
-sys.path.insert(0, str(ROOT))
+# Its helpers beside it (tools/) come second, also where this file is imported rather than run (the tests).
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-# ---- models ---------------------------------------------------------------------------------------------
-
-MODELS = {  # name -> (how to make it, file name in the bench cache)
-    "demo-f16": ("demo", "f16", "SmolLM2-135M-Instruct.f16.gguf"),
-    "demo-f32": ("demo", "f32", "SmolLM2-135M-Instruct.f32.gguf"),
-    "7b-f16": ("7b", "f16", "llama-7b-random-f16.gguf"),
-    "7b-f32": ("7b", "f32", "llama-7b-random-f32.gguf"),  # 27 GB: does not fit a 24 GB machine's memory
-}
-# Quantized files, made from the f16 ones by llama.cpp's own quantizer (llama_model_quantize), so both
-# engines read exactly what people download: name -> (f16 source, llama.cpp ftype name, file name).
-QUANTIZED = {"Q4_0": "MOSTLY_Q4_0", "Q4_K_M": "MOSTLY_Q4_K_M", "Q5_K_M": "MOSTLY_Q5_K_M", "Q8_0": "MOSTLY_Q8_0"}
-for _src, _stem in (("demo", "SmolLM2-135M-Instruct"), ("7b", "llama-7b-random")):
-    for _q in QUANTIZED:
-        MODELS[f"{_src}-{_q.lower()}"] = (f"{_src}-f16", _q, f"{_stem}-{_q}.gguf")
-
-
-def bench_dir() -> Path:
-    from shardllama.demo import cache_dir
-
-    return cache_dir() / "bench"
-
-
-def model_path(name: str) -> Path:
-    """The GGUF for a model name (written on first use) or a path given as is."""
-    if name not in MODELS:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise SystemExit(f"bench_llamacpp: {name}: neither a model name ({', '.join(MODELS)}) nor a file")
-        return path
-    source, dtype, file_name = MODELS[name]
-    path = bench_dir() / file_name
-    if path.is_file():
-        return path
-    import make_gguf  # tools/, beside this file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"writing {path} (once)", file=sys.stderr)
-    if source.endswith("-f16"):  # a quantized file, from the f16 one
-        return quantize(model_path(source), path, dtype)
-    if source == "demo":
-        from shardllama.demo import demo_model_path
-
-        return make_gguf.write_dequantized(demo_model_path(), path, dtype)
-    return make_gguf.write_random(path, make_gguf.random_args(source), dtype, seed=0,
-                                  name=f"random LLaMA-{source} shape")
-
-
-def quantize(src: Path, dst: Path, qtype: str) -> Path:
-    """``src`` quantized to ``qtype`` (a QUANTIZED key) by llama.cpp's own quantizer, written atomically."""
-    import ctypes
-
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + QUANTIZED[qtype])
-    params.nthread = len(os.sched_getaffinity(0))
-    tmp = dst.with_suffix(".part")
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-        raise SystemExit(f"bench_llamacpp: llama.cpp could not quantize {src} to {qtype}")
-    tmp.rename(dst)
-    return dst
-
-
-def decode_bytes(path: Path) -> tuple[int, int]:
-    """(bytes one decode step reads from the weights, bytes of all tensors) of a GGUF: every tensor but
-    the embedding table, or all of them when the output head is the embedding table (tied)."""
-    import gguf
-
-    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
-    total = sum(tensors.values())
-    tied = "output.weight" not in tensors
-    return (total if tied else total - tensors["token_embd.weight"]), total
-
-
-# ---- one engine in one subprocess -----------------------------------------------------------------------
-
-
-def token_ids(vocab: int, n: int, seed: int) -> list[int]:
-    """Seeded random ids, skipping the first few (control tokens in both demo and LLaMA vocabularies)."""
-    import random
-
-    rng = random.Random(seed)
-    return [rng.randrange(16, vocab) for _ in range(n)]
-
-
-class Stopwatch:
-    """Wall time of a section, and how much CPU other processes took meanwhile (in cores: 0.5 = half a core
-    on average).  The machine may be shared: a sample that other work disturbed is flagged and left out."""
-
-    TICK = os.sysconf("SC_CLK_TCK")
-
-    def __init__(self, pids):
-        self.pids = pids  # () -> the processes of the engine under test
-
-    def _busy(self) -> tuple[int, int, int]:
-        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6]  # user nice system irq softirq (guest is in user)
-        ours, pids = 0, self.pids()
-        for pid in pids:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ours += int(fields[11]) + int(fields[12])  # utime stime, all threads
-        return busy, ours, len(pids)
-
-    def __enter__(self) -> "Stopwatch":
-        self._b0, self._o0, _ = self._busy()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.t0
-        b1, o1, n = self._busy()
-        # The system counts in sampled ticks, a process's times are rounded down to ticks: allow for a tick or
-        # two of disagreement per process, which makes samples of a few ticks impossible to judge.
-        slack = 1 + 2 * n
-        self.foreign = max(0, (b1 - self._b0) - (o1 - self._o0) - slack) / self.TICK / self.seconds
-
-
-# A sample during which other processes took more than this (in cores) is disturbed.
-DISTURBED = 0.1
-
-
-class Sampler:
-    """Times one measurement at a time on a machine that others may be using: waits (up to ``max_wait`` s)
-    until other processes leave the CPUs alone for a second, runs it, and runs it again (up to ``retries``
-    times) if they took more than ``DISTURBED`` cores meanwhile.  Keeps the last try either way."""
-
-    def __init__(self, pids, retries: int, max_wait: float):
-        self.pids, self.retries, self.max_wait = pids, retries, max_wait
-        self.waited_s = 0.0
-        self.tries = 0
-
-    def _wait_quiet(self) -> None:
-        deadline = time.perf_counter() + self.max_wait
-        while time.perf_counter() < deadline:
-            with Stopwatch(self.pids) as w:
-                time.sleep(1.0)
-            self.waited_s += w.seconds
-            if w.foreign <= DISTURBED:
-                return
-
-    def __call__(self, prepare, run) -> Stopwatch:
-        for _ in range(self.retries + 1):
-            prepare()
-            self._wait_quiet()
-            self.tries += 1
-            with Stopwatch(self.pids) as w:
-                run()
-            if w.foreign <= DISTURBED:
-                break
-        return w
-
-
-def first_token(forward, reset, vocab: int, cfg: dict) -> float:
-    """The first prompt (the warm-up's ``decode_after`` ids): seconds from this process's start to its logits."""
-    from shardllama.phases import process_start
-
-    reset()
-    forward(token_ids(vocab, cfg["decode_after"], seed=1), 0)
-    return time.perf_counter() - process_start()
-
-
-def measure(forward, reset, top, vocab: int, cfg: dict, sample_memory, pids) -> dict:
-    """Start-up (:func:`first_token`, which also warms up), then ``repeat`` times: prefill of each prompt
-    length, and a decode run.  ``top()`` gives the five likeliest next ids after the last forward pass: read
-    once per decode run, outside the timing, to check that both engines compute the same model.  Every
-    sample comes with the CPU other processes took while it ran (``*_foreign``, in cores)."""
-    prompt = token_ids(vocab, max(cfg["prompt_lens"] + [cfg["decode_after"]]), seed=1)
-    steps = token_ids(vocab, cfg["decode_tokens"], seed=2)
-    startup_s = first_token(forward, reset, vocab, cfg)  # warm-up: pages every weight in, builds kernels
-    memory = [sample_memory()]
-    for i, t in enumerate(steps[:4]):
-        forward([t], cfg["decode_after"] + i)
-    memory.append(sample_memory())
-    prefill = {str(n): [] for n in cfg["prompt_lens"]}
-    prefill_foreign = {str(n): [] for n in cfg["prompt_lens"]}
-    decode, decode_foreign, tops = [], [], []
-    sample = Sampler(pids, cfg["retries"], cfg["max_wait"])
-
-    def decode_prompt() -> None:
-        reset()
-        forward(prompt[: cfg["decode_after"]], 0)
-
-    def decode_run() -> None:
-        for i, t in enumerate(steps):
-            forward([t], cfg["decode_after"] + i)
-
-    for _ in range(cfg["repeat"]):
-        for n in cfg["prompt_lens"]:
-            w = sample(reset, lambda: forward(prompt[:n], 0))
-            prefill[str(n)].append(n / w.seconds)
-            prefill_foreign[str(n)].append(w.foreign)
-        w = sample(decode_prompt, decode_run)
-        decode.append(1000 * w.seconds / len(steps))
-        decode_foreign.append(w.foreign)
-        tops.append(top())
-        memory.append(sample_memory())
-    return dict(prefill_tok_s=prefill, prefill_foreign=prefill_foreign, decode_ms=decode,
-                decode_foreign=decode_foreign, memory_gb=max(memory), top5=tops[-1], tries=sample.tries,
-                waited_s=sample.waited_s, startup_s=startup_s)
+from bench_models import MODELS, decode_bytes, model_path, tensor_types  # noqa: E402
+from bench_report import describe_build, machine, markdown, versions  # noqa: E402
+from bench_timing import clean, first_token, measure, median_of  # noqa: E402
 
 
 def run_llamacpp(cfg: dict) -> dict:
@@ -343,9 +162,16 @@ def run_shardllama(cfg: dict) -> dict:
 
         out = measure(forward, lambda: None, top, model.args.vocab_size, cfg, pss_gb, lambda: pids)
         store = getattr(backend, "store", None)
-        shm_gb = store.nbytes() / 1e9 if store is not None else None
-        dtype = str(model.dtype).removeprefix("torch.")
-    return dict(out, load_s=load_s, shm_gb=shm_gb, dtype=dtype)
+        shm = {part: seg.nbytes() for part, seg in store.segments.items()} if store is not None else None
+        dtype = dtype_name(model.dtype)
+    return dict(out, load_s=load_s, shm_bytes=shm, dtype=dtype)
+
+
+def dtype_name(dtype) -> str:
+    """The --dtype name of the weight dtype a model was loaded in (``gguf`` for a file's own blocks)."""
+    from shardllama.model import DTYPES
+
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
 def startup_only(model, cfg: dict) -> dict:
@@ -411,25 +237,15 @@ def run_config(cfg: dict, timeout: float) -> dict:
 # ---- the run --------------------------------------------------------------------------------------------
 
 
-def median_of(runs: list[dict], key: str) -> float | None:
-    """The median of ``key`` over the runs that have it (None where none has)."""
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
-def clean(samples: list[tuple[float, float]]) -> tuple[list[float], int]:
-    """The values of the (value, foreign CPU) samples that no other process disturbed (all of them if every
-    one was), and how many were disturbed."""
-    calm = [x for x, f in samples if f <= DISTURBED]
-    return calm or [x for x, _ in samples], len(samples) - len(calm)
-
-
 def configs(a: argparse.Namespace) -> list[dict]:
-    mine = ([dict(engine="shardllama", workers=n, prefill_precision=p,
-                  label=f"shardllama{'' if p == 'f32' else f' {p} prefill'}, {n} worker{'s' * (n > 1)}")
-             for p in a.prefill_precisions for n in a.workers]
-            + [dict(engine="shardllama", workers=n, dtype="int8", label=f"shardllama int8, {n} worker{'s' * (n > 1)}")
-               for n in a.int8_workers])
+    def plural(n: int) -> str:
+        return f"{n} worker{'s' * (n > 1)}"
+
+    mine = [dict(engine="shardllama", workers=n, dtype=d, prefill_precision=p,
+                 label=f"shardllama{'' if d == 'auto' else f' {d}'}{'' if p == 'f32' else f' {p} prefill'}, {plural(n)}")
+            for d in a.dtypes for p in a.prefill_precisions for n in a.workers]
+    mine += [dict(engine="shardllama", workers=n, dtype="int8", label=f"shardllama int8, {plural(n)}")
+             for n in a.int8_workers if "int8" not in a.dtypes or n not in a.workers]
     baseline = []
     if a.baseline is not None:
         rev = git_rev(a.baseline)
@@ -446,6 +262,36 @@ def git_rev(checkout: Path) -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return checkout.name
+
+
+def summary(c: dict, results: list[dict], step_bytes: int, prompt_lens: list[int]) -> dict:
+    """One configuration's row: medians over its runs' calm samples (:func:`clean`), and for shardllama its
+    shared memory against the ``step_bytes`` of the same tensors in the file."""
+    ok = [r for r in results if "error" not in r]
+    row = dict(engine=c["engine"], label=c["label"], threads=c.get("threads"), workers=c.get("workers"),
+               dtype_asked=c.get("dtype"),
+               errors=[r["error"] for r in results if "error" in r], samples=ok)
+    if ok:
+        decode, dropped = clean([pair for r in ok for pair in zip(r["decode_ms"], r["decode_foreign"])])
+        prefill = {}
+        for n in map(str, prompt_lens):  # str keys, as they come back from JSON
+            prefill[n], more = clean([pair for r in ok
+                                      for pair in zip(r["prefill_tok_s"][n], r["prefill_foreign"][n])])
+            dropped += more
+        read = step_bytes  # what a decode step reads: the file's tensors, or shardllama's shards of them
+        if ok[-1].get("shm_bytes"):
+            shm = ok[-1]["shm_bytes"]  # the coordinator's embedding ("emb") and one segment per worker
+            read = sum(n for part, n in shm.items() if part != "emb")
+            row.update(shm_weights_gb=read / 1e9, shm_embedding_gb=shm.get("emb", 0) / 1e9,
+                       shm_ratio=read / step_bytes)
+        row.update(decode_ms=statistics.median(decode), decode_ms_min=min(decode), decode_ms_max=max(decode),
+                   dtype=ok[-1].get("dtype"), gb_s=read / 1e9 / (statistics.median(decode) / 1000),
+                   prefill_tok_s={n: statistics.median(v) for n, v in prefill.items()},
+                   disturbed=dropped, samples_total=sum(len(r["decode_ms"]) * (1 + len(prompt_lens)) for r in ok),
+                   peak_memory_gb=max(r["memory_gb"] for r in ok),
+                   load_s=statistics.median(r["load_s"] for r in ok), top5=ok[-1]["top5"],
+                   startup_s=median_of(ok, "startup_s"), startup_kept_s=median_of(ok, "startup_kept_s"))
+    return row
 
 
 def bench_model(name: str, a: argparse.Namespace) -> dict:
@@ -475,133 +321,11 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
                      + (f", kept {res['startup_kept_s']:.2f} s" if res.get("startup_kept_s") is not None else "")
                      if "error" not in res else f"FAILED: {res['error']}")
             print(f"{name} round {r + 1}/{a.rounds}, {c['label']}: {shown} ({res['wall_s']:.0f} s)", file=sys.stderr)
-    rows = []
-    for c in configs(a):
-        ok = [r for r in runs[c["label"]] if "error" not in r]
-        row = dict(engine=c["engine"], label=c["label"], threads=c.get("threads"), workers=c.get("workers"),
-                   errors=[r["error"] for r in runs[c["label"]] if "error" in r], samples=ok)
-        if ok:
-            decode, dropped = clean([pair for r in ok for pair in zip(r["decode_ms"], r["decode_foreign"])])
-            prefill = {}
-            for n in map(str, a.prompt_lens):  # str keys, as they come back from JSON
-                prefill[n], more = clean([pair for r in ok
-                                          for pair in zip(r["prefill_tok_s"][n], r["prefill_foreign"][n])])
-                dropped += more
-            row.update(decode_ms=statistics.median(decode), decode_ms_min=min(decode), decode_ms_max=max(decode),
-                       gb_s=step_bytes / 1e9 / (statistics.median(decode) / 1000),
-                       prefill_tok_s={n: statistics.median(v) for n, v in prefill.items()},
-                       disturbed=dropped, samples_total=sum(len(r["decode_ms"]) * (1 + len(a.prompt_lens)) for r in ok),
-                       peak_memory_gb=max(r["memory_gb"] for r in ok),
-                       load_s=statistics.median(r["load_s"] for r in ok), top5=ok[-1]["top5"],
-                       startup_s=median_of(ok, "startup_s"), startup_kept_s=median_of(ok, "startup_kept_s"))
-        rows.append(row)
+    rows = [summary(c, runs[c["label"]], step_bytes, a.prompt_lens) for c in configs(a)]
     return dict(model=name if name in MODELS else path.name, date=time.strftime("%Y-%m-%d"), path=str(path),
                 file_gb=path.stat().st_size / 1e9, weight_bytes=total_bytes, decode_bytes_per_token=step_bytes,
+                tensor_types=tensor_types(path),
                 settings=settings, rows=rows, wall_s=time.perf_counter() - t0, shardllama_commit=a.commit)
-
-
-def machine() -> dict:
-    info: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "cpu family", "model", "stepping") and key not in info:
-            info[key] = value.strip()
-        if key == "flags" and "flags" not in info:
-            keep = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "f16c", "fma")
-            info["flags"] = " ".join(f for f in value.split() if f in keep)
-    mem = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
-    return dict(cpu=info.get("model name", platform.processor()), cpu_family=info.get("cpu family"),
-                cpu_model=info.get("model"), flags=info.get("flags", ""), cpus=len(os.sched_getaffinity(0)),
-                mem_gib=round(int(mem.split()[1]) / 2**20, 1), kernel=platform.release())
-
-
-def versions() -> dict:
-    import llama_cpp
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        # What is timed: the engine's code, not the tests or results beside it.
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
-                                "shardllama", "workers", "tools"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        commit += "+changes" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    from importlib.metadata import version
-
-    return dict(torch=torch.__version__, llama_cpp_python=llama_cpp.__version__, shardllama=version("shardllama"),
-                shardllama_commit=commit, python=platform.python_version(),
-                llama_cpp_system=llama_cpp.llama_print_system_info().decode().strip())
-
-
-# ---- report ---------------------------------------------------------------------------------------------
-
-
-def markdown(result: dict) -> str:
-    m, v = result["machine"], result["versions"]
-    lines = [
-        f"shardllama vs llama.cpp, {result['date']}: {m['cpu']} (family {m['cpu_family']} model {m['cpu_model']}; "
-        f"{m['flags']}), {m['cpus']} CPUs, {m['mem_gib']} GiB; torch {v['torch']}, llama-cpp-python "
-        f"{v['llama_cpp_python']}, shardllama {v['shardllama']} ({v['shardllama_commit']}).",
-        "",
-    ]
-    lens = sorted({n for mod in result["models"] for n in mod["settings"]["prompt_lens"]})
-    head = (["model", "engine", "decode ms/token (min–max)", "GB/s", "decode vs llama.cpp"]
-            + [f"prefill {n} tok/s" for n in lens]
-            + [f"prefill {lens[-1]} vs llama.cpp", "peak memory GB", "load s", "start-up s", "start-up kept s"])
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    notes = []
-    for mod in result["models"]:
-        ok = [r for r in mod["rows"] if "decode_ms" in r]
-        ref = max((r for r in ok if r["engine"] == "llama.cpp"), key=lambda r: r["threads"], default=None)
-        def plain(r: dict) -> bool:  # shardllama with the model's own weights and f32 prefill
-            return (r["engine"] == "shardllama" and "int8" not in r["label"] and "prefill" not in r["label"]
-                    and "@" not in r["label"])
-
-        one = next((r for r in ok if plain(r) and r["workers"] == 1), None)
-        s = mod["settings"]
-        last = str(s["prompt_lens"][-1])
-        label = f"{mod['model']} ({mod['file_gb']:.2f} GB)"
-        for r in mod["rows"]:
-            if "decode_ms" not in r:
-                lines.append(f"| {label} | {r['label']} | failed: {'; '.join(r['errors'])} |")
-                continue
-            cells = [label, r["label"], f"{r['decode_ms']:.1f} ({r['decode_ms_min']:.1f}–{r['decode_ms_max']:.1f})",
-                     f"{r['gb_s']:.1f}" if "int8" not in r["label"] else "(int8)"]
-            cells.append(f"{ref['decode_ms'] / r['decode_ms']:.2f}×" if ref else "")
-            cells += [f"{r['prefill_tok_s'][str(n)]:.1f}" if str(n) in r["prefill_tok_s"] else "" for n in lens]
-            cells.append(f"{r['prefill_tok_s'][last] / ref['prefill_tok_s'][last]:.2f}×" if ref else "")
-            cells += [f"{r['peak_memory_gb']:.2f}", f"{r['load_s']:.1f}"]
-            cells += [f"{r[k]:.2f}" if r.get(k) is not None else "" for k in ("startup_s", "startup_kept_s")]
-            lines.append("| " + " | ".join(cells) + " |")
-        for r in ok:
-            if one is not None and plain(r) and r["workers"] > 1:
-                notes.append(f"{mod['model']}: {r['workers']} workers over 1: decode "
-                             f"{one['decode_ms'] / r['decode_ms']:.2f}×, prefill {last} "
-                             f"{r['prefill_tok_s'][last] / one['prefill_tok_s'][last]:.2f}×")
-        for r in ok:  # --baseline: each configuration against the same one from the other checkout
-            base = next((b for b in ok if "@" in b["label"] and re.sub(r"@[0-9A-Za-z_.-]+", "", b["label"]) == r["label"]), None)
-            if base is not None and "@" not in r["label"]:
-                notes.append(f"{mod['model']}: {r['label']} against {base['label']}: decode "
-                             f"{base['decode_ms'] / r['decode_ms']:.2f}× as fast, prefill {last} "
-                             f"{r['prefill_tok_s'][last] / base['prefill_tok_s'][last]:.2f}×")
-        if ref is not None:
-            same = [f"{r['label']} {len(set(r['top5']) & set(ref['top5']))}/5"
-                    + (", same top-1" if r["top5"][0] == ref["top5"][0] else f", top-1 {r['top5'][0]}")
-                    for r in ok if r is not ref]
-            notes.append(f"{mod['model']}: five likeliest next tokens after the decode run, shared with "
-                         f"{ref['label']} (top-1 {ref['top5'][0]}): {'; '.join(same)}")
-        n_samples = s["rounds"] * s["repeat"]
-        disturbed = ", ".join(f"{r['label']} {r['disturbed']}/{r['samples_total']}" for r in ok if r["disturbed"])
-        notes.append(f"{mod['model']}: median of {n_samples} ({s['rounds']} rounds × {s['repeat']}), decode "
-                     f"{s['decode_tokens']} tokens after {s['decode_after']}; {mod['wall_s'] / 60:.1f} min"
-                     + (f"; samples during which other processes took > {DISTURBED} core, left out: {disturbed}"
-                        if disturbed else ""))
-    lines += [""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -611,6 +335,9 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["demo-f16", "demo-f32", "7b-f16"],
                    help=f"model names ({', '.join(MODELS)}) or GGUF paths")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="shardllama worker counts")
+    p.add_argument("--dtypes", nargs="+", default=["auto"],
+                   help="shardllama's --dtype on --workers: auto (the CLI's default: a quantized file's own types), "
+                        "int8, f16, f32, ...")
     p.add_argument("--int8-workers", type=int, nargs="*", default=[],
                    help="also shardllama with --dtype int8 (weights quantized at load) on these worker counts")
     p.add_argument("--prefill-precisions", nargs="+", choices=("f32", "bf16"), default=["f32"],
@@ -635,12 +362,18 @@ def main() -> int:
                    help="also time every shardllama configuration from this other checkout (e.g. a git worktree "
                         "of the commit before a change), taking turns with this one: labelled shardllama@<commit>")
     a = p.parse_args()
+    from shardllama.model import DTYPES
+
+    if unknown := [d for d in a.dtypes if d != "auto" and d not in DTYPES]:
+        p.error(f"--dtypes: {', '.join(unknown)} not among auto, {', '.join(DTYPES)}")
     a.prompt_lens = sorted(a.prompt_lens)
     if max(a.prompt_lens + [a.decode_after + a.decode_tokens]) > a.n_ctx:
         p.error("--n-ctx is smaller than the longest prompt or decode run")
 
     json_path, md_path = a.out.with_suffix(".json"), a.out.with_suffix(".md")
-    result = dict(date=time.strftime("%Y-%m-%d"), machine=machine(), versions=versions(), models=[])
+    host = machine()
+    result = dict(date=time.strftime("%Y-%m-%d"), machine=host, versions=versions(host["flags"]), models=[])
+    print(f"llama.cpp: {describe_build(result['versions'])}", file=sys.stderr)
     a.commit = result["versions"]["shardllama_commit"]
     if a.append and json_path.exists():
         old = json.loads(json_path.read_text())
