@@ -144,6 +144,18 @@ def test_sharded_blocks_equal_the_reference_on_a_q4_k_m_file(tmp_path, floats, n
     assert shm <= 1.15 * file_bytes, (shm, file_bytes)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_two_workers_on_a_file_of_each_type_equal_the_reference(tmp_path, qtype):
+    args = ARGS.replace(dim=512, hidden_dim=512, n_heads=4)  # wo, w2: 512 columns, a super-block a worker
+    path = write_model(tmp_path / "model.gguf", encode(model_floats(args, seed=5), qtype), args)
+    with open_checkpoint(path) as ckpt:
+        ref = Transformer(args, load_weights(ckpt, qblocks.GGUF))
+        with Coordinator(args, lambda name: ckpt.load(name, qblocks.GGUF), n_workers=2, dtype="gguf",
+                         max_seq_len=64, n_blocks=2 * blocks_for(64), block_types=ckpt.block_types()) as c:
+            tables = contiguous_tables(torch.tensor([0, 1]), blocks_for(64))
+            close(c.forward(TOKENS, torch.zeros(2, dtype=torch.long), tables, LENGTHS, all_logits=True), logits(ref))
+
+
 @pytest.mark.parametrize("dtype, target", [("q8", Q.Q8_0), ("q4", Q.Q4_0)])
 def test_float_weights_quantized_at_load_to_q8_and_q4(dtype, target):
     args = ARGS.replace(dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2, tie_embeddings=True)
