@@ -46,6 +46,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -54,6 +55,7 @@
 namespace {
 
 constexpr int kMaxM = 8;
+constexpr int64_t kDefaultPrefetch = 4096;  // bytes ahead, rounded up to whole rows (tools/bench_qkernels.py)
 
 // GGMLQuantizationType values
 enum Type : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14,
@@ -96,34 +98,48 @@ INLINE __m512i low4_from(__m512i a, __m512i b) { return _mm512_ternarylogic_epi3
 // ---- the block types ---------------------------------------------------------------------------------
 //
 // Each has BS weights in TS bytes, decoded as BS / 16 vectors of 16 lanes; a scale group is GV consecutive
-// vectors (one scale, and one min where MIN).  scales() writes a block's G = BS / 16 / GV scales (and mins,
-// as added offsets: w = q * s + mn); decode() calls f(v, q) for each vector v in order with the 16 integers
-// (offsets included) as floats.  w = q * s (+ mn) is then exactly what gguf computes.
+// vectors (one scale, and one min where MIN), G groups a block.  Scales are read for CH = 16 / G blocks at
+// a time (16 groups: one vector of scales, one of mins): scales(b, n, s, mn) writes s[16] and mn[16] for
+// the n <= CH blocks from b, mins as added offsets (w = q * s + mn) and zero beyond the n blocks' groups.
+// decode(b, f) calls f(v, q) for each vector v of a block with its 16 integers (offsets included) as
+// floats.  w = q * s (+ mn) is then exactly what gguf computes.
 
 template <int T> struct Fmt;
 
-// the four 32-weight types with 4-bit nibbles: Q4_0, Q4_1, IQ4_NL (and the low bits of Q5_0/Q5_1)
+// The f16 scale (and min, 2 bytes later, where MIN) at the start of each of n <= 16 blocks TS bytes apart:
+// one gather of a 32-bit word per block instead of a widening per block (which costs three port-5 uops,
+// the port the decoding already keeps busiest).
+template <int TS, bool MIN> INLINE void first_scales(const uint8_t* b, int n, float* s, float* mn) {
+  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(TS));
+  const __mmask16 k = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, at, b, 1);
+  _mm512_store_ps(s, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)));
+  if constexpr (MIN) _mm512_store_ps(mn, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))));
+}
+
+template <int TS_, bool MIN_> struct Small {  // the 32-weight types: one scale (and min) per block
+  static constexpr int BS = 32, TS = TS_, GV = 2;
+  static constexpr bool MIN = MIN_;
+  static INLINE void scales(const uint8_t* b, int n, float* s, float* mn) { first_scales<TS, MIN>(b, n, s, mn); }
+};
+
+// Q4_0, Q4_1, IQ4_NL (and the low bits of Q5_0/Q5_1): nibbles to floats through a 16-entry table
 template <int QS, class F> INLINE void nibbles(const uint8_t* b, __m512 table, F&& f) {
   const __m512i v = bytes16(b + QS);
   f(0, _mm512_permutexvar_ps(v, table));
   f(1, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
 }
 
-template <> struct Fmt<kQ4_0> {
-  static constexpr int BS = 32, TS = 18, GV = 2;
-  static constexpr bool MIN = false;
-  static INLINE void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
+template <> struct Fmt<kQ4_0> : Small<18, false> {
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) { nibbles<2>(b, levels(-8), f); }
 };
 
-template <> struct Fmt<kIQ4_NL> : Fmt<kQ4_0> {
+template <> struct Fmt<kIQ4_NL> : Small<18, false> {
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) { nibbles<2>(b, iq4nl_levels(), f); }
 };
 
-template <> struct Fmt<kQ4_1> {
-  static constexpr int BS = 32, TS = 20, GV = 2;
-  static constexpr bool MIN = true;
-  static INLINE void scales(const uint8_t* b, float* s, float* mn) { s[0] = f16(b), mn[0] = f16(b + 2); }
+template <> struct Fmt<kQ4_1> : Small<20, true> {
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) { nibbles<4>(b, levels(0), f); }
 };
 
@@ -137,46 +153,59 @@ template <int QH, int QS, class F> INLINE void fives(const uint8_t* b, int first
   f(1, _mm512_permutex2var_ps(lo, _mm512_mask_or_epi32(i1, __mmask16(qh >> 16), i1, c16), hi));
 }
 
-template <> struct Fmt<kQ5_0> {
-  static constexpr int BS = 32, TS = 22, GV = 2;
-  static constexpr bool MIN = false;
-  static INLINE void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
+template <> struct Fmt<kQ5_0> : Small<22, false> {
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) { fives<2, 6>(b, -16, f); }
 };
 
-template <> struct Fmt<kQ5_1> {
-  static constexpr int BS = 32, TS = 24, GV = 2;
-  static constexpr bool MIN = true;
-  static INLINE void scales(const uint8_t* b, float* s, float* mn) { s[0] = f16(b), mn[0] = f16(b + 2); }
+template <> struct Fmt<kQ5_1> : Small<24, true> {
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) { fives<4, 8>(b, 0, f); }
 };
 
-template <> struct Fmt<kQ8_0> {
-  static constexpr int BS = 32, TS = 34, GV = 2;
-  static constexpr bool MIN = false;
-  static INLINE void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
+template <> struct Fmt<kQ8_0> : Small<34, false> {
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
     for (int v = 0; v < 2; ++v)
       f(v, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * v)))));
   }
 };
 
-// Q4_K/Q5_K's eight 6-bit scales and mins (12 bytes at b + 4), times d and -dmin.
-INLINE void k_scales(const uint8_t* b, float* s, float* mn) {
-  const float d = f16(b), dmin = f16(b + 2);
-  const uint8_t* q = b + 4;
-  for (int j = 0; j < 4; ++j) {
-    s[j] = d * float(q[j] & 63);
-    mn[j] = -(dmin * float(q[j + 4] & 63));
-    s[j + 4] = d * float((q[j + 8] & 15) | ((q[j] >> 6) << 4));
-    mn[j + 4] = -(dmin * float((q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4)));
-  }
+// Q4_K/Q5_K's eight 6-bit scales and eight mins, packed in 12 bytes at b + 4, as 16 bytes (llama.cpp's
+// shuffle): 0-3 hold scales 0-3 in their low 6 bits and the top bits of scales 4-7 above; 4-7 the same for
+// the mins; 8-11 the low 4 bits of scales 4-7 (low nibble) and mins 4-7 (high nibble).
+INLINE __m128i k_scale_bytes(const uint8_t* b) {
+  constexpr uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+  uint32_t u[4];
+  std::memcpy(u, b + 4, 12);
+  u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4);  // mins 4-7
+  const uint32_t mins = u[1] & m6;  // mins 0-3
+  u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);  // scales 4-7
+  u[2] = mins;
+  u[0] &= m6;  // scales 0-3
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
 }
 
-template <> struct Fmt<kQ4_K> {
-  static constexpr int BS = 256, TS = 144, GV = 2;
+struct KQuant {  // Q4_K, Q5_K: 8 groups of 32 a block, two blocks' scales at a time
+  static constexpr int BS = 256, GV = 2;
   static constexpr bool MIN = true;
-  static INLINE void scales(const uint8_t* b, float* s, float* mn) { k_scales(b, s, mn); }
+  template <int TS> static INLINE void k_scales(const uint8_t* b, int n, float* s, float* mn) {
+    const uint8_t* b1 = n > 1 ? b + TS : b;
+    const __m128i u0 = k_scale_bytes(b), u1 = k_scale_bytes(b1);
+    uint32_t d0, d1;  // d and dmin of each block
+    std::memcpy(&d0, b, 4);
+    std::memcpy(&d1, b1, 4);
+    const __m512 dd = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_setr_epi32(int(d0), int(d1), 0, 0)));  // d0 m0 d1 m1
+    const __m512i lanes = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m512 d = _mm512_permutexvar_ps(lanes, dd);
+    const __m512 dmin = _mm512_permutexvar_ps(_mm512_add_epi32(lanes, _mm512_set1_epi32(1)), dd);
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(u0, u1)));
+    const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(u0, u1)));
+    _mm512_store_ps(s, _mm512_mul_ps(d, sc));
+    _mm512_store_ps(mn, _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dmin), m));  // (-dmin) * m = -(dmin * m)
+  }
+};
+
+template <> struct Fmt<kQ4_K> : KQuant {
+  static constexpr int TS = 144;
+  static INLINE void scales(const uint8_t* b, int n, float* s, float* mn) { k_scales<TS>(b, n, s, mn); }
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
     const __m512 table = levels(0);
 #pragma GCC unroll 4
@@ -195,10 +224,9 @@ INLINE __m512i bit_to_4(__m512i h, int g) {
   return g <= 4 ? _mm512_slli_epi32(h, 4 - g) : _mm512_srli_epi32(h, g - 4);
 }
 
-template <> struct Fmt<kQ5_K> {
-  static constexpr int BS = 256, TS = 176, GV = 2;
-  static constexpr bool MIN = true;
-  static INLINE void scales(const uint8_t* b, float* s, float* mn) { k_scales(b, s, mn); }
+template <> struct Fmt<kQ5_K> : KQuant {
+  static constexpr int TS = 176;
+  static INLINE void scales(const uint8_t* b, int n, float* s, float* mn) { k_scales<TS>(b, n, s, mn); }
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
     const __m512 lo = levels(0), hi = levels(16);
     const __m512i h0 = bytes16(b + 16), h1 = bytes16(b + 32);
@@ -216,9 +244,9 @@ template <> struct Fmt<kQ5_K> {
 template <> struct Fmt<kQ6_K> {
   static constexpr int BS = 256, TS = 210, GV = 1;
   static constexpr bool MIN = false;
-  static INLINE void scales(const uint8_t* b, float* s, float*) {
+  static INLINE void scales(const uint8_t* b, int, float* s, float*) {
     const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
-    _mm512_storeu_ps(s, _mm512_mul_ps(_mm512_set1_ps(f16(b + 208)), sc));
+    _mm512_store_ps(s, _mm512_mul_ps(_mm512_set1_ps(f16(b + 208)), sc));
   }
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
     const __m512i c63 = _mm512_set1_epi32(63), c32 = _mm512_set1_epi32(32);
@@ -238,26 +266,28 @@ template <> struct Fmt<kQ6_K> {
   }
 };
 
-// decode() above hands vectors over out of order (Q6_K); the kernels below index x by v, so order is free.
+template <class T> constexpr int kGroups = T::BS / 16 / T::GV;  // scale groups a block
+template <class T> constexpr int kChunk = 16 / kGroups<T>;  // blocks whose scales fill one vector
 
 // ---- dequantization ----------------------------------------------------------------------------------
 
 template <class T>
 void dequantize_rows(const uint8_t* w, int64_t ldw, int64_t nb, float* out, int64_t ldo, int64_t begin,
                      int64_t end) {
-  constexpr int G = T::BS / 16 / T::GV;
+  constexpr int G = kGroups<T>, CH = kChunk<T>;
   for (int64_t i = begin; i < end; ++i)
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = w + i * ldw + b * T::TS;
-      float* o = out + i * ldo + b * T::BS;
-      float s[16], mn[16];
-      T::scales(blk, s, mn);
-      T::decode(blk, [&](int v, __m512 q) {
-        __m512 r = _mm512_mul_ps(q, _mm512_set1_ps(s[v / T::GV]));
-        if constexpr (T::MIN) r = _mm512_add_ps(r, _mm512_set1_ps(mn[v / T::GV]));
-        _mm512_storeu_ps(o + 16 * v, r);
-      });
-      (void)G;
+    for (int64_t b0 = 0; b0 < nb; b0 += CH) {
+      const int n = int(std::min<int64_t>(CH, nb - b0));
+      alignas(64) float s[16], mn[16];
+      T::scales(w + i * ldw + b0 * T::TS, n, s, mn);
+      for (int j = 0; j < n; ++j) {
+        float* o = out + i * ldo + (b0 + j) * T::BS;
+        T::decode(w + i * ldw + (b0 + j) * T::TS, [&](int v, __m512 q) {
+          __m512 r = _mm512_mul_ps(q, _mm512_set1_ps(s[j * G + v / T::GV]));
+          if constexpr (T::MIN) r = _mm512_add_ps(r, _mm512_set1_ps(mn[j * G + v / T::GV]));
+          _mm512_storeu_ps(o + 16 * v, r);
+        });
+      }
     }
 }
 
@@ -272,46 +302,74 @@ struct Problem {
   int64_t ldsx;
   float* y;  // (M, N): y[m * N + i]
   int64_t N;
+  int64_t ahead;  // prefetch the row this many rows ahead (0: none)
 };
+
+// One block into the sums acc[2][M]: scale group g of block j goes to acc[(j * G + g) % 2], so that
+// consecutive groups feed two independent chains of FMAs (j is a constant where it matters: the unrolled
+// loop over a full chunk).
+template <class T, int M, bool AFTER>
+INLINE void block(const Problem& p, const uint8_t* blk, const float* xb, const float* s, const float* mn,
+                  __m512 (&acc)[2][M], int j) {
+  constexpr int G = kGroups<T>;
+  if constexpr (AFTER) {  // t = sum q * x over the group, then acc += t * scale (the mins: sums of x)
+    __m512 t[M];
+    T::decode(blk, [&](int v, __m512 q) {
+      const int g = v / T::GV;
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_loadu_ps(xb + m * p.ldx + 16 * v);
+        t[m] = v % T::GV == 0 ? _mm512_mul_ps(q, xv) : _mm512_fmadd_ps(q, xv, t[m]);
+      }
+      if (v % T::GV == T::GV - 1) {
+        const __m512 sv = _mm512_set1_ps(s[g]);
+        for (int m = 0; m < M; ++m) acc[(j * G + g) % 2][m] = _mm512_fmadd_ps(t[m], sv, acc[(j * G + g) % 2][m]);
+      }
+    });
+  } else {  // w = q * scale (+ min), shared by the M rows of x
+    T::decode(blk, [&](int v, __m512 q) {
+      const int g = v / T::GV;
+      const __m512 w = T::MIN ? _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(mn[g]))
+                              : _mm512_mul_ps(q, _mm512_set1_ps(s[g]));
+      for (int m = 0; m < M; ++m)
+        acc[(j * G + g) % 2][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * p.ldx + 16 * v), acc[(j * G + g) % 2][m]);
+    });
+  }
+}
 
 template <class T, int M, bool AFTER>
 void rows(const Problem& p, int64_t begin, int64_t end) {
-  constexpr int G = T::BS / 16 / T::GV;  // scale groups per block
+  constexpr int G = kGroups<T>, CH = kChunk<T>;
   for (int64_t i = begin; i < end; ++i) {
     const uint8_t* row = p.w + i * p.ldw;
-    __m512 acc[2][M];
-    float macc[M];
-    for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps(), macc[m] = 0.0f;
-    for (int64_t b = 0; b < p.nb; ++b) {
-      const uint8_t* blk = row + b * T::TS;
-      const float* xb = p.x + b * T::BS;
-      float s[16], mn[16];
-      T::scales(blk, s, mn);
-      if constexpr (AFTER) {
-        __m512 t[M];
-        T::decode(blk, [&](int v, __m512 q) {
-          const int g = v / T::GV;
-          for (int m = 0; m < M; ++m) {
-            const __m512 xv = _mm512_loadu_ps(xb + m * p.ldx + 16 * v);
-            t[m] = v % T::GV == 0 ? _mm512_mul_ps(q, xv) : _mm512_fmadd_ps(q, xv, t[m]);
-          }
-          if (v % T::GV == T::GV - 1)
-            for (int m = 0; m < M; ++m) acc[g % 2][m] = _mm512_fmadd_ps(t[m], _mm512_set1_ps(s[g]), acc[g % 2][m]);
-        });
-        if constexpr (T::MIN)
-          for (int m = 0; m < M; ++m)
-            for (int g = 0; g < G; ++g) macc[m] += mn[g] * p.sx[m * p.ldsx + b * G + g];
+    const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead, p.N - 1) * p.ldw);
+    __m512 acc[2][M], macc[M];
+    for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = macc[m] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < p.nb; b0 += CH) {
+      const int n = int(std::min<int64_t>(CH, p.nb - b0));
+      if (p.ahead)  // the same chunk of a row further on: the hardware prefetcher alone leaves gaps
+        for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T0);
+      alignas(64) float s[16], mn[16];
+      T::scales(row + b0 * T::TS, n, s, mn);
+      // The scales are read back from memory one at a time: a broadcast load is free of the vector ports,
+      // where GCC would otherwise keep the vector in a register and broadcast each lane with a port-5 vpermd.
+      asm volatile("" : : "r"(s), "r"(mn) : "memory");
+      if (n == CH) {
+#pragma GCC unroll 16
+        for (int j = 0; j < CH; ++j)
+          block<T, M, AFTER>(p, row + (b0 + j) * T::TS, p.x + (b0 + j) * T::BS, s + j * G, mn + j * G, acc, j);
       } else {
-        T::decode(blk, [&](int v, __m512 q) {
-          const int g = v / T::GV;
-          const __m512 w = T::MIN ? _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(mn[g]))
-                                  : _mm512_mul_ps(q, _mm512_set1_ps(s[g]));
-          for (int m = 0; m < M; ++m)
-            acc[v % 2][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * p.ldx + 16 * v), acc[v % 2][m]);
-        });
+        for (int j = 0; j < n; ++j)
+          block<T, M, AFTER>(p, row + (b0 + j) * T::TS, p.x + (b0 + j) * T::BS, s + j * G, mn + j * G, acc, 0);
+      }
+      if constexpr (AFTER && T::MIN) {  // + sum over groups of min * (sum of x over the group)
+        const __m512 mv = _mm512_load_ps(mn);
+        const __mmask16 k = n == CH ? __mmask16(0xFFFF) : __mmask16((1u << (n * G)) - 1);
+        for (int m = 0; m < M; ++m)
+          macc[m] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, p.sx + m * p.ldsx + b0 * G), macc[m]);
       }
     }
-    for (int m = 0; m < M; ++m) p.y[m * p.N + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + macc[m];
+    for (int m = 0; m < M; ++m)
+      p.y[m * p.N + i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), macc[m]));
   }
 }
 
@@ -389,7 +447,7 @@ at::Tensor dequantize(const at::Tensor& blocks, int64_t qtype, c10::optional<at:
 }
 
 // variant: -1 chooses; 0 scale after (types with 32-weight groups), 1 scale before
-at::Tensor matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t variant) {
+at::Tensor matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t variant, int64_t prefetch) {
   const Kernels& k = kernels_for(qtype, "matvec");
   check_blocks(blocks, k, "matvec");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "matvec: x must be a float32 CPU tensor, got ",
@@ -419,9 +477,10 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   }
   const bool after = variant < 0 ? M <= 2 : variant == 0;
   const RowsFn fn = (after ? k.after : k.before)[M - 1];
-  const Problem p{blocks.data_ptr<uint8_t>(), blocks.stride(0), nb, xs.data(), ldx, sx.data(), groups,
-                  y.data_ptr<float>(), N};
   const int64_t row_bytes = std::max<int64_t>(1, nb * k.ts);
+  if (prefetch < 0) prefetch = kDefaultPrefetch;
+  const Problem p{blocks.data_ptr<uint8_t>(), blocks.stride(0), nb, xs.data(), ldx, sx.data(), groups,
+                  y.data_ptr<float>(), N, (prefetch + row_bytes - 1) / row_bytes};
   at::parallel_for(0, N, std::max<int64_t>(1, 32768 / row_bytes), [&](int64_t begin, int64_t end) { fn(p, begin, end); });
   return y;
 }
@@ -433,8 +492,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "(N, nb, ts) uint8 blocks of a GGML type -> (N, nb * bs) float32, into out if given",
         py::arg("blocks"), py::arg("qtype"), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("matvec", &matvec, "y = x @ W.T for f32 x (..., K) of at most max_rows rows and W as blocks; f32 sums; "
-        "variant: -1 chooses, 0 scales per group after the sums, 1 decodes the weights first",
-        py::arg("x"), py::arg("blocks"), py::arg("qtype"), py::arg("variant") = -1,
+        "variant: -1 chooses, 0 scales per group after the sums, 1 decodes the weights first; prefetch: bytes ahead "
+        "(-1: the default, 0: none)",
+        py::arg("x"), py::arg("blocks"), py::arg("qtype"), py::arg("variant") = -1, py::arg("prefetch") = -1,
         py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &has_avx512, "whether this CPU has the AVX-512 (F, BW, VL, DQ) the kernels need");
   m.attr("max_rows") = kMaxM;
