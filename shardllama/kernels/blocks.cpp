@@ -48,8 +48,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -559,6 +561,99 @@ void split_bf16(const float* x, int64_t K, uint16_t* xh, uint16_t* xl) {
 
 #pragma GCC pop_options
 
+// ---- quantizing (Q8_0, Q4_0): gguf.quants' numpy arithmetic, operation for operation -------------------
+//
+// Every step is one IEEE f32 operation as numpy does it (-ffp-contract=off keeps products and sums apart),
+// so the bytes are gguf's (the tests compare).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,avx2,bmi2")
+
+INLINE void store_f16(uint8_t* p, float v) {
+  const uint16_t h = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);  // numpy's astype(float16): nearest even
+  std::memcpy(p, &h, 2);
+}
+
+INLINE float amax32(__m512 a0, __m512 a1) { return _mm512_reduce_max_ps(_mm512_max_ps(a0, a1)); }
+
+void quantize_q8_0(const float* x, uint8_t* out) {  // 32 weights -> 34 bytes
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  const float d = amax32(_mm512_abs_ps(x0), _mm512_abs_ps(x1)) / 127.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
+  store_f16(out, d);
+  for (int h = 0; h < 2; ++h) {  // np_roundf: floor(a) + floor(2 (a - floor(a))) with v's sign, a = |v|
+    const __m512 v = _mm512_mul_ps(h ? x1 : x0, _mm512_set1_ps(id)), a = _mm512_abs_ps(v);
+    const __m512 fl = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 two = _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_sub_ps(a, fl));
+    __m512 r = _mm512_add_ps(fl, _mm512_roundscale_ps(two, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    r = _mm512_mask_sub_ps(r, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), r);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 + 16 * h), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+  }
+}
+
+void quantize_q4_0(const float* x, uint8_t* out) {  // 32 weights -> 18 bytes
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  const __m512 a0 = _mm512_abs_ps(x0), a1 = _mm512_abs_ps(x1);
+  const __m512 amax = _mm512_set1_ps(amax32(a0, a1));
+  // the first value of the largest magnitude, as np.argmax finds it
+  const uint32_t at = uint32_t(_mm512_cmp_ps_mask(a0, amax, _CMP_EQ_OQ)) |
+                      (uint32_t(_mm512_cmp_ps_mask(a1, amax, _CMP_EQ_OQ)) << 16);
+  const float d = x[at ? __builtin_ctz(at) : 0] / -8.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
+  store_f16(out, d);
+  __m512i q[2];
+  for (int h = 0; h < 2; ++h) {  // min(15, trunc(x * id + 8.5))
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(h ? x1 : x0, _mm512_set1_ps(id)), _mm512_set1_ps(8.5f));
+    q[h] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_set1_ps(15.0f),
+                                            _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)));
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2), _mm512_cvtepi32_epi8(_mm512_or_si512(q[0], _mm512_slli_epi32(q[1], 4))));
+}
+
+
+// 32 weights of w's dtype as f32 (exact)
+template <class E> INLINE void widen32(const E* p, float* out) {
+  if constexpr (std::is_same_v<E, float>) {
+    std::memcpy(out, p, 128);
+  } else {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * h));
+      _mm512_storeu_ps(out + 16 * h, std::is_same_v<E, at::Half> ? _mm512_cvtph_ps(v) :
+                       _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+    }
+  }
+}
+
+template <class E>
+void quantize_rows(const E* w, int64_t ldw, int64_t nb, int64_t qtype, uint8_t* out, int64_t begin, int64_t end) {
+  const int64_t ts = qtype == kQ8_0 ? 34 : 18;
+  alignas(64) float x[32];
+  for (int64_t i = begin; i < end; ++i)
+    for (int64_t b = 0; b < nb; ++b) {
+      widen32(w + i * ldw + 32 * b, x);
+      if (qtype == kQ8_0) quantize_q8_0(x, out + (i * nb + b) * ts);
+      else quantize_q4_0(x, out + (i * nb + b) * ts);
+    }
+}
+
+#pragma GCC pop_options
+
+at::Tensor quantize(const at::Tensor& w, int64_t qtype) {
+  TORCH_CHECK(has_avx512(), "quantize: this CPU lacks AVX-512 (F, BW, VL, DQ)");
+  TORCH_CHECK(qtype == kQ8_0 || qtype == kQ4_0, "quantize: Q8_0 (8) or Q4_0 (2) only, got type ", qtype);
+  const auto dtype = w.scalar_type();
+  TORCH_CHECK(w.device().is_cpu() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
+              w.dim() == 2 && w.size(1) % 32 == 0 && (w.size(1) <= 1 || w.stride(1) == 1),
+              "quantize: w must be float32/16 or bfloat16 (N, K) with contiguous rows and K a multiple of 32, got ",
+              dtype, " ", w.sizes());
+  const int64_t N = w.size(0), nb = w.size(1) / 32, ts = qtype == kQ8_0 ? 34 : 18, ldw = w.stride(0);
+  at::Tensor out = at::empty({N, nb, ts}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, 32 * nb)), [&](int64_t begin, int64_t end) {
+    if (dtype == at::kFloat) quantize_rows(w.data_ptr<float>(), ldw, nb, qtype, o, begin, end);
+    else if (dtype == at::kHalf) quantize_rows(w.data_ptr<at::Half>(), ldw, nb, qtype, o, begin, end);
+    else quantize_rows(w.data_ptr<at::BFloat16>(), ldw, nb, qtype, o, begin, end);
+  });
+  return out;
+}
+
 bool has_bf16() {
   __builtin_cpu_init();
   return has_avx512() && __builtin_cpu_supports("avx512bf16");
@@ -708,6 +803,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(-1: the default, 0: none)",
         py::arg("x"), py::arg("blocks"), py::arg("qtype"), py::arg("variant") = -1, py::arg("prefetch") = -1,
         py::call_guard<py::gil_scoped_release>());
+  m.def("quantize", &quantize, "float32 (N, K) -> (N, K / 32, ts) uint8 blocks of Q8_0 or Q4_0, gguf's bytes",
+        py::arg("w"), py::arg("qtype"), py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &has_avx512, "whether this CPU has the AVX-512 (F, BW, VL, DQ) the kernels need");
   m.def("has_bf16", &has_bf16, "whether this CPU also has AVX-512 BF16 (the bf16-pair kernel, variant 2)");
   m.attr("max_rows") = kMaxM;
