@@ -139,7 +139,9 @@ INLINE __m512i words32(const uint8_t* b) {  // 32 bytes, one to each 16-bit lane
 // ---- the block types ---------------------------------------------------------------------------------
 //
 // Each has BS weights in TS bytes, decoded as BS / 16 vectors of 16 lanes; a scale group is GV consecutive
-// vectors (one scale, and one min where MIN), G groups a block.  Where PAIRS, units(b, f) also decodes a
+// vectors (one scale, and one min where MIN), G groups a block.  OFFSET (Q6_K): decode() gives unsigned
+// integers and mn = -offset * s, applied by one FMA (w = q * s + mn rounds once, as gguf's s * (q - offset)
+// does), never through sums of x.  Where PAIRS, units(b, f) also decodes a
 // block as BS / 32 units of 32 weights in order, each a vector of 32 bf16 integers (exact: at most 8
 // significant bits), for the bf16-pair kernel (rows_pairs).  Scales are read for CH = 16 / G blocks at
 // a time (16 groups: one vector of scales, one of mins): scales(b, n, s, mn) writes s[16] and mn[16] for
@@ -163,7 +165,7 @@ template <int TS, bool MIN> INLINE void first_scales(const uint8_t* b, int n, fl
 
 template <int TS_, bool MIN_> struct Small {  // the 32-weight types: one scale (and min) per block
   static constexpr int BS = 32, TS = TS_, GV = 2;
-  static constexpr bool MIN = MIN_, PAIRS = true;
+  static constexpr bool MIN = MIN_, OFFSET = false, PAIRS = true;
   static INLINE void scales(const uint8_t* b, int n, float* s, float* mn) { first_scales<TS, MIN>(b, n, s, mn); }
 };
 
@@ -252,7 +254,7 @@ INLINE __m128i k_scale_bytes(const uint8_t* b) {
 
 struct KQuant {  // Q4_K, Q5_K: 8 groups of 32 a block, two blocks' scales at a time
   static constexpr int BS = 256, GV = 2;
-  static constexpr bool MIN = true, PAIRS = true;
+  static constexpr bool MIN = true, OFFSET = false, PAIRS = true;
   template <int TS> static INLINE void k_scales(const uint8_t* b, int n, float* s, float* mn) {
     const uint8_t* b1 = n > 1 ? b + TS : b;
     const __m128i u0 = k_scale_bytes(b), u1 = k_scale_bytes(b1);
@@ -331,7 +333,7 @@ template <> struct Fmt<kQ5_K> : KQuant {
 
 template <> struct Fmt<kQ6_K> {
   static constexpr int BS = 256, TS = 210, GV = 1;
-  static constexpr bool MIN = false, PAIRS = true;
+  static constexpr bool MIN = false, OFFSET = true, PAIRS = true;
   template <class F> static INLINE void units(const uint8_t* b, F&& f) {
     const __m512i t0 = table(kSix, 0), t1 = table(kSix, 1), c15 = _mm512_set1_epi16(15);
     auto q = [&](__m512i low, __m512i high) {  // bits 0-3 from low, 4-5 from high (above: ignored)
@@ -346,22 +348,27 @@ template <> struct Fmt<kQ6_K> {
       f(4 * h + 3, q(_mm512_srli_epi16(l1, 4), _mm512_srli_epi16(hq, 2)));
     }
   }
-  static INLINE void scales(const uint8_t* b, int, float* s, float*) {
+  static INLINE void scales(const uint8_t* b, int, float* s, float* mn) {
     const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
-    _mm512_store_ps(s, _mm512_mul_ps(_mm512_set1_ps(f16(b + 208)), sc));
+    const __m512 d = _mm512_mul_ps(_mm512_set1_ps(f16(b + 208)), sc);
+    _mm512_store_ps(s, d);
+    _mm512_store_ps(mn, _mm512_mul_ps(_mm512_set1_ps(-32.0f), d));  // exact
   }
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
-    const __m512i c63 = _mm512_set1_epi32(63), c32 = _mm512_set1_epi32(32);
-    auto q = [&](__m512i low, __m512i high) {  // 6-bit index: bits 0-3 from low, 4-5 from high; minus 32
-      return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(low4_from(low, high), c63), c32));
+    // 6-bit q (unsigned; the -32 is in mn): bits 0-3 from a nibble, 4-5 from a crumb of qh, selected by one
+    // vpternlogd with the mask 0x30.  The high nibbles come shifted down with nothing above them; the low
+    // nibbles' bytes still hold the high nibble, so they are masked first.
+    const __m512i c15 = _mm512_set1_epi32(15), c48 = _mm512_set1_epi32(0x30);
+    auto q = [&](__m512i low, __m512i high) {  // c48 ? high : low
+      return _mm512_cvtepi32_ps(_mm512_ternarylogic_epi32(c48, high, low, 0xCA));
     };
 #pragma GCC unroll 4
     for (int h = 0; h < 2; ++h)
       for (int l = 0; l < 2; ++l) {  // weights 128h + 16l + {0, 32, 64, 96} + 0..15
         const __m512i a0 = bytes16(b + 64 * h + 16 * l), a1 = bytes16(b + 64 * h + 32 + 16 * l);
         const __m512i hq = bytes16(b + 128 + 32 * h + 16 * l);
-        f(8 * h + l + 0, q(a0, _mm512_slli_epi32(hq, 4)));
-        f(8 * h + l + 2, q(a1, _mm512_slli_epi32(hq, 2)));
+        f(8 * h + l + 0, q(_mm512_and_si512(a0, c15), _mm512_slli_epi32(hq, 4)));
+        f(8 * h + l + 2, q(_mm512_and_si512(a1, c15), _mm512_slli_epi32(hq, 2)));
         f(8 * h + l + 4, q(_mm512_srli_epi32(a0, 4), hq));
         f(8 * h + l + 6, q(_mm512_srli_epi32(a1, 4), _mm512_srli_epi32(hq, 2)));
       }
@@ -386,7 +393,8 @@ void dequantize_rows(const uint8_t* w, int64_t ldw, int64_t nb, float* out, int6
         float* o = out + i * ldo + (b0 + j) * T::BS;
         T::decode(w + i * ldw + (b0 + j) * T::TS, [&](int v, __m512 q) {
           __m512 r = _mm512_mul_ps(q, _mm512_set1_ps(s[j * G + v / T::GV]));
-          if constexpr (T::MIN) r = _mm512_add_ps(r, _mm512_set1_ps(mn[j * G + v / T::GV]));
+          if constexpr (T::OFFSET) r = _mm512_fmadd_ps(q, _mm512_set1_ps(s[j * G + v / T::GV]), _mm512_set1_ps(mn[j * G + v / T::GV]));
+          else if constexpr (T::MIN) r = _mm512_add_ps(r, _mm512_set1_ps(mn[j * G + v / T::GV]));
           _mm512_storeu_ps(o + 16 * v, r);
         });
       }
@@ -432,7 +440,7 @@ INLINE void block(const Problem& p, const uint8_t* blk, const float* xb, const f
   } else {  // w = q * scale (+ min), shared by the M rows of x
     T::decode(blk, [&](int v, __m512 q) {
       const int g = v / T::GV;
-      const __m512 w = T::MIN ? _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(mn[g]))
+      const __m512 w = T::MIN || T::OFFSET ? _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(mn[g]))
                               : _mm512_mul_ps(q, _mm512_set1_ps(s[g]));
       for (int m = 0; m < M; ++m)
         acc[(j * G + g) % 2][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * p.ldx + 16 * v), acc[(j * G + g) % 2][m]);
