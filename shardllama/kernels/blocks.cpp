@@ -71,9 +71,12 @@ bool has_avx512() {
 }
 
 // Everything from here to the dispatch is compiled for AVX-512 and runs only where has_avx512() said so.
+// The target includes AVX-512 BF16 for rows_pairs' vdpbf16ps, which runs only where has_bf16() said so; GCC
+// emits BF16 instructions for nothing else (there is no __bf16 arithmetic here).
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,avx2,bmi2")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma,avx2,bmi2")
 #define INLINE inline __attribute__((always_inline))
+#define INLINE_LAMBDA __attribute__((always_inline))  // GCC may otherwise call a large lambda it is handed
 
 INLINE float f16(const uint8_t* p) {
   uint16_t h;
@@ -321,7 +324,7 @@ template <> struct Fmt<kQ5_K> : KQuant {
   }
   template <class F> static INLINE void units(const uint8_t* b, F&& f) {
     const __m512i t = table(kFive), h = words32(b + 16), c15 = _mm512_set1_epi16(15);
-    auto bit = [&](int g) { return g <= 4 ? _mm512_slli_epi16(h, 4 - g) : _mm512_srli_epi16(h, g - 4); };
+    auto bit = [&](int g) INLINE_LAMBDA { return g <= 4 ? _mm512_slli_epi16(h, 4 - g) : _mm512_srli_epi16(h, g - 4); };
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       const __m512i v = words32(b + 48 + 32 * c);
@@ -336,7 +339,7 @@ template <> struct Fmt<kQ6_K> {
   static constexpr bool MIN = false, OFFSET = true, PAIRS = true;
   template <class F> static INLINE void units(const uint8_t* b, F&& f) {
     const __m512i t0 = table(kSix, 0), t1 = table(kSix, 1), c15 = _mm512_set1_epi16(15);
-    auto q = [&](__m512i low, __m512i high) {  // bits 0-3 from low, 4-5 from high (above: ignored)
+    auto q = [&](__m512i low, __m512i high) INLINE_LAMBDA {  // bits 0-3 from low, 4-5 from high (above: ignored)
       return _mm512_permutex2var_epi16(t0, _mm512_ternarylogic_epi32(low, high, c15, 0xE4), t1);
     };
 #pragma GCC unroll 2
@@ -355,23 +358,38 @@ template <> struct Fmt<kQ6_K> {
     _mm512_store_ps(mn, _mm512_mul_ps(_mm512_set1_ps(-32.0f), d));  // exact
   }
   template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
-    // 6-bit q (unsigned; the -32 is in mn): bits 0-3 from a nibble, 4-5 from a crumb of qh, selected by one
-    // vpternlogd with the mask 0x30.  The high nibbles come shifted down with nothing above them; the low
-    // nibbles' bytes still hold the high nibble, so they are masked first.
-    const __m512i c15 = _mm512_set1_epi32(15), c48 = _mm512_set1_epi32(0x30);
-    auto q = [&](__m512i low, __m512i high) {  // c48 ? high : low
-      return _mm512_cvtepi32_ps(_mm512_ternarylogic_epi32(c48, high, low, 0xCA));
+    // The 6-bit q (unsigned; the -32 is in mn) of 64 weights at a time, as bytes: bits 0-3 from a nibble of
+    // ql, bits 4-5 from a crumb of qh, chosen by one vpternlogd with the mask 0x30 (word shifts spill bits
+    // across bytes; the masks drop them).  The bytes then go through memory: a widening load per 16 weights
+    // is cheaper than extracting 128-bit lanes.
+    const __m512i c15 = _mm512_set1_epi8(15), c48 = _mm512_set1_epi8(0x30), c63 = _mm512_set1_epi8(63);
+    const __m512i left = _mm512_set_epi64(0x0002000200020002, 0x0002000200020002, 0x0002000200020002,
+                                          0x0002000200020002, 0x0004000400040004, 0x0004000400040004,
+                                          0x0004000400040004, 0x0004000400040004);  // crumbs 0 | 1 to bits 4-5
+    const __m512i right = _mm512_set_epi64(0x0002000200020002, 0x0002000200020002, 0x0002000200020002,
+                                           0x0002000200020002, 0, 0, 0, 0);  // crumbs 2 | 3 to bits 4-5
+    alignas(64) uint8_t q[128];
+    // weights 128h + r: ql[64h + r % 64] nibble r / 64, qh[32h + r % 32] crumb r / 32.  The halves are
+    // written out (not a loop) so that every v is a constant: the sums stay in registers.
+    auto half = [&](auto h_) INLINE_LAMBDA {
+      constexpr int h = decltype(h_)::value;
+      const __m512i ql = _mm512_loadu_si512(b + 64 * h);
+      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+      _mm512_store_si512(q, _mm512_ternarylogic_epi32(c48, _mm512_sllv_epi16(qh, left), _mm512_and_si512(ql, c15), 0xCA));
+      _mm512_store_si512(q + 64, _mm512_and_si512(_mm512_ternarylogic_epi32(c48, _mm512_srlv_epi16(qh, right),
+                                                                           _mm512_srli_epi16(ql, 4), 0xCA), c63));
+      asm volatile("" : "+m"(q));  // read back by widening loads, not lane extractions
+      f(8 * h + 0, _mm512_cvtepi32_ps(bytes16(q)));
+      f(8 * h + 1, _mm512_cvtepi32_ps(bytes16(q + 16)));
+      f(8 * h + 2, _mm512_cvtepi32_ps(bytes16(q + 32)));
+      f(8 * h + 3, _mm512_cvtepi32_ps(bytes16(q + 48)));
+      f(8 * h + 4, _mm512_cvtepi32_ps(bytes16(q + 64)));
+      f(8 * h + 5, _mm512_cvtepi32_ps(bytes16(q + 80)));
+      f(8 * h + 6, _mm512_cvtepi32_ps(bytes16(q + 96)));
+      f(8 * h + 7, _mm512_cvtepi32_ps(bytes16(q + 112)));
     };
-#pragma GCC unroll 4
-    for (int h = 0; h < 2; ++h)
-      for (int l = 0; l < 2; ++l) {  // weights 128h + 16l + {0, 32, 64, 96} + 0..15
-        const __m512i a0 = bytes16(b + 64 * h + 16 * l), a1 = bytes16(b + 64 * h + 32 + 16 * l);
-        const __m512i hq = bytes16(b + 128 + 32 * h + 16 * l);
-        f(8 * h + l + 0, q(_mm512_and_si512(a0, c15), _mm512_slli_epi32(hq, 4)));
-        f(8 * h + l + 2, q(_mm512_and_si512(a1, c15), _mm512_slli_epi32(hq, 2)));
-        f(8 * h + l + 4, q(_mm512_srli_epi32(a0, 4), hq));
-        f(8 * h + l + 6, q(_mm512_srli_epi32(a1, 4), _mm512_srli_epi32(hq, 2)));
-      }
+    half(std::integral_constant<int, 0>());
+    half(std::integral_constant<int, 1>());
   }
 };
 
@@ -391,7 +409,7 @@ void dequantize_rows(const uint8_t* w, int64_t ldw, int64_t nb, float* out, int6
       T::scales(w + i * ldw + b0 * T::TS, n, s, mn);
       for (int j = 0; j < n; ++j) {
         float* o = out + i * ldo + (b0 + j) * T::BS;
-        T::decode(w + i * ldw + (b0 + j) * T::TS, [&](int v, __m512 q) {
+        T::decode(w + i * ldw + (b0 + j) * T::TS, [&](int v, __m512 q) INLINE_LAMBDA {
           __m512 r = _mm512_mul_ps(q, _mm512_set1_ps(s[j * G + v / T::GV]));
           if constexpr (T::OFFSET) r = _mm512_fmadd_ps(q, _mm512_set1_ps(s[j * G + v / T::GV]), _mm512_set1_ps(mn[j * G + v / T::GV]));
           else if constexpr (T::MIN) r = _mm512_add_ps(r, _mm512_set1_ps(mn[j * G + v / T::GV]));
@@ -426,7 +444,7 @@ INLINE void block(const Problem& p, const uint8_t* blk, const float* xb, const f
   constexpr int G = kGroups<T>;
   if constexpr (AFTER) {  // t = sum q * x over the group, then acc += t * scale (the mins: sums of x)
     __m512 t[M];
-    T::decode(blk, [&](int v, __m512 q) {
+    T::decode(blk, [&](int v, __m512 q) INLINE_LAMBDA {
       const int g = v / T::GV;
       for (int m = 0; m < M; ++m) {
         const __m512 xv = _mm512_loadu_ps(xb + m * p.ldx + 16 * v);
@@ -438,7 +456,7 @@ INLINE void block(const Problem& p, const uint8_t* blk, const float* xb, const f
       }
     });
   } else {  // w = q * scale (+ min), shared by the M rows of x
-    T::decode(blk, [&](int v, __m512 q) {
+    T::decode(blk, [&](int v, __m512 q) INLINE_LAMBDA {
       const int g = v / T::GV;
       const __m512 w = T::MIN || T::OFFSET ? _mm512_fmadd_ps(q, _mm512_set1_ps(s[g]), _mm512_set1_ps(mn[g]))
                               : _mm512_mul_ps(q, _mm512_set1_ps(s[g]));
@@ -464,7 +482,8 @@ void rows(const Problem& p, int64_t begin, int64_t end) {
       T::scales(row + b0 * T::TS, n, s, mn);
       // The scales are read back from memory one at a time: a broadcast load is free of the vector ports,
       // where GCC would otherwise keep the vector in a register and broadcast each lane with a port-5 vpermd.
-      asm volatile("" : : "r"(s), "r"(mn) : "memory");
+      // (The asm says only s and mn may have changed: a "memory" clobber would also spill the sums.)
+      asm volatile("" : "+m"(s), "+m"(mn));
       if (n == CH) {
 #pragma GCC unroll 16
         for (int j = 0; j < CH; ++j)
@@ -485,8 +504,6 @@ void rows(const Problem& p, int64_t begin, int64_t end) {
   }
 }
 
-#pragma GCC pop_options
-
 // ---- the bf16-pair kernel ------------------------------------------------------------------------------
 //
 // vdpbf16ps multiplies 32 pairs of bf16 and adds each pair's two products into one of 16 f32 sums: one
@@ -495,8 +512,6 @@ void rows(const Problem& p, int64_t begin, int64_t end) {
 // significant bits of each activation (f16 keeps 11), and each unit of 32 weights is multiplied into both.
 // Scales and mins are applied per group as in the f32 kernel.  Needs AVX-512 BF16 (Intel from Cooper Lake
 // and Sapphire Rapids, AMD from Zen 4).
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma,avx2,bmi2")
 
 INLINE __m512bh bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
@@ -514,10 +529,10 @@ void rows_pairs(const Problem& p, int64_t begin, int64_t end) {
         for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T0);
       alignas(64) float s[16], mn[16];
       T::scales(row + b0 * T::TS, n, s, mn);
-      asm volatile("" : : "r"(s), "r"(mn) : "memory");  // broadcast from memory (see rows)
-      auto one = [&](int j, int parity) {  // block b0 + j; parity: j where it is a constant (unrolled), else 0
+      asm volatile("" : "+m"(s), "+m"(mn));  // broadcast from memory (see rows)
+      auto one = [&](int j, int parity) INLINE_LAMBDA {  // block b0 + j; parity: j where it is a constant (unrolled), else 0
         const int64_t b = b0 + j;
-        T::units(row + b * T::TS, [&](int u, __m512i w) {
+        T::units(row + b * T::TS, [&](int u, __m512i w) INLINE_LAMBDA {
           const int64_t at = b * T::BS + 32 * u;
           const int c = (parity * U + u) % 2;
           for (int m = 0; m < M; ++m) {
@@ -567,14 +582,10 @@ void split_bf16(const float* x, int64_t K, uint16_t* xh, uint16_t* xl) {
   }
 }
 
-#pragma GCC pop_options
-
 // ---- quantizing (Q8_0, Q4_0): gguf.quants' numpy arithmetic, operation for operation -------------------
 //
 // Every step is one IEEE f32 operation as numpy does it (-ffp-contract=off keeps products and sums apart),
 // so the bytes are gguf's (the tests compare).
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,avx2,bmi2")
 
 INLINE void store_f16(uint8_t* p, float v) {
   const uint16_t h = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);  // numpy's astype(float16): nearest even
