@@ -110,7 +110,9 @@ def test_linear_against_the_exact_product(lib, qtype):
             for M in (1, 2, 3, 4, 5, 6, 7, 8, 9, 33):
                 x = torch.randn(M, nb * bs, generator=g)
                 check_product(B.linear(x, blocks, qtype), x, w)
-            for variant in (0, 1):  # both orders of the kernel, whichever linear picks
+            for variant in (0, 1, 2) if lib.has_bf16() else (0, 1):  # every kernel, whichever linear picks
+                if variant == 2 and qtype == Q.Q8_0:
+                    continue
                 x = torch.randn(3, nb * bs, generator=g)
                 check_product(lib.matvec(x, blocks, int(qtype), variant), x, w)
 
@@ -198,7 +200,12 @@ def test_a_failed_build_falls_back(monkeypatch):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0], ids=lambda t: t.name)
-def test_quantize_is_gguf_bit_for_bit(qtype):
+@pytest.mark.parametrize("path", ["library", "torch"])
+def test_quantize_is_gguf_bit_for_bit(qtype, path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(B, "_library", False)
+    elif B.library() is None:
+        pytest.skip("the quantized-block kernels are unavailable")
     g = torch.Generator().manual_seed(2)
     w = torch.randn(40, 256, generator=g) * torch.logspace(-6, 3, 40).unsqueeze(1)
     w[3] = 0  # a zero row
@@ -207,10 +214,13 @@ def test_quantize_is_gguf_bit_for_bit(qtype):
     w[8, 0], w[8, 1] = -3.0, 3.0  # the largest magnitude twice, with both signs: the first decides Q4_0's sign
     w[9, 64:96] = torch.arange(32) - 15.5  # halves: rounding ties
     w[10] = w[10].half().float()  # values f16 holds exactly
+    w[11] = torch.randint(-300, 300, (256,), generator=g) / 2.0  # many ties
+    w[12, :32] = 1e-30  # scales below f16's range
     got = B.quantize(w, qtype)
     assert got.shape == (40, 8, B.SUPPORTED[qtype][1]) and got.dtype == torch.uint8
     assert np.array_equal(got.view(40, -1).numpy(), gguf.quants.quantize(w.numpy(), qtype))
-    assert np.array_equal(B.quantize(w.half(), qtype).numpy(), B.quantize(w.half().float(), qtype).numpy())
+    for dtype in (torch.float16, torch.bfloat16):  # 16-bit weights quantize as their exact f32 values
+        assert torch.equal(B.quantize(w.to(dtype), qtype), B.quantize(w.to(dtype).float(), qtype))
 
 
 def test_quantize_refuses_what_it_cannot():

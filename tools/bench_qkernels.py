@@ -7,13 +7,12 @@
 Matrices of LLaMA-7B shapes (N, K) = (11008, 4096) (w1/w3) and (4096, 11008) (w2), random blocks with
 finite f16 scales (the kernels' speed does not depend on the values).  Each timing cycles through copies of
 the matrix totalling ``--working-set`` MB, so the blocks come from memory as in decoding; the figure is the
-median of ``--repeats`` passes.  GB/s counts block bytes read per call.
+best of ``--repeats`` passes.  GB/s counts block bytes read per call.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -34,16 +33,16 @@ def random_blocks(qtype: Q, N: int, K: int) -> torch.Tensor:
     return b
 
 
-def timed(fn, mats: list[torch.Tensor], repeats: int) -> float:
-    """Median seconds per call over ``repeats`` passes through ``mats``."""
+def timed(fn, mats: list[torch.Tensor], repeats: int, clock=time.perf_counter) -> float:
+    """Seconds per call, the best of ``repeats`` passes through ``mats`` (the least disturbed by other work)."""
     fn(mats[0])
     per_call = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for m in mats:
             fn(m)
-        per_call.append((time.perf_counter() - t0) / len(mats))
-    return statistics.median(per_call)
+        per_call.append((clock() - t0) / len(mats))
+    return min(per_call)
 
 
 def main() -> None:
@@ -51,32 +50,39 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=[t.name for t in B.SUPPORTED])
     ap.add_argument("--rows", nargs="+", type=int, default=[1], help="rows of x (M)")
     ap.add_argument("--variants", nargs="+", type=int, default=[-1], help="-1: as linear chooses; 0 after, 1 before")
+    ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES],
+                    help="NxK matrices (a small one, with --working-set 0, stays in cache: the compute rate)")
+    ap.add_argument("--prefetch", nargs="+", type=int, default=[-1], help="bytes ahead (-1: the default)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--working-set", type=int, default=512, help="MB of copies cycled through")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cpu-time", action="store_true", help="time by the thread's CPU time (a machine shared with "
+                    "other work; one thread only), not the wall clock")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time measures one thread")
     lib = B.library()
     if lib is None:
         raise SystemExit("the quantized-block kernels are unavailable here")
     print(f"{cpuinfo('model name')}, {args.threads} thread(s), torch {torch.__version__}\n")
-    print("| type | N x K | M | variant | ms/call | GB/s | Gweights/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| type | N x K | M | variant | prefetch | ms/call | GB/s | Gweights/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.types:
         qtype = Q[name]
-        for N, K in SHAPES:
+        for N, K in (map(int, shape.split("x")) for shape in args.shapes):
             one = random_blocks(qtype, N, K)
             copies = max(1, args.working_set * 2**20 // one.numel())
             mats = [one] + [one.clone() for _ in range(copies - 1)]
             for M in args.rows:
                 x = torch.randn(M, K)
-                for v in args.variants if M <= B.MAX_ROWS else [-1]:
+                for v, pf in [(v, pf) for v in args.variants for pf in args.prefetch] if M <= B.MAX_ROWS else [(-1, -1)]:
                     if M > B.MAX_ROWS:
                         fn = lambda m: B.linear(x, m, qtype)  # noqa: E731
                     else:
-                        fn = lambda m: lib.matvec(x, m, int(qtype), v)  # noqa: E731
-                    s = timed(fn, mats, args.repeats)
-                    print(f"| {name} | {N}x{K} | {M} | {v} | {s * 1e3:.2f} | {one.numel() / s / 1e9:.2f} | "
+                        fn = lambda m: lib.matvec(x, m, int(qtype), v, pf)  # noqa: E731
+                    s = timed(fn, mats, args.repeats, time.thread_time if args.cpu_time else time.perf_counter)
+                    print(f"| {name} | {N}x{K} | {M} | {v} | {pf} | {s * 1e3:.2f} | {one.numel() / s / 1e9:.2f} | "
                           f"{N * K / s / 1e9:.2f} |", flush=True)
             del mats, one
 

@@ -14,7 +14,7 @@ whole matrix at once.  Where the library is missing (disabled, no compiler, no A
 from :func:`reference_linear`, the dequantize-then-``F.linear`` oracle.
 
 :func:`quantize` makes Q8_0 / Q4_0 blocks from float weights (``--dtype q8`` / ``q4``), bit-exact with
-``gguf.quants.quantize`` but in vectorized torch.
+``gguf.quants.quantize`` (in C++, or vectorized torch without the library).
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def _q4_0(b: torch.Tensor) -> torch.Tensor:
 
 _QUANTIZERS = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0}
 _QUANT_CHUNK = 1 << 16  # blocks per step: bounded temporaries (a few MB) whatever the matrix
+# (the torch versions above are the path without the library, and the C++ quantize's oracle in the tests)
 
 
 def quantize(w: torch.Tensor, qtype: int) -> torch.Tensor:
@@ -185,7 +186,13 @@ def quantize(w: torch.Tensor, qtype: int) -> torch.Tensor:
     if w.dim() != 2 or w.shape[1] % bs:
         raise ValueError(f"quantize: {Q(qtype).name} wants (N, K) with K a multiple of {bs}, got {tuple(w.shape)}")
     N, K = w.shape
-    flat = w.detach().reshape(-1, bs)
+    w = w.detach()
+    lib = library()
+    if lib is not None:  # f32, f16 or bf16 rows, widened 32 values at a time
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.stride(-1) != 1:
+            w = w.float().contiguous()
+        return lib.quantize(w, int(qtype))
+    flat = w.reshape(-1, bs)
     out = torch.empty(flat.shape[0], ts, dtype=torch.uint8)
     for i in range(0, flat.shape[0], _QUANT_CHUNK):
         out[i:i + _QUANT_CHUNK] = fn(flat[i:i + _QUANT_CHUNK].float())
