@@ -476,8 +476,8 @@ void rows(const Problem& p, int64_t begin, int64_t end) {
     for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = macc[m] = _mm512_setzero_ps();
     for (int64_t b0 = 0; b0 < p.nb; b0 += CH) {
       const int n = int(std::min<int64_t>(CH, p.nb - b0));
-      if (p.ahead)  // the same chunk of a row further on: the hardware prefetcher alone leaves gaps
-        for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T0);
+      if (p.ahead)  // the same chunk of a row further on, into L2 (T1: more misses in flight than L1 takes)
+        for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T1);
       alignas(64) float s[16], mn[16];
       T::scales(row + b0 * T::TS, n, s, mn);
       // The scales are read back from memory one at a time: a broadcast load is free of the vector ports,
@@ -526,7 +526,7 @@ void rows_pairs(const Problem& p, int64_t begin, int64_t end) {
     for (int64_t b0 = 0; b0 < p.nb; b0 += CH) {
       const int n = int(std::min<int64_t>(CH, p.nb - b0));
       if (p.ahead)
-        for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T0);
+        for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T1);
       alignas(64) float s[16], mn[16];
       T::scales(row + b0 * T::TS, n, s, mn);
       asm volatile("" : "+m"(s), "+m"(mn));  // broadcast from memory (see rows)
