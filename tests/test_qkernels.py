@@ -228,3 +228,25 @@ def test_quantize_refuses_what_it_cannot():
         B.quantize(torch.randn(2, 256), Q.Q4_K)
     with pytest.raises(ValueError, match="K a multiple of 32"):
         B.quantize(torch.randn(2, 48), Q.Q8_0)
+
+
+def test_the_pair_kernel_when_chosen(lib):
+    """Where calibration picks the bf16-pair kernel (AMD), linear goes through it; forced here on any CPU with
+    AVX-512 BF16, it stays within the same bound (x keeps 16 significant bits: far inside it)."""
+    if not lib.has_bf16():
+        with pytest.raises(RuntimeError, match="lacks AVX-512 BF16"):
+            lib.set_pairs_up_to(2)
+        return
+    before = lib.pairs_up_to()
+    blocks = quantized(Q.Q4_K, 9, 512)
+    w = gguf_dequantize(blocks, Q.Q4_K)
+    try:
+        lib.set_pairs_up_to(2)
+        for M in (1, 2, 3):
+            x = torch.randn(M, 512)
+            check_product(B.linear(x, blocks, Q.Q4_K), x, w)
+        check_product(B.linear(x[:1], blocks[:, :1], Q.Q4_K), x[:1, :256], w[:, :256])
+    finally:
+        lib.set_pairs_up_to(before)
+    with pytest.raises(RuntimeError, match="0..4 rows"):
+        lib.set_pairs_up_to(5)

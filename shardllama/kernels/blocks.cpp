@@ -760,7 +760,9 @@ at::Tensor dequantize(const at::Tensor& blocks, int64_t qtype, c10::optional<at:
 }
 
 enum Variant : int64_t { kChoose = -1, kAfter = 0, kBefore = 1, kPairs = 2 };
-constexpr int64_t kPairsUpTo = 2;  // rows of x up to which the bf16-pair kernel is chosen (tools/bench_qkernels.py)
+// Rows of x up to which a call that names no variant takes the bf16-pair kernel: 0 (never) until
+// shardllama.kernels.blocks has timed it against the f32 kernel on this CPU (set_pairs_up_to).
+int64_t g_pairs_up_to = 0;
 
 at::Tensor matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t variant, int64_t prefetch) {
   const Kernels& k = kernels_for(qtype, "matvec");
@@ -773,7 +775,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   TORCH_CHECK(M <= kMaxM, "matvec: at most ", kMaxM, " rows of x, got ", M);
   static const bool bf16 = has_bf16();
   if (variant == kChoose)
-    variant = bf16 && M <= kPairsUpTo && k.pairs[0] ? kPairs : M <= 2 ? kAfter : kBefore;
+    variant = bf16 && M <= g_pairs_up_to && k.pairs[0] ? kPairs : M <= 2 ? kAfter : kBefore;
   TORCH_CHECK(variant >= kAfter && variant <= kPairs, "matvec: variant must be -1, 0, 1 or 2, got ", variant);
   TORCH_CHECK(variant != kPairs || (bf16 && M <= kPairsMaxM && k.pairs[0]),
               "matvec: the bf16-pair kernel needs AVX-512 BF16, at most ", kPairsMaxM, " rows and a type other than Q8_0");
@@ -825,6 +827,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize", &quantize, "float32 (N, K) -> (N, K / 32, ts) uint8 blocks of Q8_0 or Q4_0, gguf's bytes",
         py::arg("w"), py::arg("qtype"), py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &has_avx512, "whether this CPU has the AVX-512 (F, BW, VL, DQ) the kernels need");
+  m.def("set_pairs_up_to", [](int64_t rows) {
+    TORCH_CHECK(rows >= 0 && rows <= kPairsMaxM, "set_pairs_up_to: 0..", kPairsMaxM, " rows, got ", rows);
+    TORCH_CHECK(rows == 0 || has_bf16(), "set_pairs_up_to: this CPU lacks AVX-512 BF16");
+    g_pairs_up_to = rows;
+  }, "rows of x up to which calls naming no variant use the bf16-pair kernel (0: never)", py::arg("rows"));
+  m.def("pairs_up_to", []() { return g_pairs_up_to; }, "see set_pairs_up_to");
   m.def("has_bf16", &has_bf16, "whether this CPU also has AVX-512 BF16 (the bf16-pair kernel, variant 2)");
   m.attr("max_rows") = kMaxM;
 }
