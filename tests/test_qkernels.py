@@ -245,7 +245,7 @@ def test_the_pair_kernel_when_chosen(lib):
         for M in (1, 2, 3):
             x = torch.randn(M, 512)
             check_product(B.linear(x, blocks, Q.Q4_K), x, w)
-        check_product(B.linear(x[:1], blocks[:, :1], Q.Q4_K), x[:1, :256], w[:, :256])
+        check_product(B.linear(x[:1, :256], blocks[:, :1], Q.Q4_K), x[:1, :256], w[:, :256])
     finally:
         lib.set_pairs_up_to(before)
     with pytest.raises(RuntimeError, match="0..4 rows"):
