@@ -117,6 +117,22 @@ def test_linear_against_the_exact_product(lib, qtype):
                 check_product(lib.matvec(x, blocks, int(qtype), variant), x, w)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_column_chunks(lib, qtype):
+    """The kernel sums a row in chunks of columns (so that x stays in L1): any chunk gives the product."""
+    bs, _ = B.SUPPORTED[qtype]
+    step = 16 if bs == 32 else 2
+    blocks = random_bytes(qtype, 5, 5 * step * bs)
+    w = gguf_dequantize(blocks, qtype)
+    for M in (1, 3, 8):
+        x = torch.randn(M, 5 * step * bs)
+        for chunk in (step, 2 * step, 4 * step):
+            for variant in (0, 1, 2) if lib.has_bf16() and qtype != Q.Q8_0 and M <= 4 else (0, 1):
+                check_product(lib.matvec(x, blocks, int(qtype), variant, -1, chunk), x, w)
+    with pytest.raises(RuntimeError, match="chunk must be a multiple"):
+        lib.matvec(x, blocks, int(qtype), -1, -1, step + 1)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q5_1], ids=lambda t: t.name)
 @pytest.mark.parametrize("parts", [1, 2, 3, 4])
 def test_shard_cuts_add_up(lib, qtype, parts):
