@@ -32,7 +32,19 @@
 // The mins of Q4_1/Q5_1/Q4_K/Q5_K go through sums of x per 32 columns computed once per call:
 // sum_j (q_j s + m) x_j = s sum_j q_j x_j + m sum_j x_j.  With more rows of x, decoding once and sharing
 // w among them wins ("scale before"), as it does for Q6_K's 16-weight sub-blocks.  Both orders sum the
-// same terms; only f32 rounding differs, and the tests compare with a tolerance.
+// same terms; only f32 rounding differs, and the tests compare with a tolerance.  Measured on the Intel
+// kind (tools/bench_qkernels.py, tools/results/quant-kernels.md) the loops run at 70-80% of what ports 0
+// and 5 allow (~7 vector operations per 32 weights at one row of x).  Tried without gain: two weight rows at
+// a time; Q4_K's high nibbles by conversion (port 0) instead of permute (port 5), kept as harmless.
+//
+// Around the loop: software prefetch into L2 of the same chunk a few rows ahead (the hardware prefetcher
+// alone left Q8_0 at 6.6 GB/s a thread, with it 8.9); rows summed a chunk of columns at a time so that the
+// chunk of x (32 KB) stays in L1 for every row of x; the scales of 16 groups at a time (one gather for the
+// 32-weight types) broadcast from memory.
+//
+// A third kernel (rows_pairs, below) multiplies bf16 pairs with vdpbf16ps, x split into two bf16 parts;
+// blocks.py times it against the f32 kernel once per process and uses it only where it wins (not on the
+// Intel kind, where vdpbf16ps runs at a quarter of the FMA rate).
 //
 // AVX-512 (F, BW, VL, DQ) only: both CPU kinds this project runs on have it; elsewhere blocks.py falls back
 // to dequantizing in torch.  Threads: at::parallel_for over contiguous ranges of rows (torch's OpenMP pool;

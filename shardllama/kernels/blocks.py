@@ -11,7 +11,9 @@ matrix-vector kernel that decodes each block into AVX-512 registers and multipli
 more rows (a prompt) by dequantizing tiles of ``TILE_ROWS`` rows and multiplying them with
 ``shardllama.kernels.gemm`` (at the prefill precision in force) or ``F.linear``, so a prompt never widens a
 whole matrix at once.  Where the library is missing (disabled, no compiler, no AVX-512) the same results come
-from :func:`reference_linear`, the dequantize-then-``F.linear`` oracle.
+from :func:`reference_linear`, the dequantize-then-``F.linear`` oracle.  On a CPU with AVX-512 BF16 the
+library's bf16-pair kernel (x as two bf16 parts, 16 significant bits) is timed against the f32 one once per
+process and used for decode steps of up to ``PAIRS_UP_TO`` rows where it is clearly faster (:func:`_pairs_faster`).
 
 :func:`quantize` makes Q8_0 / Q4_0 blocks from float weights (``--dtype q8`` / ``q4``), bit-exact with
 ``gguf.quants.quantize`` (in C++, or vectorized torch without the library).
