@@ -197,6 +197,9 @@ def test_disabled_kernels_give_the_reference(qtype, monkeypatch):
     assert torch.equal(B.dequantize(blocks, qtype), gguf_dequantize(blocks, qtype))
     kernels.enable(False)
     assert torch.equal(B.linear(x, blocks, qtype), ref)
+    big = quantized(qtype, B.TILE_ROWS + 5, bs)  # more rows than a tile: dequantized a tile at a time
+    x = torch.randn(3, bs)
+    check_product(B.linear(x, big, qtype), x, gguf_dequantize(big, qtype))
 
 
 def test_a_failed_build_falls_back(monkeypatch):

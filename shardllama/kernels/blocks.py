@@ -153,21 +153,25 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
         raise ValueError(f"quantized linear: x has {x.shape[-1]} columns, the weight {nb * bs}")
     lib = library()
     if lib is None or x.device.type != "cpu" or x.requires_grad:
-        return reference_linear(x, blocks, qtype)
+        lib = None
+        if N <= TILE_ROWS:
+            return reference_linear(x, blocks, qtype)
     xf = x.float()
     rows = xf.numel() // max(1, x.shape[-1])
-    if rows <= MAX_ROWS:
-        y = lib.matvec(xf, blocks, int(qtype))
-    else:
-        x2 = xf.reshape(rows, -1)
-        y = torch.empty(rows, N, dtype=torch.float32)
-        scratch = torch.empty(min(N, TILE_ROWS), nb * bs, dtype=torch.float32)
-        for i in range(0, N, TILE_ROWS):
-            n = min(TILE_ROWS, N - i)
+    if lib is not None and rows <= MAX_ROWS:
+        return lib.matvec(xf, blocks, int(qtype)).to(x.dtype)
+    # a prompt (or any product without the library): TILE_ROWS weight rows dequantized at a time
+    x2 = xf.reshape(rows, -1)
+    y = torch.empty(rows, N, dtype=torch.float32)
+    scratch = torch.empty(min(N, TILE_ROWS), nb * bs, dtype=torch.float32) if lib is not None else None
+    for i in range(0, N, TILE_ROWS):
+        n = min(TILE_ROWS, N - i)
+        if lib is not None:
             w = lib.dequantize(blocks[i:i + n], int(qtype), scratch[:n])
-            y[:, i:i + n] = _gemm(x2, w)
-        y = y.view(*x.shape[:-1], N)
-    return y.to(x.dtype)
+        else:
+            w = torch_dequantize(blocks[i:i + n], qtype)
+        y[:, i:i + n] = _gemm(x2, w)
+    return y.view(*x.shape[:-1], N).to(x.dtype)
 
 
 # ---- quantizing (Q8_0, Q4_0), bit-exact with gguf.quants.quantize ----------------------------------------
