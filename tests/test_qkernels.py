@@ -117,6 +117,22 @@ def test_linear_against_the_exact_product(lib, qtype):
                 check_product(lib.matvec(x, blocks, int(qtype), variant), x, w)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_column_chunks(lib, qtype):
+    """The kernel sums a row in chunks of columns (so that x stays in L1): any chunk gives the product."""
+    bs, _ = B.SUPPORTED[qtype]
+    step = 16 if bs == 32 else 2
+    blocks = random_bytes(qtype, 5, 5 * step * bs)
+    w = gguf_dequantize(blocks, qtype)
+    for M in (1, 3, 8):
+        x = torch.randn(M, 5 * step * bs)
+        for chunk in (step, 2 * step, 4 * step):
+            for variant in (0, 1, 2) if lib.has_bf16() and qtype != Q.Q8_0 and M <= 4 else (0, 1):
+                check_product(lib.matvec(x, blocks, int(qtype), variant, -1, chunk), x, w)
+    with pytest.raises(RuntimeError, match="chunk must be a multiple"):
+        lib.matvec(x, blocks, int(qtype), -1, -1, step + 1)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q5_1], ids=lambda t: t.name)
 @pytest.mark.parametrize("parts", [1, 2, 3, 4])
 def test_shard_cuts_add_up(lib, qtype, parts):
@@ -181,6 +197,9 @@ def test_disabled_kernels_give_the_reference(qtype, monkeypatch):
     assert torch.equal(B.dequantize(blocks, qtype), gguf_dequantize(blocks, qtype))
     kernels.enable(False)
     assert torch.equal(B.linear(x, blocks, qtype), ref)
+    big = quantized(qtype, B.TILE_ROWS + 5, bs)  # more rows than a tile: dequantized a tile at a time
+    x = torch.randn(3, bs)
+    check_product(B.linear(x, big, qtype), x, gguf_dequantize(big, qtype))
 
 
 def test_a_failed_build_falls_back(monkeypatch):
@@ -228,3 +247,25 @@ def test_quantize_refuses_what_it_cannot():
         B.quantize(torch.randn(2, 256), Q.Q4_K)
     with pytest.raises(ValueError, match="K a multiple of 32"):
         B.quantize(torch.randn(2, 48), Q.Q8_0)
+
+
+def test_the_pair_kernel_when_chosen(lib):
+    """Where calibration picks the bf16-pair kernel (AMD), linear goes through it; forced here on any CPU with
+    AVX-512 BF16, it stays within the same bound (x keeps 16 significant bits: far inside it)."""
+    if not lib.has_bf16():
+        with pytest.raises(RuntimeError, match="lacks AVX-512 BF16"):
+            lib.set_pairs_up_to(2)
+        return
+    before = lib.pairs_up_to()
+    blocks = quantized(Q.Q4_K, 9, 512)
+    w = gguf_dequantize(blocks, Q.Q4_K)
+    try:
+        lib.set_pairs_up_to(2)
+        for M in (1, 2, 3):
+            x = torch.randn(M, 512)
+            check_product(B.linear(x, blocks, Q.Q4_K), x, w)
+        check_product(B.linear(x[:1, :256], blocks[:, :1], Q.Q4_K), x[:1, :256], w[:, :256])
+    finally:
+        lib.set_pairs_up_to(before)
+    with pytest.raises(RuntimeError, match="0..4 rows"):
+        lib.set_pairs_up_to(5)

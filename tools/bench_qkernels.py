@@ -76,7 +76,8 @@ def main() -> None:
             mats = [one] + [one.clone() for _ in range(copies - 1)]
             for M in args.rows:
                 x = torch.randn(M, K)
-                for v, pf in [(v, pf) for v in args.variants for pf in args.prefetch] if M <= B.MAX_ROWS else [(-1, -1)]:
+                runs = [(v, pf) for v in args.variants for pf in args.prefetch] if M <= B.MAX_ROWS else [(-1, -1)]
+                for v, pf in runs:
                     if M > B.MAX_ROWS:
                         fn = lambda m: B.linear(x, m, qtype)  # noqa: E731
                     else:

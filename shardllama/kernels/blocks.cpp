@@ -32,7 +32,19 @@
 // The mins of Q4_1/Q5_1/Q4_K/Q5_K go through sums of x per 32 columns computed once per call:
 // sum_j (q_j s + m) x_j = s sum_j q_j x_j + m sum_j x_j.  With more rows of x, decoding once and sharing
 // w among them wins ("scale before"), as it does for Q6_K's 16-weight sub-blocks.  Both orders sum the
-// same terms; only f32 rounding differs, and the tests compare with a tolerance.
+// same terms; only f32 rounding differs, and the tests compare with a tolerance.  Measured on the Intel
+// kind (tools/bench_qkernels.py, tools/results/quant-kernels.md) the loops run at 70-80% of what ports 0
+// and 5 allow (~7 vector operations per 32 weights at one row of x).  Tried without gain: two weight rows at
+// a time; Q4_K's high nibbles by conversion (port 0) instead of permute (port 5), kept as harmless.
+//
+// Around the loop: software prefetch into L2 of the same chunk a few rows ahead (the hardware prefetcher
+// alone left Q8_0 at 6.6 GB/s a thread, with it 8.9); rows summed a chunk of columns at a time so that the
+// chunk of x (32 KB) stays in L1 for every row of x; the scales of 16 groups at a time (one gather for the
+// 32-weight types) broadcast from memory.
+//
+// A third kernel (rows_pairs, below) multiplies bf16 pairs with vdpbf16ps, x split into two bf16 parts;
+// blocks.py times it against the f32 kernel once per process and uses it only where it wins (not on the
+// Intel kind, where vdpbf16ps runs at a quarter of the FMA rate).
 //
 // AVX-512 (F, BW, VL, DQ) only: both CPU kinds this project runs on have it; elsewhere blocks.py falls back
 // to dequantizing in torch.  Threads: at::parallel_for over contiguous ranges of rows (torch's OpenMP pool;
@@ -433,6 +445,7 @@ struct Problem {
   int64_t ahead;  // prefetch the row this many rows ahead (0: none)
   const uint16_t* xh;  // for rows_pairs: x = xh + xl in bf16 (16 significant bits), row m at + m * ldx
   const uint16_t* xl;
+  int64_t kb;  // blocks per column chunk (a multiple of the chunk of scales): see rows
 };
 
 // One block into the sums acc[2][M]: scale group g of block j goes to acc[(j * G + g) % 2], so that
@@ -466,18 +479,22 @@ INLINE void block(const Problem& p, const uint8_t* blk, const float* xb, const f
   }
 }
 
+// Rows [begin, end) of W, p.kb blocks of columns at a time (all the rows over one chunk of columns, then the
+// next): the chunk of the M rows of x stays in L1 while the weights stream past (32 KB of x: more rows of x,
+// shorter chunks); each output sums its chunks in order.
 template <class T, int M, bool AFTER>
 void rows(const Problem& p, int64_t begin, int64_t end) {
   constexpr int G = kGroups<T>, CH = kChunk<T>;
+  for (int64_t kb = 0; kb < p.nb; kb += p.kb)
   for (int64_t i = begin; i < end; ++i) {
     const uint8_t* row = p.w + i * p.ldw;
     const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead, p.N - 1) * p.ldw);
     __m512 acc[2][M], macc[M];
     for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = macc[m] = _mm512_setzero_ps();
-    for (int64_t b0 = 0; b0 < p.nb; b0 += CH) {
+    for (int64_t b0 = kb; b0 < std::min(p.nb, kb + p.kb); b0 += CH) {
       const int n = int(std::min<int64_t>(CH, p.nb - b0));
-      if (p.ahead)  // the same chunk of a row further on: the hardware prefetcher alone leaves gaps
-        for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T0);
+      if (p.ahead)  // the same chunk of a row further on, into L2 (T1: more misses in flight than L1 takes)
+        for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T1);
       alignas(64) float s[16], mn[16];
       T::scales(row + b0 * T::TS, n, s, mn);
       // The scales are read back from memory one at a time: a broadcast load is free of the vector ports,
@@ -499,8 +516,10 @@ void rows(const Problem& p, int64_t begin, int64_t end) {
           macc[m] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, p.sx + m * p.ldsx + b0 * G), macc[m]);
       }
     }
-    for (int m = 0; m < M; ++m)
-      p.y[m * p.N + i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), macc[m]));
+    for (int m = 0; m < M; ++m) {
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), macc[m]));
+      p.y[m * p.N + i] = kb == 0 ? sum : p.y[m * p.N + i] + sum;
+    }
   }
 }
 
@@ -518,15 +537,16 @@ INLINE __m512bh bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); 
 template <class T, int M>
 void rows_pairs(const Problem& p, int64_t begin, int64_t end) {
   constexpr int G = kGroups<T>, CH = kChunk<T>, U = T::BS / 32;  // U units of 32 a block
+  for (int64_t kb = 0; kb < p.nb; kb += p.kb)  // column chunks, as in rows
   for (int64_t i = begin; i < end; ++i) {
     const uint8_t* row = p.w + i * p.ldw;
     const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead, p.N - 1) * p.ldw);
     __m512 acc[4][M], macc[M];  // four chains: Q6_K's units feed two groups of 16 each
     for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = acc[2][m] = acc[3][m] = macc[m] = _mm512_setzero_ps();
-    for (int64_t b0 = 0; b0 < p.nb; b0 += CH) {
+    for (int64_t b0 = kb; b0 < std::min(p.nb, kb + p.kb); b0 += CH) {
       const int n = int(std::min<int64_t>(CH, p.nb - b0));
       if (p.ahead)
-        for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T0);
+        for (int64_t at = b0 * T::TS; at < (b0 + n) * T::TS; at += 64) _mm_prefetch(pf + at, _MM_HINT_T1);
       alignas(64) float s[16], mn[16];
       T::scales(row + b0 * T::TS, n, s, mn);
       asm volatile("" : "+m"(s), "+m"(mn));  // broadcast from memory (see rows)
@@ -560,9 +580,11 @@ void rows_pairs(const Problem& p, int64_t begin, int64_t end) {
           macc[m] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, p.sx + m * p.ldsx + b0 * G), macc[m]);
       }
     }
-    for (int m = 0; m < M; ++m)
-      p.y[m * p.N + i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]),
-                                                                          _mm512_add_ps(acc[2][m], acc[3][m])), macc[m]));
+    for (int m = 0; m < M; ++m) {
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]),
+                                                                         _mm512_add_ps(acc[2][m], acc[3][m])), macc[m]));
+      p.y[m * p.N + i] = kb == 0 ? sum : p.y[m * p.N + i] + sum;
+    }
   }
 }
 
@@ -760,9 +782,14 @@ at::Tensor dequantize(const at::Tensor& blocks, int64_t qtype, c10::optional<at:
 }
 
 enum Variant : int64_t { kChoose = -1, kAfter = 0, kBefore = 1, kPairs = 2 };
-constexpr int64_t kPairsUpTo = 2;  // rows of x up to which the bf16-pair kernel is chosen (tools/bench_qkernels.py)
+// Rows of x up to which a call that names no variant takes the bf16-pair kernel: 0 (never) until
+// shardllama.kernels.blocks has timed it against the f32 kernel on this CPU (set_pairs_up_to).
+int64_t g_pairs_up_to = 0;
 
-at::Tensor matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t variant, int64_t prefetch) {
+constexpr int64_t kChunkBytes = 32768;  // of x per column chunk (L1 is 32-48 KB)
+
+at::Tensor matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t variant, int64_t prefetch,
+                  int64_t kb_override) {
   const Kernels& k = kernels_for(qtype, "matvec");
   check_blocks(blocks, k, "matvec");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "matvec: x must be a float32 CPU tensor, got ",
@@ -773,7 +800,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   TORCH_CHECK(M <= kMaxM, "matvec: at most ", kMaxM, " rows of x, got ", M);
   static const bool bf16 = has_bf16();
   if (variant == kChoose)
-    variant = bf16 && M <= kPairsUpTo && k.pairs[0] ? kPairs : M <= 2 ? kAfter : kBefore;
+    variant = bf16 && M <= g_pairs_up_to && k.pairs[0] ? kPairs : M <= 2 ? kAfter : kBefore;
   TORCH_CHECK(variant >= kAfter && variant <= kPairs, "matvec: variant must be -1, 0, 1 or 2, got ", variant);
   TORCH_CHECK(variant != kPairs || (bf16 && M <= kPairsMaxM && k.pairs[0]),
               "matvec: the bf16-pair kernel needs AVX-512 BF16, at most ", kPairsMaxM, " rows and a type other than Q8_0");
@@ -804,8 +831,14 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   const RowsFn fn = variant == kPairs ? k.pairs[M - 1] : (variant == kAfter ? k.after : k.before)[M - 1];
   const int64_t row_bytes = std::max<int64_t>(1, nb * k.ts);
   if (prefetch < 0) prefetch = kDefaultPrefetch;
+  // columns a chunk: 32 KB of x (4 bytes a value either way), whole chunks of scales
+  const int64_t chunk = k.bs * (k.bs == 32 ? 16 : 2);
+  const int64_t kb = std::max<int64_t>(1, kChunkBytes / (4 * M) / chunk) * chunk / k.bs;
+  TORCH_CHECK(kb_override >= 0 && kb_override % (chunk / k.bs) == 0, "matvec: chunk must be a multiple of ",
+              chunk / k.bs, " blocks, got ", kb_override);
   const Problem p{blocks.data_ptr<uint8_t>(), blocks.stride(0), nb, xs.data(), ldx, sx.data(), groups,
-                  y.data_ptr<float>(), N, (prefetch + row_bytes - 1) / row_bytes, xh.data(), xl.data()};
+                  y.data_ptr<float>(), N, (prefetch + row_bytes - 1) / row_bytes, xh.data(), xl.data(),
+                  kb_override > 0 ? kb_override : kb};
   at::parallel_for(0, N, std::max<int64_t>(1, 32768 / row_bytes), [&](int64_t begin, int64_t end) { fn(p, begin, end); });
   return y;
 }
@@ -818,13 +851,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("blocks"), py::arg("qtype"), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("matvec", &matvec, "y = x @ W.T for f32 x (..., K) of at most max_rows rows and W as blocks; f32 sums; "
         "variant: -1 chooses, 0 f32 scaling per group after the sums, 1 f32 decoding the weights first, 2 bf16 pairs "
-        "(x as two bf16 parts); prefetch: bytes ahead "
-        "(-1: the default, 0: none)",
+        "(x as two bf16 parts); prefetch: bytes ahead (-1: the default, 0: none); chunk: blocks of columns at a "
+        "time (0: 32 KB of x; a multiple of 16 blocks of 32 or 2 of 256)",
         py::arg("x"), py::arg("blocks"), py::arg("qtype"), py::arg("variant") = -1, py::arg("prefetch") = -1,
+        py::arg("chunk") = 0,
         py::call_guard<py::gil_scoped_release>());
   m.def("quantize", &quantize, "float32 (N, K) -> (N, K / 32, ts) uint8 blocks of Q8_0 or Q4_0, gguf's bytes",
         py::arg("w"), py::arg("qtype"), py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &has_avx512, "whether this CPU has the AVX-512 (F, BW, VL, DQ) the kernels need");
+  m.def("set_pairs_up_to", [](int64_t rows) {
+    TORCH_CHECK(rows >= 0 && rows <= kPairsMaxM, "set_pairs_up_to: 0..", kPairsMaxM, " rows, got ", rows);
+    TORCH_CHECK(rows == 0 || has_bf16(), "set_pairs_up_to: this CPU lacks AVX-512 BF16");
+    g_pairs_up_to = rows;
+  }, "rows of x up to which calls naming no variant use the bf16-pair kernel (0: never)", py::arg("rows"));
+  m.def("pairs_up_to", []() { return g_pairs_up_to; }, "see set_pairs_up_to");
   m.def("has_bf16", &has_bf16, "whether this CPU also has AVX-512 BF16 (the bf16-pair kernel, variant 2)");
   m.attr("max_rows") = kMaxM;
 }

@@ -11,7 +11,9 @@ matrix-vector kernel that decodes each block into AVX-512 registers and multipli
 more rows (a prompt) by dequantizing tiles of ``TILE_ROWS`` rows and multiplying them with
 ``shardllama.kernels.gemm`` (at the prefill precision in force) or ``F.linear``, so a prompt never widens a
 whole matrix at once.  Where the library is missing (disabled, no compiler, no AVX-512) the same results come
-from :func:`reference_linear`, the dequantize-then-``F.linear`` oracle.
+from :func:`reference_linear`, the dequantize-then-``F.linear`` oracle.  On a CPU with AVX-512 BF16 the
+library's bf16-pair kernel (x as two bf16 parts, 16 significant bits) is timed against the f32 one once per
+process and used for decode steps of up to ``PAIRS_UP_TO`` rows where it is clearly faster (:func:`_pairs_faster`).
 
 :func:`quantize` makes Q8_0 / Q4_0 blocks from float weights (``--dtype q8`` / ``q4``), bit-exact with
 ``gguf.quants.quantize`` (in C++, or vectorized torch without the library).
@@ -69,7 +71,33 @@ def _load() -> ModuleType | bool:
     if not lib.has_avx512():
         log.info("quantized-block kernels not used: the CPU lacks AVX-512 (F, BW, VL, DQ)")
         return False
+    if lib.has_bf16() and _pairs_faster(lib):
+        lib.set_pairs_up_to(PAIRS_UP_TO)
     return lib
+
+
+PAIRS_UP_TO = 2  # rows of x up to which the bf16-pair kernel may be chosen
+PAIRS_MARGIN = 1.25  # ... where it is at least this much faster than the f32 kernel
+
+
+def _pairs_faster(lib: ModuleType) -> bool:
+    """Whether the bf16-pair kernel (vdpbf16ps) beats the f32 one here by PAIRS_MARGIN, timed on a Q4_K matrix
+    that stays in cache (a few ms, once per process).  vdpbf16ps runs at a quarter of the FMA rate on the
+    Intel kind of this project and is native on AMD Zen 4/5; the margin keeps a noisy machine from flipping."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (256, 8, 144), dtype=torch.uint8, generator=g)
+    blocks[:, :, :4] = (torch.rand(256, 8, 2, generator=g) * 0.01).half().view(torch.uint8)
+    x = torch.randn(1, 8 * 256, generator=g)
+    best = {}
+    for variant in (0, 2, 0, 2):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            lib.matvec(x, blocks, int(Q.Q4_K), variant)
+        best[variant] = min(best.get(variant, float("inf")), time.perf_counter() - t0)
+    log.debug("quantized-block kernels: f32 %.3f ms, bf16 pairs %.3f ms", best[0] * 200, best[2] * 200)
+    return best[2] * PAIRS_MARGIN < best[0]
 
 
 def _check(blocks: torch.Tensor, qtype: int) -> tuple[int, int]:
@@ -126,21 +154,25 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
         raise ValueError(f"quantized linear: x has {x.shape[-1]} columns, the weight {nb * bs}")
     lib = library()
     if lib is None or x.device.type != "cpu" or x.requires_grad:
-        return reference_linear(x, blocks, qtype)
+        lib = None
+        if N <= TILE_ROWS:
+            return reference_linear(x, blocks, qtype)
     xf = x.float()
     rows = xf.numel() // max(1, x.shape[-1])
-    if rows <= MAX_ROWS:
-        y = lib.matvec(xf, blocks, int(qtype))
-    else:
-        x2 = xf.reshape(rows, -1)
-        y = torch.empty(rows, N, dtype=torch.float32)
-        scratch = torch.empty(min(N, TILE_ROWS), nb * bs, dtype=torch.float32)
-        for i in range(0, N, TILE_ROWS):
-            n = min(TILE_ROWS, N - i)
+    if lib is not None and rows <= MAX_ROWS:
+        return lib.matvec(xf, blocks, int(qtype)).to(x.dtype)
+    # a prompt (or any product without the library): TILE_ROWS weight rows dequantized at a time
+    x2 = xf.reshape(rows, -1)
+    y = torch.empty(rows, N, dtype=torch.float32)
+    scratch = torch.empty(min(N, TILE_ROWS), nb * bs, dtype=torch.float32) if lib is not None else None
+    for i in range(0, N, TILE_ROWS):
+        n = min(TILE_ROWS, N - i)
+        if lib is not None:
             w = lib.dequantize(blocks[i:i + n], int(qtype), scratch[:n])
-            y[:, i:i + n] = _gemm(x2, w)
-        y = y.view(*x.shape[:-1], N)
-    return y.to(x.dtype)
+        else:
+            w = torch_dequantize(blocks[i:i + n], qtype)
+        y[:, i:i + n] = _gemm(x2, w)
+    return y.view(*x.shape[:-1], N).to(x.dtype)
 
 
 # ---- quantizing (Q8_0, Q4_0), bit-exact with gguf.quants.quantize ----------------------------------------
