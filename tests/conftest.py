@@ -15,10 +15,12 @@ from shardllama.demo import demo_model_path
 # bf16 tests ask for bf16 themselves and skip where the CPU lacks it), and the C++ matrix-vector kernel is
 # on, as it stands by default, unless the caller turned it off on purpose (SHARDLLAMA_KERNELS=0), in its
 # 1x4096 variant (the variants are bit-identical, and calibrating would cost each test process a second;
-# tests/test_kernels.py checks every variant and the calibration itself).
+# tests/test_kernels.py checks every variant and the calibration itself); the quantized-block kernel in its
+# f32 variant (tests/test_qkernels.py checks the bf16-pair one directly).
 os.environ["SHARDLLAMA_PREFILL_PRECISION"] = "f32"
 os.environ.setdefault("SHARDLLAMA_KERNELS", "1")
 os.environ.setdefault("SHARDLLAMA_MATVEC_VARIANT", "1x4096")
+os.environ.setdefault("SHARDLLAMA_BLOCKS_KERNEL", "f32")  # quantized blocks: f32 x, never the bf16-pair variant
 
 # Timing is not what these tests check, and CI machines are noisy: no per-example deadline.
 settings.register_profile("shardllama", deadline=None)

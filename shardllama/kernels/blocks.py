@@ -13,7 +13,8 @@ more rows (a prompt) by dequantizing tiles of ``TILE_ROWS`` rows and multiplying
 whole matrix at once.  Where the library is missing (disabled, no compiler, no AVX-512) the same results come
 from :func:`reference_linear`, the dequantize-then-``F.linear`` oracle.  On a CPU with AVX-512 BF16 the
 library's bf16-pair kernel (x as two bf16 parts, 16 significant bits) is timed against the f32 one once per
-process and used for decode steps of up to ``PAIRS_UP_TO`` rows where it is clearly faster (:func:`_pairs_faster`).
+process and used for decode steps of up to ``PAIRS_UP_TO`` rows where it is clearly faster (:func:`_pairs_faster`);
+``SHARDLLAMA_BLOCKS_KERNEL=f32`` or ``bf16-pairs`` (read on first use) pins the choice, as the tests do.
 
 :func:`quantize` makes Q8_0 / Q4_0 blocks from float weights (``--dtype q8`` / ``q4``), bit-exact with
 ``gguf.quants.quantize`` (in C++, or vectorized torch without the library).
@@ -22,6 +23,7 @@ process and used for decode steps of up to ``PAIRS_UP_TO`` rows where it is clea
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from types import ModuleType
 
@@ -71,7 +73,11 @@ def _load() -> ModuleType | bool:
     if not lib.has_avx512():
         log.info("quantized-block kernels not used: the CPU lacks AVX-512 (F, BW, VL, DQ)")
         return False
-    if lib.has_bf16() and _pairs_faster(lib):
+    choice = os.environ.get("SHARDLLAMA_BLOCKS_KERNEL", "auto").strip().lower()
+    if choice not in ("auto", "f32", "bf16-pairs"):
+        log.warning("SHARDLLAMA_BLOCKS_KERNEL=%s is not auto, f32 or bf16-pairs; using auto", choice)
+        choice = "auto"
+    if lib.has_bf16() and (choice == "bf16-pairs" or choice == "auto" and _pairs_faster(lib)):
         lib.set_pairs_up_to(PAIRS_UP_TO)
     return lib
 
