@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 
 from shardllama.config import ModelArgs
@@ -42,3 +47,16 @@ def hf_to_meta(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
         w[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
         w[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
     return w
+
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` imported as module ``name`` (tools/ is not a package; its scripts import each other
+    by name, so the module is registered under it)."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,25 +5,13 @@ by the tests)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from tests.helpers import load_tool
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-make_gguf = _load("make_gguf")
-bench = _load("bench_llamacpp")
+make_gguf = load_tool("make_gguf")
+bench = load_tool("bench_llamacpp")
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -3,26 +3,15 @@ it), the decode-step pass, and ``--min-top1`` as a check (its exit status)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from tests.helpers import load_tool
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-make_gguf = _load("make_gguf")
-quality = _load("quality")
+make_gguf = load_tool("make_gguf")
+quality = load_tool("quality")
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -55,14 +57,19 @@ def enabled() -> bool:
 
 def library() -> ModuleType | None:
     """The compiled extension (built on the first call), or None when it is disabled or unavailable."""
-    global _library
+    return loaded_once(sys.modules[__name__], _load)
+
+
+def loaded_once(module: ModuleType, load: Callable[[], ModuleType | bool]) -> ModuleType | None:
+    """``module._library``, set by ``load`` on the first call (one thread loads, others wait), or None where
+    kernels are disabled or ``load`` found the library unavailable (False: said once, not tried again)."""
     if not enabled():
         return None
-    if _library is None:
+    if module._library is None:
         with _lock:
-            if _library is None:
-                _library = _load()
-    return _library or None
+            if module._library is None:
+                module._library = load()
+    return module._library or None
 
 
 def _load() -> ModuleType | bool:

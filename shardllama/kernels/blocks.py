@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import sys
 from types import ModuleType
 
 import torch
@@ -43,22 +43,14 @@ MAX_ROWS = 8  # rows of x up to which the matrix-vector kernel runs; more go thr
 TILE_ROWS = 128  # weight rows dequantized at a time for a prompt (128 x 11008 f32: 5.6 MB of scratch)
 
 _library: ModuleType | bool | None = None  # None: not tried yet; False: unavailable (said once)
-_lock = threading.Lock()
 
 
 def library() -> ModuleType | None:
     """The compiled block kernels (built on first use), or None when kernels are disabled
     (``shardllama.kernels.enable`` / ``SHARDLLAMA_KERNELS``) or unavailable here."""
-    global _library
-    from . import enabled
+    from . import loaded_once
 
-    if not enabled():
-        return None
-    if _library is None:
-        with _lock:
-            if _library is None:
-                _library = _load()
-    return _library or None
+    return loaded_once(sys.modules[__name__], _load)
 
 
 def _load() -> ModuleType | bool:
