@@ -84,7 +84,7 @@ def block_weights(ts: int) -> int:
 
 def from_bytes(raw: torch.Tensor, qtype: int) -> BlockWeight:
     """The BlockWeight of a tensor's bytes as a GGUF file holds them: (N, K // bs * ts) uint8."""
-    bs, ts = GGML_QUANT_SIZES[Q(qtype)]
+    _, ts = GGML_QUANT_SIZES[Q(qtype)]
     return BlockWeight(raw.reshape(raw.shape[0], -1, ts), int(qtype))
 
 
@@ -105,15 +105,15 @@ def dequantize(w: BlockWeight) -> torch.Tensor:
     return gguf_dequantize(w.blocks.flatten(1).numpy(), Q(w.qtype)).reshape(w.shape)
 
 
-def quantize(w: torch.Tensor, qtype: int) -> BlockWeight:
-    """A float (N, K) matrix as blocks of ``qtype`` (Q8_0 or Q4_0); works on meta tensors (layouts)."""
-    bs, ts = GGML_QUANT_SIZES[Q(qtype)]
+def quantize(w: torch.Tensor, qtype: int, name: str = "a matrix") -> BlockWeight:
+    """A float (N, K) matrix (weight ``name``) as blocks of ``qtype`` (Q8_0 or Q4_0); works on meta tensors."""
+    bs = block_size(qtype)
     if w.shape[-1] % bs:
-        raise ModelFileError(f"a matrix of {w.shape[-1]} columns cannot be cut into {Q(qtype).name} blocks of {bs}")
+        raise ModelFileError(f"weight {name!r} has {w.shape[-1]} columns: not whole {Q(qtype).name} blocks of {bs}")
     if w.device.type == "meta":
-        return BlockWeight(torch.empty((w.shape[0], w.shape[1] // bs, ts), dtype=torch.uint8, device="meta"), int(qtype))
+        return meta(tuple(w.shape), qtype)
     if not bool(torch.isfinite(w).all()):
-        raise ModelFileError(f"a matrix holds infinities or NaNs; it cannot be quantized to {Q(qtype).name}")
+        raise ModelFileError(f"weight {name!r} holds infinities or NaNs; it cannot be quantized to {Q(qtype).name}")
     return BlockWeight(kernel.quantize(w, qtype), int(qtype))
 
 
@@ -131,11 +131,11 @@ def stored(name: str, full: torch.Tensor | BlockWeight, dtype: torch.dtype, matr
         if dtype == GGUF and Q(full.qtype) in kernel.SUPPORTED:
             w = full
         else:  # a type without a kernel, or q8 / q4 of a quantized file: from its f32 numbers
-            w = quantize(dequantize(full), TARGET.get(dtype, FALLBACK))
+            w = quantize(dequantize(full), TARGET.get(dtype, FALLBACK), name)
     elif dtype == GGUF:  # a float matrix in a quantized file stays exact
         return {name: full.to(ACTIVATIONS)}
     else:
-        w = quantize(full, TARGET[dtype])
+        w = quantize(full, TARGET[dtype], name)
     qtype = torch.tensor([w.qtype], dtype=torch.int32, device=w.blocks.device)
     return {name: w.blocks, name + QTYPE_SUFFIX: qtype}
 

@@ -19,7 +19,7 @@ from shardllama import qblocks
 from shardllama.config import ModelArgs
 from shardllama.convert import full_weights
 from shardllama.coordinator import Coordinator
-from shardllama.errors import UsageError
+from shardllama.errors import ModelFileError, UsageError
 from shardllama.kernels import blocks as kernel
 from shardllama.kv_cache import blocks_for, contiguous_tables
 from shardllama.loading import load_weights, open_checkpoint
@@ -170,6 +170,18 @@ def test_float_weights_quantized_at_load_to_q8_and_q4(dtype, target):
                      n_blocks=tables.numel()) as c:
         got = c.forward(TOKENS, torch.zeros(2, dtype=torch.long), tables, LENGTHS, all_logits=True)
         close(got, logits(ref))
+
+
+def test_quantizing_errors_name_the_weight():
+    args = ARGS.replace(dim=48, hidden_dim=64, n_heads=4, n_kv_heads=2)  # 48 columns: not whole blocks of 32
+    weights = random_weights(args)
+    with pytest.raises(ModelFileError, match=r"weight '[a-z0-9_.]+' has 48 columns: not whole "
+                                             r"Q8_0 blocks of 32"):
+        full_weights(args, qblocks.Q8, weights.__getitem__)
+    weights = random_weights(ARGS.replace(dim=256, hidden_dim=256, n_heads=2, n_kv_heads=2))
+    weights["layers.1.feed_forward.w3.weight"][3, 5] = float("nan")
+    with pytest.raises(ModelFileError, match=r"weight 'layers\.1\.feed_forward\.w3\.weight' holds infinities or NaNs"):
+        full_weights(ARGS.replace(dim=256, hidden_dim=256, n_heads=2, n_kv_heads=2), qblocks.Q4, weights.__getitem__)
 
 
 def test_dtype_gguf_needs_a_quantized_file(tmp_path, floats):
