@@ -55,7 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 from .launch import default_workers
                 from .kv_cache import BLOCK_SIZE
 
-                n_workers = runtime.workers if runtime.workers is not None else default_workers()
+                n_workers = runtime.workers if runtime.workers is not None else default_workers(prepared.args,
+                                                                                                 prepared.dtype)
                 n_blocks = config.kv_blocks(prepared.max_seq_len, prepared.kv_bytes_per_token(n_workers), BLOCK_SIZE)
                 try:
                     return runtime.start(prepared, n_blocks=n_blocks, progress=_progress(args),

@@ -33,10 +33,15 @@ import psutil
 CONNECT_TIMEOUT_S = 120.0  # seconds for workers to start / connect and build their shards
 
 
-def default_workers(args=None) -> int:
-    """One worker per physical core (at most one per attention head of ``args``, a ModelArgs)."""
+def default_workers(args=None, dtype=None) -> int:
+    """One worker per physical core, at most as many as the plan of ``args`` (a ModelArgs) with weights of
+    ``dtype`` can give work (one per attention head; with quantized blocks, whole blocks each)."""
     n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    return min(n, args.n_heads) if args is not None else n
+    if args is None:
+        return n
+    from .sharding import max_workers
+
+    return min(n, max_workers(args, dtype))
 
 
 def spawn(endpoint: str, rank: int, *, threads: int, connect_timeout: float) -> subprocess.Popen:

@@ -141,10 +141,15 @@ def stored(name: str, full: torch.Tensor | BlockWeight, dtype: torch.dtype, matr
 
 
 def linear_weight(weights: Mapping[str, torch.Tensor], name: str) -> BlockWeight:
-    qtype = weights.get(name + QTYPE_SUFFIX)
+    """The BlockWeight of ``name`` and its type, checked to be a type with a kernel and blocks of its size
+    (the two may come from a shared-memory segment: a worker refuses them while it builds, not mid-pass)."""
+    qtype, blocks = weights.get(name + QTYPE_SUFFIX), weights[name]
     if qtype is None or qtype.numel() != 1:
         raise ModelFileError(f"weight {name!r} is blocks but has no {name + QTYPE_SUFFIX!r}")
-    return BlockWeight(weights[name], int(qtype.item()))
+    q = int(qtype.item())
+    if q not in {int(t) for t in kernel.SUPPORTED} or blocks.dim() != 3 or blocks.shape[2] != GGML_QUANT_SIZES[Q(q)][1]:
+        raise ModelFileError(f"weight {name!r}: blocks of shape {tuple(blocks.shape)} and type {q} do not go together")
+    return BlockWeight(blocks, q)
 
 
 def column_unit(dtype: torch.dtype, columns: int) -> int:

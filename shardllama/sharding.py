@@ -148,6 +148,16 @@ def plan(args: ModelArgs, n_workers: int, dtype: torch.dtype | None = None) -> l
     return specs
 
 
+def max_workers(args: ModelArgs, dtype: torch.dtype | None = None) -> int:
+    """The most workers ``plan`` can give each some query heads (and, with block-quantized weights, whole
+    blocks of wo's and w2's columns)."""
+    if dtype is None:
+        return args.n_heads
+    hd = args.head_dim
+    heads_unit = math.lcm(column_unit(dtype, args.n_heads * hd), hd) // hd
+    return max(1, min(args.n_heads // heads_unit, args.hidden_dim // column_unit(dtype, args.hidden_dim)))
+
+
 def _block_units(args: ModelArgs, n_workers: int, dtype: torch.dtype | None) -> tuple[int, int]:
     """(query heads, FFN units) that each worker's ranges must be multiples of, for whole blocks; UsageError
     where N workers cannot each get some."""

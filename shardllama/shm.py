@@ -33,6 +33,7 @@ import psutil
 import torch
 
 from .config import ModelArgs
+from .errors import UsageError
 from .convert import Loader, cut
 from .model import DTYPES, expected_shapes
 from .phases import Phases
@@ -192,8 +193,13 @@ def _write(args: ModelArgs, specs: Sequence[ShardSpec], dtype: torch.dtype, load
     """Copy every worker's part of every weight, and the coordinator's embedding, into place
     (``convert.cut``: each checkpoint weight read once and converted whole; ``phases`` times the copies)."""
     for spec, name, part in cut(args, specs, dtype, load, embedding=True, phases=phases):
+        seg = segments[EMBED if spec is None else f"r{spec.rank}"]
+        laid = seg.manifest["tensors"].get(name)
+        if laid is None or laid["shape"] != list(part.shape):  # blocks whose types the layout was not told
+            raise UsageError(f"weight {name!r} was not laid out; a loader that gives quantized blocks needs their "
+                             "types (block_types=Checkpoint.block_types())")
         with phases("write shards"):
-            segments[EMBED if spec is None else f"r{spec.rank}"].tensor(name).copy_(part)
+            seg.tensor(name).copy_(part)
 
 
 def _attach_kept(key: str, parts: Sequence[str], identity: dict) -> tuple[ShardStore | None, bool]:

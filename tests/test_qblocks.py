@@ -24,7 +24,7 @@ from shardllama.kernels import blocks as kernel
 from shardllama.kv_cache import blocks_for, contiguous_tables
 from shardllama.loading import load_weights, open_checkpoint
 from shardllama.model import DTYPES, Transformer, random_weights
-from shardllama.sharding import plan, shard, unshard, worker_weights
+from shardllama.sharding import max_workers, plan, shard, unshard, worker_weights
 
 from .helpers import seq_cache
 from .test_cli import run_cli
@@ -182,6 +182,32 @@ def test_quantizing_errors_name_the_weight():
     weights["layers.1.feed_forward.w3.weight"][3, 5] = float("nan")
     with pytest.raises(ModelFileError, match=r"weight 'layers\.1\.feed_forward\.w3\.weight' holds infinities or NaNs"):
         full_weights(ARGS.replace(dim=256, hidden_dim=256, n_heads=2, n_kv_heads=2), qblocks.Q4, weights.__getitem__)
+
+
+def test_the_default_number_of_workers_fits_the_block_plan(monkeypatch):
+    from shardllama import launch
+
+    monkeypatch.setattr(launch.psutil, "cpu_count", lambda logical=True: 64)
+    assert launch.default_workers(ARGS) == ARGS.n_heads == 8  # float weights: one per head
+    assert launch.default_workers(ARGS, qblocks.GGUF) == max_workers(ARGS, qblocks.GGUF) == 4  # 256-weight units
+    assert len(plan(ARGS, launch.default_workers(ARGS, qblocks.GGUF), qblocks.GGUF)) == 4
+    assert launch.default_workers(ARGS, qblocks.Q8) == 8  # Q8_0: 32-weight blocks, one head of 128 each
+
+
+@pytest.mark.parametrize("qtype", [int(Q.Q8_0), int(Q.Q3_K), 999])  # wrong size, no kernel, no type at all
+def test_a_block_type_that_does_not_fit_its_blocks_is_refused(qtype):
+    weights = {"w": torch.zeros(4, 2, 18, dtype=torch.uint8), "w_qtype": torch.tensor([qtype], dtype=torch.int32)}
+    with pytest.raises(ModelFileError, match=r"weight 'w': blocks of shape \(4, 2, 18\) and type \d+ do not go together"):
+        qblocks.linear_weight(weights, "w")
+    weights["w_qtype"] = torch.tensor([int(Q.Q4_0)], dtype=torch.int32)
+    assert qblocks.linear_weight(weights, "w").shape == (4, 64)
+
+
+def test_a_loader_of_blocks_without_their_types_is_named(tmp_path, floats):
+    path = write(tmp_path, floats, Q.Q4_K)
+    with open_checkpoint(path) as ckpt:
+        with pytest.raises(UsageError, match=r"was not laid out; a loader that gives quantized blocks needs their types"):
+            Coordinator(ARGS, lambda name: ckpt.load(name, qblocks.GGUF), n_workers=1, dtype="gguf", max_seq_len=64)
 
 
 def test_dtype_gguf_needs_a_quantized_file(tmp_path, floats):

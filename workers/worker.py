@@ -141,6 +141,9 @@ class Worker:
         theirs = {k: v for k, v in vars(args).items() if k != "max_seq_len"}
         if mine != theirs:
             raise ValueError(f"{self.model_path} is not the coordinator's model: {mine} != {theirs}")
+        if dtype == qblocks.GGUF and not ckpt.block_types():
+            raise ValueError(f"{self.model_path} holds no quantized blocks; the coordinator computes a quantized "
+                             "GGUF's own blocks: give this worker the same file")
         return cut_weights(args, spec, lambda name: ckpt.load(name, source_dtype(dtype)), dtype)
 
     # ---- serving ---------------------------------------------------------------------------------

@@ -167,10 +167,13 @@ class GGUFCheckpoint(Checkpoint):
 
     def _blocks(self, name: str) -> qblocks.BlockWeight | None:
         t = self._tensors[name]
-        if t.tensor_type in FLOAT_TYPES:
+        if t.tensor_type in FLOAT_TYPES or len(self.shape(name)) != 2:  # a quantized norm: dequantized to f32
             return None
-        raw = torch.from_numpy(np.asarray(t.data)).reshape(self.shape(name)[0], -1)  # (N, bytes of a row)
-        return qblocks.from_bytes(raw, t.tensor_type)
+        try:
+            raw = torch.from_numpy(np.asarray(t.data)).reshape(self.shape(name)[0], -1)  # (N, bytes of a row)
+            return qblocks.from_bytes(raw, t.tensor_type)
+        except (ValueError, RuntimeError) as e:
+            raise ModelFileError(f"{self._files[name]}: cannot read tensor {t.name!r} ({one_line(e)})") from None
 
     def _quant_type(self, name: str) -> str | None:
         t = self._tensors[name].tensor_type
