@@ -11,8 +11,8 @@ One safetensors file per entry, named by a hash of the model, the token ids and 
               salt         (version 2 only) the salt's id, ``prompt_cache.salt_id``: a hash, never the salt
               model        hex digest of the model's identity (below)
               model_path   the model file or directory, for people reading the file
-              dtype        "f32" | "f16" | "bf16" | "int8": the weights' (int8 weights keep f32 k and v, which
-                           must not be mistaken for an f32 model's)
+              dtype        "f32" | "f16" | "bf16" | "int8" | "gguf" | "q8" | "q4": the weights' (quantized
+                           weights keep f32 k and v, which must not be mistaken for an f32 model's)
               tokens       the token ids, a JSON list; their count is the positions
               crc32        of k's bytes then v's: safetensors checks its header and sizes, not the data
 
