@@ -133,7 +133,7 @@ def linear_weight(weights: Mapping[str, torch.Tensor], name: str) -> torch.Tenso
 
 def activation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of activations, KV cache, norms and embedding in a model whose weights are ``dtype``."""
-    return ACTIVATIONS if dtype == INT8 or dtype in qblocks.DTYPES else dtype
+    return ACTIVATIONS if is_weight_quantized(dtype) else dtype
 
 
 def source_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -20,7 +20,6 @@ from .model import DTYPES
 from .kv_cache import BLOCK_SIZE
 from .phases import Phases
 from . import qblocks
-from .qblocks import GGUF
 from .quant import activation_dtype, source_dtype
 from .tokenizer import Tokenizer
 from .tokenizer_files import load_tokenizer
@@ -67,7 +66,7 @@ def resolve_dtype(name: str, native: torch.dtype, quant_types: Sequence[str] = (
     (shardllama.quant, shardllama.qblocks), whatever the checkpoint holds."""
     if name == "auto":
         if quant_types:
-            return GGUF
+            return qblocks.GGUF
         return native if native in DTYPES.values() else torch.float32
     if name == "gguf" and not quant_types:
         raise UsageError("--dtype gguf keeps a GGUF file's quantized blocks, and this model holds none; "
@@ -207,7 +206,7 @@ def start(
 
             # Shards are written one weight at a time straight from the (memory-mapped) checkpoint.
             load = _progress_loader(ckpt, source_dtype(p.dtype), progress)  # int8: floats, quantized there
-            block_types = ckpt.block_types() if p.dtype == GGUF else None  # gguf: what comes as blocks
+            block_types = ckpt.block_types() if p.dtype == qblocks.GGUF else None  # gguf: what comes as blocks
             backend = Coordinator(
                 p.args, load, n_workers=workers, dtype=p.dtype, max_seq_len=p.max_seq_len, n_blocks=n_blocks,
                 keep_shards=keep_shards, model_path=p.path, timeout=worker_timeout,
