@@ -17,7 +17,9 @@ reduction in between, i.e. to have finished reading this one.  Tickets grow acro
 << 16 | reduction index) so a flag left over from an abandoned pass never satisfies a newer one.
 
 x86 keeps stores in program order and loads in program order (TSO), which is all the publish/wait pair
-needs: the data stores happen before the flag store, the flag load before the data loads.  Elsewhere
+needs: the data stores happen before the flag store, the flag load before the data loads.  On the CPU the
+copy, the wait and the sum are C++ (``kernels.decode``: one call to publish, one to wait and add, the same
+bits); torch's ops do the same where that library is missing, and for GPU tensors.  Elsewhere
 (ARM) the coordinator keeps the star.  The coordinator owns the segment (and unlinks it, also when it is
 killed, through the resource tracker); workers map it, and only if it is their user's with mode 0600
 (``Segment.attach``): partial sums from anyone else's segment would become the model's output.
@@ -28,14 +30,17 @@ from __future__ import annotations
 import os
 import platform
 import time
+from typing import Callable, TypeVar
 
 import torch
 
+from .kernels import decode
 from .segment import Segment, run_tag, segment_name
 
 TICKET_SHIFT = 16  # reductions per pass: 2 per layer, < 65536
 FLAG_STRIDE = 8  # int64s per flag: one 64-byte cache line each, so workers never write the same line
 CHECK_EVERY = 256  # spins between looks at the clock, the abort word and the parent process
+T = TypeVar("T")
 
 
 def supported() -> bool:
@@ -77,7 +82,8 @@ class AllReduce:
         self.n = seg.manifest["n_workers"]
         self.capacity = seg.manifest["capacity"]
         self.parts = [seg.tensor(f"part{r}") for r in range(self.n)]  # each (2, capacity * dim)
-        self.flags = seg.tensor("flags").numpy()  # (N, FLAG_STRIDE)
+        self.flags_t = seg.tensor("flags")  # (N, FLAG_STRIDE)
+        self.flags = self.flags_t.numpy()
         self.abort = seg.tensor("abort").numpy()
         self.timeout = timeout
         self.parent_pid = parent_pid
@@ -88,32 +94,43 @@ class AllReduce:
             self.flags[0, 0] = tkt
             return h + part
         n, half = part.numel(), tkt & 1
+        lib = decode.library()
+        if lib is not None and h.device.type == "cpu" and part.device.type == "cpu":
+            # One C++ call to publish, one per CHECK_EVERY looks to wait and sum: the same bits as below.
+            lib.publish(part.contiguous(), self.parts[self.rank][half, :n], self.flags_t, self.rank, tkt)
+            parts, h = [p[half, :n] for p in self.parts], h.contiguous()
+            return self._wait(lambda: lib.gather(h, parts, self.flags_t, tkt, CHECK_EVERY), tkt)
         self.parts[self.rank][half, :n].copy_(part.reshape(-1))
         self.flags[self.rank, 0] = tkt  # publish: after the data, TSO keeps the order
-        self._wait(tkt)
+        self._wait(lambda: self._look(tkt), tkt)
         acc = self.parts[0][half, :n].to(torch.float32, copy=True)
         for r in range(1, self.n):
             acc += self.parts[r][half, :n]
         return torch.add(h, acc.view(h.shape)).to(h.dtype)
 
-    def _wait(self, tkt: int) -> None:
-        flags, abort, pass_no = self.flags, self.abort, tkt >> TICKET_SHIFT
-        for r in range(self.n):
-            spins = 0
-            deadline = None
-            while flags[r, 0] < tkt:
-                spins += 1
-                if spins % CHECK_EVERY:
-                    os.sched_yield()  # a no-op with a core to spare; lets a peer run when cores are short
-                    continue
-                if abort[0] == pass_no:
-                    raise Aborted(f"pass {pass_no} was given up")
-                now = time.monotonic()
-                deadline = deadline or now + self.timeout
-                if now > deadline:
-                    raise TimeoutError(f"worker {r} sent no partial sum within {self.timeout:.0f} s")
-                if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                    raise Aborted("the coordinator is gone")
+    def _look(self, tkt: int) -> bool | None:
+        """True once every worker has published ``tkt``; None after CHECK_EVERY looks."""
+        flags = self.flags
+        for _ in range(CHECK_EVERY):
+            if all(flags[r, 0] >= tkt for r in range(self.n)):
+                return True
+            os.sched_yield()  # a no-op with a core to spare; lets a peer run when cores are short
+        return None
+
+    def _wait(self, attempt: Callable[[], T | None], tkt: int) -> T:
+        """What ``attempt`` returns once it is not None, checking between attempts that the pass goes on."""
+        pass_no, deadline = tkt >> TICKET_SHIFT, None
+        while (done := attempt()) is None:
+            if self.abort[0] == pass_no:
+                raise Aborted(f"pass {pass_no} was given up")
+            now = time.monotonic()
+            deadline = deadline or now + self.timeout
+            if now > deadline:
+                late = [r for r in range(self.n) if self.flags[r, 0] < tkt]
+                raise TimeoutError(f"worker {late[0] if late else '?'} sent no partial sum within {self.timeout:.0f} s")
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                raise Aborted("the coordinator is gone")
+        return done
 
     def give_up(self, pass_no: int) -> None:
         """This worker failed in ``pass_no``: its peers must not wait for it."""

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels, quant
-from .kernels import gemm
+from .kernels import decode, gemm
 from .config import ModelArgs
 from .kv_cache import BLOCK_SIZE, KVCache, blocks_for, check_tables, contiguous_tables, flat_index
 from .names import head_source, layer_prefix
@@ -61,6 +61,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in f32 whatever the weight dtype, as Meta and HF do; scale in the model dtype.  torch's fused
     # op computes x * rsqrt(mean(x^2) + eps) in one call: a decode step runs this 2 x layers times, and the
     # five separate ops cost 6 us more each (demo model, one thread).
+    # A decode step's few rows: one C++ call (kernels.decode), rounded the same way.
+    if decode.elementwise_applies(x, weight):
+        return decode.rms_norm(x, weight, eps)
     return F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * weight
 
 
@@ -95,6 +98,8 @@ class Step:
     first: int | None  # B == 1 on consecutive blocks: flat index of position 0; the cache is sliced, not gathered
     write_at: torch.Tensor | None  # otherwise (B, T) long: flat index of each new token
     read_at: torch.Tensor | None  # and (B, kv_len) long: flat index of each row's keys
+    # One token (B == T == 1), for kernels.decode.attend: its flat index, its keys' (kv_len,), cis as (hd/2, 2) f32
+    one: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def make(cls, start: torch.Tensor, n_tokens: int, tables: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -125,15 +130,15 @@ class Step:
             # the row's blocks (trailing table entries are never read).
             keys = torch.minimum(torch.arange(kv_len)[None, :], positions[:, -1:])  # (B, kv_len)
             read_at = flat_index(tables, keys, block_size)
-        return cls(
-            positions=positions,
-            cis=torch.complex(cos[positions], sin[positions]).unsqueeze(2),
-            kv_len=kv_len,
-            mask=mask,
-            first=first,
-            write_at=write_at,
-            read_at=read_at,
-        )
+        cis = torch.complex(cos[positions], sin[positions]).unsqueeze(2)
+        one = None
+        if positions.numel() == 1:
+            if first is not None:
+                one = (first + kv_len - 1, torch.arange(first, first + kv_len), torch.view_as_real(cis[0, 0, 0]))
+            else:
+                one = (int(write_at[0, 0]), read_at[0].contiguous(), torch.view_as_real(cis[0, 0, 0]))
+        return cls(positions=positions, cis=cis, kv_len=kv_len, mask=mask, first=first, write_at=write_at,
+                   read_at=read_at, one=one)
 
 
 def attention(
@@ -157,6 +162,10 @@ def attention(
     q = linear(x, wq).view(B, T, -1, head_dim)
     k = linear(x, wk).view(B, T, -1, head_dim)
     v = linear(x, wv).view(B, T, -1, head_dim)
+    if step.one is not None and decode.attention_applies(q, cache_k):  # one token: rope, cache, attention in C++
+        write_at, read_at, cis = step.one
+        out = decode.attend(q, k, v, cache_k, cache_v, cis, write_at, read_at, kv_of_q)
+        return linear(out.view(B, T, -1), wo)
     q = apply_rope(q, step.cis)
     k = apply_rope(k, step.cis)
 
@@ -193,7 +202,10 @@ def attention(
 
 def feed_forward(x: torch.Tensor, w1: Linear, w2: Linear, w3: Linear) -> torch.Tensor:
     """SwiGLU over the hidden units these weights hold; returns their (B, T, dim) contribution."""
-    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+    gate, up = linear(x, w1), linear(x, w3)
+    if decode.elementwise_applies(gate, up):  # a decode step's few rows: one C++ call
+        return linear(decode.silu_mul(gate, up), w2)
+    return linear(F.silu(gate) * up, w2)
 
 
 def output_head(h: torch.Tensor, norm: torch.Tensor, output: Linear, eps: float) -> torch.Tensor:

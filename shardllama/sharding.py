@@ -151,9 +151,9 @@ def plan(args: ModelArgs, n_workers: int, dtype: torch.dtype | None = None) -> l
 def max_workers(args: ModelArgs, dtype: torch.dtype | None = None) -> int:
     """The most workers ``plan`` can give each some query heads (and, with block-quantized weights, whole
     blocks of wo's and w2's columns)."""
-    if dtype is None:
-        return args.n_heads
     hd = args.head_dim
+    if dtype is None or column_unit(dtype, args.n_heads * hd) == column_unit(dtype, args.hidden_dim) == 1:
+        return args.n_heads  # float weights: a worker may hold no FFN unit at all
     heads_unit = math.lcm(column_unit(dtype, args.n_heads * hd), hd) // hd
     return max(1, min(args.n_heads // heads_unit, args.hidden_dim // column_unit(dtype, args.hidden_dim)))
 
@@ -167,6 +167,8 @@ def _block_units(args: ModelArgs, n_workers: int, dtype: torch.dtype | None) -> 
     unit = column_unit(dtype, args.n_heads * hd)
     heads_unit = math.lcm(unit, hd) // hd
     ffn_unit = column_unit(dtype, args.hidden_dim)
+    if unit == ffn_unit == 1:  # float weights: any cut is whole, and a worker may hold no FFN unit at all
+        return 1, 1
     for most, u, what in ((args.n_heads // heads_unit, unit, f"attention.wo ({heads_unit} query heads a block)"),
                           (args.hidden_dim // ffn_unit, ffn_unit, f"feed_forward.w2 ({args.hidden_dim} columns)")):
         if most < n_workers:

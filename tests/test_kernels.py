@@ -245,6 +245,17 @@ def test_disabled_means_torch(fresh_state, monkeypatch, spy):
     assert not kernels.enabled()  # read once, on first use
 
 
+def test_the_environment_may_name_the_libraries_to_use(fresh_state, monkeypatch, caplog):
+    from shardllama.kernels import decode
+
+    monkeypatch.setattr(decode, "_library", None)
+    monkeypatch.setenv("SHARDLLAMA_KERNELS", "matvec, blocks,nonsense")
+    with caplog.at_level(logging.WARNING, logger="shardllama.kernels"):
+        assert kernels.enabled("matvec") and kernels.enabled("blocks") and not kernels.enabled("decode")
+    assert "nonsense" in caplog.text
+    assert decode.library() is None and not decode.elementwise_applies(torch.randn(4), torch.randn(4))
+
+
 def test_enable_overrides_the_environment(fresh_state, monkeypatch):
     monkeypatch.setenv("SHARDLLAMA_KERNELS", "1")
     kernels.enable(False)

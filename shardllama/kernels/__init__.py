@@ -12,8 +12,9 @@ scale per row (``shardllama.quant``), for prompts as well as decode steps; its o
 The library is compiled on first use and cached (``build.py``).  Where it cannot be built or imported
 (no compiler or ninja, a compiler error) one warning is logged and :func:`applies` answers False for
 the rest of the process; on a CPU without AVX2/F16C/FMA, or not x86-64, the same without the warning.
-``SHARDLLAMA_KERNELS=0`` in the environment, read on first use, turns the kernel off (worker processes
-inherit it); :func:`enable` does the same from code.  Which of the kernel's bit-identical f16/bf16 variants
+``SHARDLLAMA_KERNELS=0`` in the environment, read on first use, turns the kernels off (worker processes
+inherit it), ``SHARDLLAMA_KERNELS=matvec,blocks`` keeps only the libraries named (of ``LIBRARIES``: this one,
+``blocks.py``'s and ``decode.py``'s); :func:`enable` turns them all on or off from code.  Which of the kernel's bit-identical f16/bf16 variants
 runs is measured once per machine (``calibrate.py``) or pinned by ``SHARDLLAMA_MATVEC_VARIANT``.
 """
 
@@ -37,7 +38,8 @@ log = logging.getLogger("shardllama.kernels")
 # goes to torch.  bf16 stops at 4: torch's bf16 matrix product (oneDNN) wins from 8 rows on.
 MAX_ROWS = {torch.float16: 8, torch.bfloat16: 4}
 
-_enabled: bool | None = None  # None until first use, then SHARDLLAMA_KERNELS decides
+LIBRARIES = ("matvec", "blocks", "decode")  # what SHARDLLAMA_KERNELS may name
+_enabled: bool | frozenset[str] | None = None  # None until first use, then SHARDLLAMA_KERNELS decides
 _library: ModuleType | bool | None = None  # None: not tried yet; False: unavailable (said once)
 _lock = threading.Lock()
 
@@ -48,22 +50,31 @@ def enable(on: bool | None = True) -> None:
     _enabled = on
 
 
-def enabled() -> bool:
+def enabled(name: str = "matvec") -> bool:
+    """Whether the library ``name`` (one of LIBRARIES) may be used, as :func:`enable` or SHARDLLAMA_KERNELS said."""
     global _enabled
     if _enabled is None:
-        _enabled = os.environ.get("SHARDLLAMA_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
-    return _enabled
+        setting = os.environ.get("SHARDLLAMA_KERNELS", "1").strip().lower()
+        if setting in ("0", "false", "no", "off", "none"):
+            _enabled = False
+        elif setting in ("1", "true", "yes", "on", "all", ""):
+            _enabled = True
+        else:
+            _enabled = frozenset(s.strip() for s in setting.split(","))
+            if unknown := sorted(_enabled - set(LIBRARIES)):
+                log.warning("SHARDLLAMA_KERNELS names %s, not one of %s", ", ".join(unknown), ", ".join(LIBRARIES))
+    return name in _enabled if isinstance(_enabled, frozenset) else _enabled
 
 
 def library() -> ModuleType | None:
     """The compiled extension (built on the first call), or None when it is disabled or unavailable."""
-    return loaded_once(sys.modules[__name__], _load)
+    return loaded_once(sys.modules[__name__], _load, "matvec")
 
 
-def loaded_once(module: ModuleType, load: Callable[[], ModuleType | bool]) -> ModuleType | None:
+def loaded_once(module: ModuleType, load: Callable[[], ModuleType | bool], name: str) -> ModuleType | None:
     """``module._library``, set by ``load`` on the first call (one thread loads, others wait), or None where
-    kernels are disabled or ``load`` found the library unavailable (False: said once, not tried again)."""
-    if not enabled():
+    the library ``name`` is disabled or ``load`` found it unavailable (False: said once, not tried again)."""
+    if not enabled(name):
         return None
     if module._library is None:
         with _lock:

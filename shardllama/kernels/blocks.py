@@ -50,7 +50,7 @@ def library() -> ModuleType | None:
     (``shardllama.kernels.enable`` / ``SHARDLLAMA_KERNELS``) or unavailable here."""
     from . import loaded_once
 
-    return loaded_once(sys.modules[__name__], _load)
+    return loaded_once(sys.modules[__name__], _load, "blocks")
 
 
 def _load() -> ModuleType | bool:

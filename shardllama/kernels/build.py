@@ -1,11 +1,12 @@
 """Compiling the kernels' C++ sources once per machine and importing the cached libraries afterwards.
 
 Each source is a :class:`Library` (``MATVEC``: ``matvec.cpp``; ``BLOCKS``: ``blocks.cpp``, the quantized-block
-kernels).  A library lives in ``<cache>/kernels/<name>-<key>/`` (``shardllama_matvec-<key>``, ...), where
-``<cache>`` is shardllama's cache directory (``$SHARDLLAMA_CACHE``, else ``~/.cache/shardllama``; see
-:func:`shardllama.demo.cache_dir`) and ``<key>`` hashes the source, its compiler flags, torch's version, the
-Python ABI, the machine and the CPU flags the kernels dispatch on: a changed source or another torch builds
-afresh instead of importing a stale library.
+kernels; ``DECODE``: ``decode.cpp``, the small operations of a decode step).  A library lives in
+``<cache>/kernels/<name>-<key>/`` (``shardllama_matvec-<key>``, ...), where ``<cache>`` is shardllama's
+cache directory (``$SHARDLLAMA_CACHE``, else ``~/.cache/shardllama``; see :func:`shardllama.demo.cache_dir`)
+and ``<key>`` hashes the source, its compiler flags, torch's version, the Python ABI, the machine and the CPU
+flags the kernels dispatch on: a changed source or another torch builds afresh instead of importing a stale
+library.
 
 A finished build leaves a ``built`` file naming the library; later processes import it directly (a few
 milliseconds) without ``torch.utils.cpp_extension`` (whose import and ninja run cost more).  Processes that
@@ -56,6 +57,11 @@ MATVEC = Library(NAME, SOURCE)
 # gguf.quants); the kernel's fused multiply-adds are written as FMA intrinsics, which the flag leaves alone.
 BLOCKS = Library("shardllama_blocks", SOURCE.with_name("blocks.cpp"), CFLAGS + ("-ffp-contract=off",),
                  "quantized-block kernels")
+# -ffp-contract=off: decode.cpp rounds every product and sum where the torch code it replaces does.  AVX2,
+# F16C and FMA are what check_cpu asks of every CPU before any library is built or loaded.
+DECODE = Library("shardllama_decode", SOURCE.with_name("decode.cpp"),
+                 CFLAGS + ("-ffp-contract=off", "-mavx2", "-mf16c", "-mfma"),
+                 "decode-step kernels")
 
 
 def _library(source: Path | Library) -> Library:
