@@ -421,13 +421,15 @@ def test_calibration_measures_once_and_stores_the_winner(lib, tmp_path, small_ca
 
 
 @pytest.mark.parametrize("plant", ["writable by others", "another CPU", "not JSON", "unknown variant", "huge",
-                                   "symlink"])
+                                   "symlink", "older set of variants"])
 def test_a_stored_calibration_not_to_trust_is_measured_again(lib, tmp_path, small_calibration, caplog, plant):
     from shardllama.kernels import calibrate
 
     path = tmp_path / calibrate.FILE
-    good = {"cpu": calibrate.cpu_model(), "variant": "1x4096"}
-    body = {"another CPU": {**good, "cpu": "a CPU that is not this one"}, "unknown variant": {**good, "variant": "3x1"}}
+    good = {"cpu": calibrate.cpu_model(), "variant": "1x4096",
+            "gb_s": {f"{r}x{p}": 9.0 for r, p in calibrate.CANDIDATES}}
+    body = {"another CPU": {**good, "cpu": "a CPU that is not this one"}, "unknown variant": {**good, "variant": "3x1"},
+            "older set of variants": {**good, "gb_s": {"1x4096": 9.0}}}
     text = "{not json" if plant == "not JSON" else json.dumps(body.get(plant, good)) + " " * (70000 * (plant == "huge"))
     if plant == "symlink":
         (tmp_path / "elsewhere.json").write_text(text)

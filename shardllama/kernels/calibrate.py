@@ -35,7 +35,7 @@ ENV = "SHARDLLAMA_MATVEC_VARIANT"
 FILE = "variant.json"
 # What is measured: (rows per step, prefetch bytes).  DEFAULT, the kernel's only variant before calibration
 # (best on Zen 5), is kept unless another is MARGIN faster.
-CANDIDATES = ((1, 4096), (1, 0), (2, 4096), (4, 0))
+CANDIDATES = ((1, 4096), (1, 0), (2, 4096), (4, 0), (4, 4096))
 DEFAULT = CANDIDATES[0]
 MARGIN = 1.03
 MAX_PREFETCH = 1 << 20
@@ -95,6 +95,9 @@ def read(path: Path, lib: ModuleType) -> tuple[int, int] | None:
             data = json.loads(path.read_text())
             if data.get("cpu") != cpu_model():
                 why = f"measured on another CPU ({data.get('cpu')!r})"
+            elif missing := [_name(v) for v in CANDIDATES if v[0] in lib.variant_rows()
+                             and _name(v) not in data.get("gb_s", {})]:
+                why = f"{', '.join(missing)} not measured (a newer set of variants)"
             else:
                 return parse(str(data.get("variant")), lib)
         except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:

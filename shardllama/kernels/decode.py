@@ -23,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from . import build
+from . import build, loaded_once
 
 log = logging.getLogger("shardllama.kernels")
 
@@ -36,8 +36,6 @@ _library: ModuleType | bool | None = None  # None: not tried yet; False: unavail
 
 def library() -> ModuleType | None:
     """The compiled library (built on first use), or None where kernels are disabled or unavailable."""
-    from . import loaded_once
-
     return loaded_once(sys.modules[__name__], _load, "decode")
 
 
@@ -53,9 +51,9 @@ def _load() -> ModuleType | bool:
 
 def elementwise_applies(x: torch.Tensor, other: torch.Tensor) -> bool:
     """Whether :func:`rms_norm` (other: the weight) or :func:`silu_mul` (other: b) computes it here."""
-    return (x.dtype in ELEMENTWISE and other.dtype == x.dtype and x.device.type == "cpu" and other.device.type == "cpu"
-            and x.dim() >= 1 and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and x.is_contiguous()
-            and other.is_contiguous() and library() is not None)
+    return (x.dtype in ELEMENTWISE and other.dtype == x.dtype and x.is_cpu and other.is_cpu and x.dim() >= 1
+            and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and x.is_contiguous() and other.is_contiguous()
+            and library() is not None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -70,9 +68,8 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def attention_applies(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
     """Whether :func:`attend` computes the attention of q (one token: (1, 1, heads, hd)) here."""
-    return (q.dtype in ATTENTION and q.shape[0] * q.shape[1] == 1 and q.device.type == "cpu"
-            and cache_k.device.type == "cpu" and cache_k.dtype == q.dtype and cache_k.is_contiguous()
-            and library() is not None)
+    return (q.dtype in ATTENTION and q.shape[0] * q.shape[1] == 1 and q.is_cpu and cache_k.is_cpu
+            and cache_k.dtype == q.dtype and cache_k.is_contiguous() and library() is not None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
