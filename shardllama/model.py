@@ -98,8 +98,9 @@ class Step:
     first: int | None  # B == 1 on consecutive blocks: flat index of position 0; the cache is sliced, not gathered
     write_at: torch.Tensor | None  # otherwise (B, T) long: flat index of each new token
     read_at: torch.Tensor | None  # and (B, kv_len) long: flat index of each row's keys
-    # One token (B == T == 1), for kernels.decode.attend: its flat index, its keys' (kv_len,), cis as (hd/2, 2) f32
-    one: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    # One token a row (T == 1, B <= decode.MAX_ROWS), for kernels.decode.attend: each row's flat index (B,), its
+    # keys' (B, kv_len), how many of those it attends to (B,), and its cis as (B, hd/2, 2) f32
+    one: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def make(cls, start: torch.Tensor, n_tokens: int, tables: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -132,11 +133,12 @@ class Step:
             read_at = flat_index(tables, keys, block_size)
         cis = torch.complex(cos[positions], sin[positions]).unsqueeze(2)
         one = None
-        if positions.numel() == 1:
+        if n_tokens == 1 and len(start) <= decode.MAX_ROWS:
             if first is not None:
-                one = (first + kv_len - 1, torch.arange(first, first + kv_len), torch.view_as_real(cis[0, 0, 0]))
+                one = (torch.tensor([first + kv_len - 1]), torch.arange(first, first + kv_len)[None], torch.tensor([kv_len]))
             else:
-                one = (int(write_at[0, 0]), read_at[0].contiguous(), torch.view_as_real(cis[0, 0, 0]))
+                one = (write_at[:, 0].contiguous(), read_at.contiguous(), positions[:, 0] + 1)
+            one += (torch.view_as_real(cis[:, 0, 0]).contiguous(),)
         return cls(positions=positions, cis=cis, kv_len=kv_len, mask=mask, first=first, write_at=write_at,
                    read_at=read_at, one=one)
 
@@ -162,9 +164,8 @@ def attention(
     q = linear(x, wq).view(B, T, -1, head_dim)
     k = linear(x, wk).view(B, T, -1, head_dim)
     v = linear(x, wv).view(B, T, -1, head_dim)
-    if step.one is not None and decode.attention_applies(q, cache_k):  # one token: rope, cache, attention in C++
-        write_at, read_at, cis = step.one
-        out = decode.attend(q, k, v, cache_k, cache_v, cis, write_at, read_at, kv_of_q)
+    if step.one is not None and decode.attention_applies(q, cache_k):  # one token a row: rope, cache, attention in C++
+        out = decode.attend(q, k, v, cache_k, cache_v, *step.one, kv_of_q)
         return linear(out.view(B, T, -1), wo)
     q = apply_rope(q, step.cis)
     k = apply_rope(k, step.cis)

@@ -68,6 +68,8 @@ def test_what_stays_in_torch(lib):
     assert not decode.elementwise_applies(torch.randn(dim, 2).t(), torch.randn(2))  # not contiguous
     cache = torch.zeros(4, 16, 1, 8)
     assert decode.attention_applies(torch.randn(1, 1, 2, 8), cache)
+    assert decode.attention_applies(torch.randn(decode.MAX_ROWS, 1, 2, 8), cache)  # a batch of decode steps
+    assert not decode.attention_applies(torch.randn(decode.MAX_ROWS + 1, 1, 2, 8), cache)
     assert not decode.attention_applies(torch.randn(1, 2, 2, 8), cache)  # two tokens
     assert not decode.attention_applies(torch.randn(1, 1, 2, 8).bfloat16(), cache.bfloat16())  # bf16: torch's products
 
@@ -77,24 +79,31 @@ def attention_cases(draw):
     hkv = draw(st.integers(1, 3))
     hq = hkv * draw(st.integers(1, 3))
     hd = draw(st.sampled_from([2, 4, 8, 16, 64]))
-    position = draw(st.integers(0, 40))
+    B = draw(st.integers(1, 3))
+    positions = draw(st.lists(st.integers(0, 40), min_size=B, max_size=B))
     mapped = draw(st.booleans())  # a worker whose query heads start mid-group passes its own mapping
-    tables = draw(st.sampled_from(["contiguous", "scattered"]))
-    return hkv, hq, hd, position, mapped, tables, draw(st.sampled_from([torch.float32, torch.float16]))
+    layout = "contiguous" if B == 1 and draw(st.booleans()) else "scattered"
+    return hkv, hq, hd, positions, mapped, layout, draw(st.sampled_from([torch.float32, torch.float16]))
 
 
 @settings(max_examples=40, deadline=None)
 @given(attention_cases())
-def test_one_tokens_attention_matches_torch(lib, case):
-    hkv, hq, hd, position, mapped, layout, dtype = case
-    g = torch.Generator().manual_seed(position * 7 + hd)
+def test_one_token_a_rows_attention_matches_torch(lib, case):
+    """B rows at their own positions (each its own blocks, or one row on consecutive blocks): the output and
+    the keys and values written to the cache."""
+    hkv, hq, hd, positions, mapped, layout, dtype = case
+    B = len(positions)
+    g = torch.Generator().manual_seed(sum(positions) * 7 + hd)
     args = ModelArgs(dim=hq * hd, n_layers=1, n_heads=hq, n_kv_heads=hkv, vocab_size=8, hidden_dim=4)
-    bs, n_blocks = 16, 8
-    tables = contiguous_tables(torch.tensor([0]), 4) if layout == "contiguous" else torch.tensor([[5, 2, 7, 0]])
-    step = Step.make(torch.tensor([position]), 1, tables, rope_tables(args, 64), bs)
-    assert step.one is not None
+    bs, n_blocks = 16, 12
+    if layout == "contiguous":
+        tables = contiguous_tables(torch.tensor([0]), 4)
+    else:
+        tables = torch.randperm(n_blocks, generator=g)[: 3 * B].view(B, 3)
+    step = Step.make(torch.tensor(positions), 1, tables, rope_tables(args, 64), bs)
+    assert step.one is not None  # (a scattered table may still happen to be consecutive where a row reads)
     dim = hq * hd
-    x = torch.randn(1, 1, dim, generator=g).to(dtype)
+    x = torch.randn(B, 1, dim, generator=g).to(dtype)
     wq, wk, wv = (torch.randn(n * hd, dim, generator=g).div(dim**0.5).to(dtype) for n in (hq, hkv, hkv))
     wo = torch.randn(dim, hq * hd, generator=g).div(dim**0.5).to(dtype)
     cache = torch.randn(2, n_blocks, bs, hkv, hd, generator=g).to(dtype)
@@ -103,22 +112,33 @@ def test_one_tokens_attention_matches_torch(lib, case):
     for use_library in (True, False):
         c = cache.clone()
         with library(use_library):
+            assert decode.attention_applies(x.view(B, 1, hq, hd), c[0]) == use_library
             outs.append(model.attention(x, wq, wk, wv, wo, c[0], c[1], step, hd, kv_of_q))
         caches.append(c)
     torch.testing.assert_close(outs[0], outs[1], **TOL[dtype])
-    torch.testing.assert_close(caches[0], caches[1], **TOL[dtype])  # the token's rotated key and its value
+    torch.testing.assert_close(caches[0], caches[1], **TOL[dtype])  # the tokens' rotated keys and their values
 
 
 def test_attend_refuses_indices_outside_the_cache(lib):
     cache = torch.zeros(2, 4, 1, 8)
-    q, k = torch.zeros(8), torch.zeros(8)
-    cis = torch.zeros(4, 2)
+    q, k = torch.zeros(1, 8), torch.zeros(1, 8)
+    cis = torch.zeros(1, 4, 2)
+    one = torch.tensor([1])
+
+    def attend(write_at, read_at, n_keys=one, kv_of_q=None):
+        return decode.attend(q, k, k, cache, cache.clone(), torch.tensor([write_at]), torch.tensor([read_at]),
+                             n_keys, cis, kv_of_q)
+
+    assert attend(0, [0]).shape == (1, 8)
     with pytest.raises(RuntimeError, match="write_at"):
-        decode.attend(q, k, k, cache, cache.clone(), cis, 8, torch.tensor([0]), None)
+        attend(8, [0])
     with pytest.raises(RuntimeError, match="read_at"):
-        decode.attend(q, k, k, cache, cache.clone(), cis, 0, torch.tensor([0, 9]), None)
+        attend(0, [0, 9], torch.tensor([2]))
+    attend(0, [0, 9])  # beyond a row's n_keys nothing is read
+    with pytest.raises(RuntimeError, match="n_keys"):
+        attend(0, [0], torch.tensor([2]))
     with pytest.raises(RuntimeError, match="kv_of_q"):
-        decode.attend(q, k, k, cache, cache.clone(), cis, 0, torch.tensor([0]), torch.tensor([1]))
+        attend(0, [0], kv_of_q=torch.tensor([1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

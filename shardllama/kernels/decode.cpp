@@ -7,8 +7,8 @@
 //
 //   rms_norm    x * rsqrt(mean(x^2) + eps), rounded to x's dtype, times the weight
 //   silu_mul    silu(a) * b (SwiGLU's gate), rounded as torch rounds each of the two ops
-//   attend      one token: rotary embedding of q and k, k and v written into the cache, grouped attention
-//               over the cached keys, the heads' outputs
+//   attend      one token in each of B rows: rotary embedding of q and k, k and v written into the cache,
+//               grouped attention over each row's cached keys, the heads' outputs
 //   publish / gather   the shared-memory reduction of shardllama.allreduce (its layout, tickets and order)
 //
 // Each computes in f32 and rounds to the activations' dtype where the torch code it replaces does
@@ -112,7 +112,7 @@ at::Tensor silu_mul(const at::Tensor& a, const at::Tensor& b) {
   return y;
 }
 
-// ---- attention of one token ---------------------------------------------------------------------------------
+// ---- attention of one token a row ---------------------------------------------------------------------------------
 
 // Rotate adjacent pairs (a, b) of n_heads heads of hd by cis (hd/2 pairs of cos, sin), in f32: Meta's rope,
 // as model.apply_rope's complex product computes it.
@@ -151,21 +151,13 @@ void axpy8(float a, const T* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(av, load8(x + i))));
 }
 
+// One row: this token's keys and values are already in the cache (rotated), q is rotated; out = softmax(q k^T /
+// sqrt(hd)) v per query head over the flat cache rows reads[0..L), products and softmax in f32.
 template <typename T>
-void attend_impl(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cache_k,
-                 const at::Tensor& cache_v, const at::Tensor& cis, int64_t write_at, const int64_t* reads, int64_t L,
-                 const int64_t* heads, at::Tensor& out) {
-  const int64_t hkv = cache_k.size(2), hd = cache_k.size(3), hq = q.numel() / hd, row = hkv * hd;
+void attend_row(const T* qs, const T* ks, const T* vs, int64_t hq, int64_t hkv, int64_t hd, const int64_t* reads,
+                int64_t L, const int64_t* g, T* os) {
+  const int64_t row = hkv * hd;
   const float scale = float(std::pow(double(hd), -0.5));  // as torch rounds head_dim**-0.5
-  T* qs = q.data_ptr<T>();
-  T* ks = cache_k.data_ptr<T>();
-  T* vs = cache_v.data_ptr<T>();
-  std::copy(k.data_ptr<T>(), k.data_ptr<T>() + row, ks + write_at * row);
-  std::copy(v.data_ptr<T>(), v.data_ptr<T>() + row, vs + write_at * row);
-  rope(qs, hq, hd, cis.data_ptr<float>());
-  rope(ks + write_at * row, hkv, hd, cis.data_ptr<float>());
-  std::vector<int64_t> g(hq);
-  for (int64_t j = 0; j < hq; ++j) g[j] = heads ? heads[j] : j / (hq / hkv);
   const bool wide = hd % 8 == 0;  // the vector loops; other head sizes (tests' tiny models) the scalar ones
   std::vector<float> qf(hq * hd), p(hq * L), acc(hq * hd, 0.0f);
   for (int64_t i = 0; i < hq * hd; ++i) qf[i] = f(qs[i]);
@@ -191,46 +183,80 @@ void attend_impl(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
       else for (int64_t d = 0; d < hd; ++d) aj[d] += pl * f(vr[g[j] * hd + d]);
     }
   }
-  T* os = out.data_ptr<T>();
   for (int64_t i = 0; i < hq * hd; ++i) os[i] = T(acc[i]);
 }
 
-// q (hq * hd), k and v (hkv * hd) of one token, projections before rope; cache_k / cache_v (n_blocks,
-// block_size, hkv, hd); cis (hd/2, 2) f32; the token's keys go to flat row `write_at` of the cache and it
-// attends to flat rows read_at (L,) in order; kv_of_q (hq,) the local KV head of each query head, or empty.
-// Returns (hq * hd) in q's dtype: softmax(q k^T / sqrt(hd)) v per head, products and softmax in f32.
-at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v, const at::Tensor& cache_k,
-                  const at::Tensor& cache_v, const at::Tensor& cis, int64_t write_at, const at::Tensor& read_at,
-                  const at::Tensor& kv_of_q) {
-  for (const at::Tensor* t : {&q_in, &k_in, &v, &cache_k, &cache_v, &cis, &read_at})
+template <typename T>
+void attend_impl(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cache_k,
+                 const at::Tensor& cache_v, const at::Tensor& cis, const int64_t* writes, const at::Tensor& read_at,
+                 const int64_t* n_keys, const std::vector<int64_t>& g, at::Tensor& out) {
+  const int64_t B = q.size(0), hkv = cache_k.size(2), hd = cache_k.size(3), hq = q.size(1) / hd, row = hkv * hd;
+  T* ks = cache_k.data_ptr<T>();
+  T* vs = cache_v.data_ptr<T>();
+  // Every row's key and value into the cache first (torch's path writes them all before reading any).
+  for (int64_t b = 0; b < B; ++b) {
+    std::copy(k.data_ptr<T>() + b * row, k.data_ptr<T>() + (b + 1) * row, ks + writes[b] * row);
+    std::copy(v.data_ptr<T>() + b * row, v.data_ptr<T>() + (b + 1) * row, vs + writes[b] * row);
+    rope(q.data_ptr<T>() + b * hq * hd, hq, hd, cis.data_ptr<float>() + b * hd);
+    rope(ks + writes[b] * row, hkv, hd, cis.data_ptr<float>() + b * hd);
+  }
+  for (int64_t b = 0; b < B; ++b)
+    attend_row(q.data_ptr<T>() + b * hq * hd, ks, vs, hq, hkv, hd, read_at.data_ptr<int64_t>() + b * read_at.size(1),
+               n_keys[b], g.data(), out.data_ptr<T>() + b * hq * hd);
+}
+
+// B rows of one token each: q (B, hq * hd), k and v (B, hkv * hd), projections before rope; cache_k / cache_v
+// (n_blocks, block_size, hkv, hd); cis (B, hd/2, 2) f32 cos, sin of each row's position.  Row b's key and value
+// go to flat cache row write_at[b], and it attends to the flat rows read_at[b, :n_keys[b]] in order; kv_of_q
+// (hq,) is the local KV head of each query head, or empty (head j: j / (hq / hkv)).  Returns (B, hq * hd) in
+// q's dtype.  Every index is checked against the cache: they come from block tables a peer sent.
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cache_k,
+                  const at::Tensor& cache_v, const at::Tensor& cis, const at::Tensor& write_at,
+                  const at::Tensor& read_at, const at::Tensor& n_keys, const at::Tensor& kv_of_q) {
+  for (const at::Tensor* t : {&q_in, &k, &v, &cache_k, &cache_v, &cis, &write_at, &read_at, &n_keys, &kv_of_q})
     check_cpu_contiguous(*t, "attend", "every argument");
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf, "attend: float32 or float16 only, got ", dtype);
-  TORCH_CHECK(k_in.scalar_type() == dtype && v.scalar_type() == dtype && cache_k.scalar_type() == dtype &&
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && cache_k.scalar_type() == dtype &&
               cache_v.scalar_type() == dtype, "attend: q, k, v and the cache must share one dtype");
   TORCH_CHECK(cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(), "attend: the caches must be (blocks, size, hkv, hd)");
   const int64_t hkv = cache_k.size(2), hd = cache_k.size(3), rows = cache_k.size(0) * cache_k.size(1);
   TORCH_CHECK(hkv > 0 && hd > 0 && hd % 2 == 0, "attend: bad cache shape");
-  TORCH_CHECK(k_in.numel() == hkv * hd && v.numel() == hkv * hd, "attend: k and v must hold ", hkv, " heads of ", hd);
-  TORCH_CHECK(q_in.numel() % hd == 0, "attend: q must hold whole heads of ", hd);
-  const int64_t hq = q_in.numel() / hd;
-  TORCH_CHECK(cis.scalar_type() == at::kFloat && cis.numel() == hd, "attend: cis must be (hd/2, 2) float32");
-  TORCH_CHECK(read_at.scalar_type() == at::kLong && read_at.dim() == 1, "attend: read_at must be 1-D int64");
-  TORCH_CHECK(0 <= write_at && write_at < rows, "attend: write_at ", write_at, " is outside the cache");
-  const bool mapped = kv_of_q.numel() > 0;
-  TORCH_CHECK(mapped ? kv_of_q.numel() == hq && kv_of_q.scalar_type() == at::kLong && kv_of_q.is_contiguous()
-                     : hq % hkv == 0, "attend: kv_of_q must give each query head a KV head");
-  const int64_t L = read_at.numel();
+  TORCH_CHECK(q_in.dim() == 2 && q_in.size(1) % hd == 0 && q_in.size(1) > 0, "attend: q must be (B, whole heads of ", hd, ")");
+  const int64_t B = q_in.size(0), hq = q_in.size(1) / hd;
+  TORCH_CHECK(k.sizes() == at::IntArrayRef({B, hkv * hd}) && v.sizes() == k.sizes(), "attend: k and v must be (",
+              B, ", ", hkv * hd, ")");
+  TORCH_CHECK(cis.scalar_type() == at::kFloat && cis.numel() == B * hd, "attend: cis must be (B, hd/2, 2) float32");
+  TORCH_CHECK(write_at.scalar_type() == at::kLong && write_at.numel() == B, "attend: write_at must be (B,) int64");
+  TORCH_CHECK(n_keys.scalar_type() == at::kLong && n_keys.numel() == B, "attend: n_keys must be (B,) int64");
+  TORCH_CHECK(read_at.scalar_type() == at::kLong && read_at.dim() == 2 && read_at.size(0) == B,
+              "attend: read_at must be (B, L) int64");
+  const int64_t L = read_at.size(1);
+  const int64_t* writes = write_at.data_ptr<int64_t>();
+  const int64_t* keys = n_keys.data_ptr<int64_t>();
   const int64_t* reads = read_at.data_ptr<int64_t>();
-  for (int64_t l = 0; l < L; ++l) TORCH_CHECK(0 <= reads[l] && reads[l] < rows, "attend: read_at is outside the cache");
-  const int64_t* heads = mapped ? kv_of_q.data_ptr<int64_t>() : nullptr;
-  for (int64_t j = 0; mapped && j < hq; ++j) TORCH_CHECK(0 <= heads[j] && heads[j] < hkv, "attend: bad kv_of_q");
-
-  at::Tensor q = q_in.clone(), out = at::empty({hq * hd}, q_in.options());
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= writes[b] && writes[b] < rows, "attend: write_at ", writes[b], " is outside the cache");
+    TORCH_CHECK(1 <= keys[b] && keys[b] <= L, "attend: n_keys ", keys[b], " is not within 1..", L);
+    for (int64_t l = 0; l < keys[b]; ++l)
+      TORCH_CHECK(0 <= reads[b * L + l] && reads[b * L + l] < rows, "attend: read_at is outside the cache");
+  }
+  std::vector<int64_t> g(hq);
+  if (kv_of_q.numel() > 0) {
+    TORCH_CHECK(kv_of_q.numel() == hq && kv_of_q.scalar_type() == at::kLong, "attend: kv_of_q must have ", hq, " heads");
+    for (int64_t j = 0; j < hq; ++j) {
+      g[j] = kv_of_q.data_ptr<int64_t>()[j];
+      TORCH_CHECK(0 <= g[j] && g[j] < hkv, "attend: kv_of_q names KV head ", g[j], " of ", hkv);
+    }
+  } else {
+    TORCH_CHECK(hq % hkv == 0, "attend: ", hq, " query heads do not share ", hkv, " KV heads evenly; give kv_of_q");
+    for (int64_t j = 0; j < hq; ++j) g[j] = j / (hq / hkv);
+  }
+  at::Tensor q = q_in.clone(), out = at::empty({B, hq * hd}, q_in.options());
   if (dtype == at::kFloat)
-    attend_impl<float>(q, k_in, v, cache_k, cache_v, cis, write_at, reads, L, heads, out);
+    attend_impl<float>(q, k, v, cache_k, cache_v, cis, writes, read_at, keys, g, out);
   else
-    attend_impl<c10::Half>(q, k_in, v, cache_k, cache_v, cis, write_at, reads, L, heads, out);
+    attend_impl<c10::Half>(q, k, v, cache_k, cache_v, cis, writes, read_at, keys, g, out);
   return out;
 }
 
@@ -294,9 +320,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "F.rms_norm(x.float(), eps).type_as(x) * w", py::arg("x"), py::arg("w"),
         py::arg("eps"), py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul, "F.silu(a) * b", py::arg("a"), py::arg("b"), py::call_guard<py::gil_scoped_release>());
-  m.def("attend", &attend, "one token's rope, cache write and grouped attention", py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("cache_k"), py::arg("cache_v"), py::arg("cis"), py::arg("write_at"), py::arg("read_at"),
-        py::arg("kv_of_q"), py::call_guard<py::gil_scoped_release>());
+  m.def("attend", &attend, "rope, cache write and grouped attention of B rows of one token", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("cache_k"), py::arg("cache_v"), py::arg("cis"), py::arg("write_at"),
+        py::arg("read_at"), py::arg("n_keys"), py::arg("kv_of_q"), py::call_guard<py::gil_scoped_release>());
   m.def("publish", &publish, "copy a partial into this worker's buffer and publish its ticket", py::arg("part"),
         py::arg("mine"), py::arg("flags"), py::arg("rank"), py::arg("ticket"), py::call_guard<py::gil_scoped_release>());
   m.def("gather", &gather, "h + every worker's partial once every flag reached the ticket; None after `spins` looks",

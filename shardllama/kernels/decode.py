@@ -3,7 +3,7 @@
 A decode step of a small model is dominated not by its matrix products but by the ~57 torch operations per
 layer around them, each a few microseconds of dispatch for a few hundred numbers (issue 12).  This library
 does each group of them in one call: :func:`rms_norm`, :func:`silu_mul`, a token's :func:`attend` (rotary
-embedding, cache write, grouped attention), and the two halves of a shared-memory reduction
+embedding, cache write, grouped attention; a token in each of up to ``MAX_ROWS`` rows), and the two halves of a shared-memory reduction
 (:func:`publish`, :func:`gather`, used by ``shardllama.allreduce``).
 
 Each rounds where the torch code it replaces rounds (``shardllama.model``), so the only differences are in the
@@ -67,17 +67,21 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def attention_applies(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
-    """Whether :func:`attend` computes the attention of q (one token: (1, 1, heads, hd)) here."""
-    return (q.dtype in ATTENTION and q.shape[0] * q.shape[1] == 1 and q.is_cpu and cache_k.is_cpu
+    """Whether :func:`attend` computes the attention of q ((B, 1, heads, hd): one token a row) here."""
+    return (q.dtype in ATTENTION and q.shape[1] == 1 and q.shape[0] <= MAX_ROWS and q.is_cpu and cache_k.is_cpu
             and cache_k.dtype == q.dtype and cache_k.is_contiguous() and library() is not None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-           cis: torch.Tensor, write_at: int, read_at: torch.Tensor, kv_of_q: torch.Tensor | None) -> torch.Tensor:
-    """One token's attention: q and k rotated by ``cis`` ((hd/2, 2) f32 cos, sin), k and v written to flat row
-    ``write_at`` of the caches (n_blocks, block_size, hkv, hd), and softmax(q k^T / sqrt(hd)) v over the flat
-    rows ``read_at`` (L,) per query head, whose KV head is ``kv_of_q[i]`` or ``i // (hq / hkv)``.  Returns
-    (hq * hd) in q's dtype; where :func:`attention_applies`."""
+           write_at: torch.Tensor, read_at: torch.Tensor, n_keys: torch.Tensor, cis: torch.Tensor,
+           kv_of_q: torch.Tensor | None) -> torch.Tensor:
+    """One token in each of B rows (q (B, 1, hq, hd), k and v (B, 1, hkv, hd)): q and k rotated by ``cis``
+    ((B, hd/2, 2) f32 cos, sin), row b's k and v written to flat row ``write_at[b]`` of the caches (n_blocks,
+    block_size, hkv, hd), and softmax(q k^T / sqrt(hd)) v over its flat rows ``read_at[b, :n_keys[b]]`` per query
+    head, whose KV head is ``kv_of_q[i]`` or ``i // (hq / hkv)``.  Returns (B, hq * hd) in q's dtype; where
+    :func:`attention_applies` (``model.Step.one`` holds write_at, read_at, n_keys and cis)."""
+    B = q.shape[0]
     empty = torch.empty(0, dtype=torch.long)
-    return _library.attend(q.contiguous(), k.contiguous(), v.contiguous(), cache_k, cache_v, cis,  # type: ignore[union-attr]
-                           write_at, read_at, empty if kv_of_q is None else kv_of_q)
+    return _library.attend(q.reshape(B, -1).contiguous(), k.reshape(B, -1).contiguous(),  # type: ignore[union-attr]
+                           v.reshape(B, -1).contiguous(), cache_k, cache_v, cis, write_at, read_at, n_keys,
+                           empty if kv_of_q is None else kv_of_q)
