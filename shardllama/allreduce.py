@@ -87,6 +87,7 @@ class AllReduce:
         self.abort = seg.tensor("abort").numpy()
         self.timeout = timeout
         self.parent_pid = parent_pid
+        self._views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (half, numel): every worker's buffer, sliced
 
     def __call__(self, h: torch.Tensor, part: torch.Tensor, tkt: int) -> torch.Tensor:
         """h + the sum over workers of their ``part`` (each (B, T, dim)), in h's dtype, summed in f32."""
@@ -95,10 +96,11 @@ class AllReduce:
             return h + part
         n, half = part.numel(), tkt & 1
         lib = decode.library()
-        if lib is not None and h.device.type == "cpu" and part.device.type == "cpu":
+        if lib is not None and h.is_cpu and part.is_cpu:
             # One C++ call to publish, one per CHECK_EVERY looks to wait and sum: the same bits as below.
-            lib.publish(part.contiguous(), self.parts[self.rank][half, :n], self.flags_t, self.rank, tkt)
-            parts, h = [p[half, :n] for p in self.parts], h.contiguous()
+            parts = self._views.get((half, n)) or self._views.setdefault((half, n), [p[half, :n] for p in self.parts])
+            lib.publish(part.contiguous(), parts[self.rank], self.flags_t, self.rank, tkt)
+            h = h.contiguous()
             return self._wait(lambda: lib.gather(h, parts, self.flags_t, tkt, CHECK_EVERY), tkt)
         self.parts[self.rank][half, :n].copy_(part.reshape(-1))
         self.flags[self.rank, 0] = tkt  # publish: after the data, TSO keeps the order
