@@ -6,21 +6,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import psutil
 import torch
 
 from .backend import Backend, LocalBackend
 from .config import ModelArgs
 from .errors import ModelFileError, UsageError
 from .loading import Checkpoint, open_checkpoint, load_weights
-from .model import DTYPES
+from .model import DTYPES, expected_shapes
 from .kv_cache import BLOCK_SIZE
 from .phases import Phases
 from . import qblocks
-from .quant import activation_dtype, source_dtype
+from .quant import INT8, activation_dtype, source_dtype
 from .tokenizer import Tokenizer
 from .tokenizer_files import load_tokenizer
 
@@ -60,13 +62,16 @@ def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype, n_workers: int = 0) 
 DEFAULT_CONTEXT = 4096  # --max-seq-len when not given: the model's trained context, at most this
 
 
-def resolve_dtype(name: str, native: torch.dtype, quant_types: Sequence[str] = ()) -> torch.dtype:
+def resolve_dtype(name: str, native: torch.dtype, quant_types: Sequence[str] = (),
+                  args: ModelArgs | None = None) -> torch.dtype:
     """``auto`` keeps a float checkpoint's own precision and a quantized one's blocks (GGUF Q4_K, Q8_0...:
-    ``gguf``, computed in place, shardllama.qblocks); ``int8``, ``q8`` and ``q4`` are quantized at load time
-    (shardllama.quant, shardllama.qblocks), whatever the checkpoint holds."""
+    ``gguf``, computed in place, shardllama.qblocks) where this CPU runs the block kernels; where it does not
+    (no AVX-512: torch's dequantize-then-multiply is all there is, ~10x slower) :func:`widened_dtype` of
+    ``args``.  ``int8``, ``q8`` and ``q4`` are quantized at load time (shardllama.quant, shardllama.qblocks),
+    whatever the checkpoint holds."""
     if name == "auto":
         if quant_types:
-            return qblocks.GGUF
+            return qblocks.GGUF if qblocks.kernel.runs_here() else widened_dtype(args)
         return native if native in DTYPES.values() else torch.float32
     if name == "gguf" and not quant_types:
         raise UsageError("--dtype gguf keeps a GGUF file's quantized blocks, and this model holds none; "
@@ -75,6 +80,23 @@ def resolve_dtype(name: str, native: torch.dtype, quant_types: Sequence[str] = (
         return DTYPES[name]
     except KeyError:
         raise UsageError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}") from None
+
+
+WIDEN_SHARE = 0.6  # of the memory available now, at most, that a quantized model widened to f16 may take
+
+
+def f16_bytes(args: ModelArgs) -> int:
+    """The model's weights in f16."""
+    return 2 * sum(math.prod(shape) for shape in expected_shapes(args).values())
+
+
+def widened_dtype(args: ModelArgs | None) -> torch.dtype:
+    """What ``auto`` makes of a quantized model where the block kernels cannot run: f16, whose numbers are the
+    file's nearly exactly (the demo's greedy text is llama.cpp's; int8 rows change it from the first words),
+    unless f16 would take more than WIDEN_SHARE of the memory available; int8 (half that) then."""
+    if args is None or f16_bytes(args) <= WIDEN_SHARE * psutil.virtual_memory().available:
+        return torch.float16
+    return INT8
 
 
 @dataclasses.dataclass
@@ -138,8 +160,15 @@ def prepare(
             raise ModelFileError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                                  f"{model_path} has only {args.vocab_size} embedding rows; they do not belong together")
         notes = []
-        torch_dtype = resolve_dtype(dtype, ckpt.native_dtype, ckpt.quant_types)
-        if dtype == "auto" and ckpt.quant_types:
+        torch_dtype = resolve_dtype(dtype, ckpt.native_dtype, ckpt.quant_types, ckpt.args)
+        if dtype == "auto" and ckpt.quant_types and torch_dtype != qblocks.GGUF:
+            size = f"{f16_bytes(args) / 1e9:.1f} GB"
+            notes.append(f"{Path(model_path).name}: {'/'.join(ckpt.quant_types)} weights "
+                         + (f"widened to f16 ({size})" if torch_dtype == torch.float16 else
+                            f"converted to int8 rows (f16 would take {size}, too much of the memory available)")
+                         + ": the kernels that compute on a GGUF's own blocks need AVX-512, which this CPU lacks "
+                         "(--dtype gguf keeps the blocks, ~10x slower here; --dtype int8 or f16 chooses)")
+        elif dtype == "auto" and ckpt.quant_types:
             own = [q for q in ckpt.quant_types if qblocks.has_kernel(q)]
             other = [q for q in ckpt.quant_types if q not in own]
             notes.append(f"{Path(model_path).name}: {'/'.join(own) or 'no'} weights computed as stored"

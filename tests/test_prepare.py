@@ -10,7 +10,7 @@ import gguf
 import pytest
 import torch
 
-from shardllama import cli, qblocks
+from shardllama import cli, qblocks, quant, runtime
 from shardllama.errors import ModelFileError
 from shardllama.loading.base import Checkpoint
 from shardllama.model import random_weights
@@ -28,8 +28,9 @@ def no_weight_read(monkeypatch):
     monkeypatch.setattr(Checkpoint, "load", load)
 
 
-def test_quantized_file_keeps_its_blocks_and_says_so(tmp_path):
+def test_quantized_file_keeps_its_blocks_and_says_so(tmp_path, monkeypatch):
     path = write_gguf(tmp_path / "q.gguf", random_weights(ARGS), ARGS, Q.Q8_0)
+    monkeypatch.setattr(qblocks.kernel, "runs_here", lambda: True)  # a CPU with AVX-512, whichever this is
     with prepare(path) as p:
         assert p.dtype == qblocks.GGUF
         assert any("Q8_0 weights computed as stored" in n for n in p.notes)
@@ -98,12 +99,29 @@ def test_missing_tokenizer_is_a_model_file_error(tmp_path, capsys):
     assert code == 1 and len(err) == 1 and str(model) in err[0]
 
 
+def test_without_the_block_kernels_a_quantized_file_is_widened_to_f16_or_int8(tmp_path, monkeypatch):
+    # A CPU without AVX-512: torch's dequantize-then-multiply is all the blocks would have, ~10x slower, so
+    # auto widens them to f16 (the file's numbers nearly exactly), or int8 where f16 would not fit.
+    path = write_gguf(tmp_path / "q.gguf", random_weights(ARGS), ARGS, Q.Q4_0)
+    monkeypatch.setattr(qblocks.kernel, "runs_here", lambda: False)
+    with prepare(path) as p:
+        assert p.dtype == torch.float16
+        assert len(p.notes) == 1 and "weights widened to f16" in p.notes[0] and "need AVX-512" in p.notes[0]
+        assert "q.gguf" in p.notes[0]
+    monkeypatch.setattr(runtime, "WIDEN_SHARE", 1e-12)  # f16 would take too much of the memory available
+    with prepare(path) as p:
+        assert p.dtype == quant.INT8
+        assert "converted to int8 rows (f16 would take" in p.notes[0]
+    with prepare(path, dtype="gguf") as p:  # asked for: the blocks, whatever they cost here
+        assert p.dtype == qblocks.GGUF and not p.notes
+
+
 def test_notes_are_said_unless_quiet(tmp_path, capsys, caplog):
     path = write_gguf(tmp_path / "q.gguf", random_weights(ARGS), ARGS, Q.Q8_0)
     common = ["--model-path", path, "--prompt", "x", "--max-new-tokens", "1", "--workers", "0", "--no-echo"]
     with caplog.at_level(logging.WARNING):
         assert run_main(capsys, *common)[0] == 0
-        assert "Q8_0 weights computed as stored" in caplog.text
+        assert "q.gguf: Q8_0 weights" in caplog.text  # computed as stored, or widened where no AVX-512
         caplog.clear()
         assert run_main(capsys, *common, "-q") == (0, [])
         assert caplog.text == ""

@@ -223,5 +223,6 @@ def test_cli_on_a_q4_k_m_file_gives_the_reference_greedy_tokens(tmp_path, floats
     runs = {n: run_cli(*common, "--workers", n, timeout=180) for n in (0, 2)}
     for r in runs.values():
         assert r.returncode == 0, r.stderr
-        assert "Q4_K/Q5_0/Q6_K/Q8_0 weights computed as stored" in r.stderr
+        said = "computed as stored" if kernel.runs_here() else "widened to f16"  # no AVX-512 here: f16
+        assert f"Q4_K/Q5_0/Q6_K/Q8_0 weights {said}" in r.stderr
     assert runs[2].stdout == runs[0].stdout and "generated: 8 tokens" in runs[0].stderr

@@ -192,7 +192,7 @@ def test_disabled_kernels_give_the_reference(qtype, monkeypatch):
     assert torch.equal(B.reference_linear(x, blocks, qtype), ref)
     monkeypatch.setattr(kernels, "_enabled", None)
     monkeypatch.setenv("SHARDLLAMA_KERNELS", "0")
-    assert B.library() is None
+    assert B.library() is None and not B.runs_here()
     assert torch.equal(B.linear(x, blocks, qtype), ref)
     assert torch.equal(B.dequantize(blocks, qtype), gguf_dequantize(blocks, qtype))
     kernels.enable(False)
@@ -212,7 +212,15 @@ def test_a_failed_build_falls_back(monkeypatch):
     blocks = quantized(Q.Q8_0, 5, 64)
     x = torch.randn(2, 64)
     assert B.library() is None
+    assert not B.runs_here()  # so --dtype auto widens a quantized file rather than use the slow path
     assert torch.equal(B.linear(x, blocks, Q.Q8_0), B.reference_linear(x, blocks, Q.Q8_0))
+
+
+def test_runs_here_says_what_loading_finds():
+    # runs_here judges from the CPU's flags without building; loading the library must agree with it, on a
+    # CPU with AVX-512 (it loads) and without (it is refused), and where SHARDLLAMA_KERNELS turned it off.
+    assert B.runs_here() == (B.library() is not None)
+    assert B.runs_here() == (B.library() is not None)  # and after loading, from what it found
 
 
 # ---- quantizing: bit-exact with gguf -----------------------------------------------------------------

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         a.model_path = model_path(a.model_path)
     dtypes = list(dict.fromkeys([a.baseline] + a.dtypes))  # the baseline first: the others compare with it
     ckpt = open_checkpoint(a.model_path)
-    weight_dtypes = {d: resolve_dtype(d, ckpt.native_dtype, ckpt.quant_types) for d in dtypes}
+    weight_dtypes = {d: resolve_dtype(d, ckpt.native_dtype, ckpt.quant_types, ckpt.args) for d in dtypes}
     weight_names = {d: next(n for n, t in DTYPES.items() if t == weight_dtypes[d]) for d in dtypes}
     tok = load_tokenizer(ckpt.tokenizer_path, gguf_fields=ckpt.gguf_fields)
     text = a.text.read_text(encoding="utf-8")

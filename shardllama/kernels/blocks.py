@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 from types import ModuleType
 
@@ -72,6 +73,21 @@ def _load() -> ModuleType | bool:
     if lib.has_bf16() and (choice == "bf16-pairs" or choice == "auto" and _pairs_faster(lib)):
         lib.set_pairs_up_to(PAIRS_UP_TO)
     return lib
+
+
+AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")  # what the library's kernels need (has_avx512)
+
+
+def runs_here() -> bool:
+    """Whether block products here run in the library rather than torch's dequantize-then-multiply (some
+    20x slower a decode step), judged without building it: the library enabled, not found unavailable
+    already, and an x86-64 CPU with the AVX-512 it needs.  ``--dtype auto`` keeps a GGUF's blocks only then."""
+    from . import enabled
+
+    if not enabled("blocks") or _library is False:
+        return False
+    return _library is not None or (platform.machine().lower() in ("x86_64", "amd64")
+                                    and len(build.cpu_flags(AVX512)) == len(AVX512))
 
 
 PAIRS_UP_TO = 2  # rows of x up to which the bf16-pair kernel may be chosen
