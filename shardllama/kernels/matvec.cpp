@@ -14,7 +14,8 @@
 // (rounded up to whole rows), which covers the restart of the hardware prefetcher at each 4 KiB page.
 // Which of these is fastest depends on the CPU: on Zen 5 one row with prefetch (a single linear stream; two
 // or four rows measured 10-25% slower), on Sapphire Rapids four rows without (~10% faster than one row,
-// tools/bench_kernels.py --variants), so the variant is a setting (`set_variant`) that shardllama.kernels
+// tools/bench_kernels.py --variants), on Zen 3 (AVX2 only) four rows (~16.5 GB/s a thread against one row's
+// 12.5: more misses in flight), so the variant is a setting (`set_variant`) that shardllama.kernels
 // chooses by a short calibration on each machine.  Every variant sums each row in the same order, so the
 // variants' results are bit-identical and the choice changes speed only.  x stays 16-bit and is widened as
 // it is used: at half the bytes of f32 it stays in L1 next to the weight stream (11008 f32 values would not;
@@ -218,30 +219,53 @@ TARGET_AVX2 INLINE void fma8(__m256 (&acc)[M], __m256 wv, const Problem& p, int6
   for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, load8<BF16>(p.x + m * p.ldx + k), acc[m]);
 }
 
-template <bool BF16, int M>
+// AVX2's sums per row of x: half AVX-512's, so that 4 rows of one x row fit in its 16 registers (Zen 3 streams
+// ~12.5 GB/s per thread with one row a step, ~16.5 with four: more rows, more misses in flight).
+constexpr int sums2(int M) { return M == 1 ? 2 : 1; }
+
+// As rows_avx512, 8 lanes wide: row i's sums are the same for any R (chunk c of 8 weights to sum c % S, the
+// chunks short of a 32-weight step to sum 0, the last K % 8 in scalar code after the sums are added).
+template <bool BF16, int M, int R>
 TARGET_AVX2 void rows_avx2(const Problem& p, int64_t begin, int64_t end) {
-  constexpr int S = sums(M), U = 4;  // U chunks of 8 weights per iteration: one 64-byte line
-  for (int64_t i = begin; i < end; ++i) {
+  constexpr int S = sums2(M), U = 4;  // U chunks of 8 weights per iteration: one 64-byte line
+  int64_t i = begin;
+  for (; i + R <= end; i += R) {
     const uint16_t* w = p.w + i * p.ldw;
-    const char* pf = reinterpret_cast<const char*>(p.w + std::min(i + p.ahead, p.N - 1) * p.ldw);
-    __m256 acc[S][M];
-    for (int s = 0; s < S; ++s)
-      for (int m = 0; m < M; ++m) acc[s][m] = _mm256_setzero_ps();
+    const int64_t ahead = p.ahead ? (p.ahead + R - 1) / R * R : 0;  // a whole step of rows ahead
+    __m256 acc[R][S][M];
+    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < S; ++s)
+        for (int m = 0; m < M; ++m) acc[r][s][m] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 * U <= p.K; k += 8 * U) {
-      if (p.ahead) _mm_prefetch(pf + 2 * k, _MM_HINT_T0);
+      if (ahead)
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + std::min(i + r + ahead, p.N - 1) * p.ldw) + 2 * k,
+                       _MM_HINT_T0);
 #pragma GCC unroll 4
-      for (int j = 0; j < U; ++j) fma8<BF16, M>(acc[j % S], load8<BF16>(w + k + 8 * j), p, k + 8 * j);
+      for (int j = 0; j < U; ++j) {
+        __m256 xv[M];
+        for (int m = 0; m < M; ++m) xv[m] = load8<BF16>(p.x + m * p.ldx + k + 8 * j);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const __m256 wv = load8<BF16>(w + r * p.ldw + k + 8 * j);
+          for (int m = 0; m < M; ++m) acc[r][j % S][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][j % S][m]);
+        }
+      }
     }
-    for (; k + 8 <= p.K; k += 8) fma8<BF16, M>(acc[0], load8<BF16>(w + k), p, k);
-    for (int m = 0; m < M; ++m) {
-      __m256 sum = acc[0][m];
-      for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, acc[s][m]);
-      float total = hsum8(sum);
-      for (int64_t kk = k; kk < p.K; ++kk) total += widen<BF16>(w[kk]) * widen<BF16>(p.x[m * p.ldx + kk]);
-      p.y[m * p.N + i] = narrow<BF16>(total);
-    }
+    for (; k + 8 <= p.K; k += 8)
+      for (int r = 0; r < R; ++r) fma8<BF16, M>(acc[r][0], load8<BF16>(w + r * p.ldw + k), p, k);
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) {
+        __m256 sum = acc[r][0][m];
+        for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, acc[r][s][m]);
+        float total = hsum8(sum);
+        for (int64_t kk = k; kk < p.K; ++kk)
+          total += widen<BF16>(w[r * p.ldw + kk]) * widen<BF16>(p.x[m * p.ldx + kk]);
+        p.y[m * p.N + i + r] = narrow<BF16>(total);
+      }
   }
+  if constexpr (R > 1) rows_avx2<BF16, M, 1>(p, i, end);  // the rows left over, one at a time
 }
 
 // ---- int8 weights, one f32 scale per row ---------------------------------------------------------------
@@ -423,14 +447,16 @@ using Table = std::array<RowsFn, kMaxM>;
 constexpr int fits(int M, int R) { return R * sums(M) * M <= 16 ? R : 1; }
 template <bool BF16, int R, std::size_t... I>
 constexpr Table avx512_table(std::index_sequence<I...>) { return {&rows_avx512<BF16, int(I) + 1, fits(int(I) + 1, R)>...}; }
-template <bool BF16, std::size_t... I>
-constexpr Table avx2_table(std::index_sequence<I...>) { return {&rows_avx2<BF16, int(I) + 1>...}; }
+// AVX2: R rows where the R * S * M sums, M rows of x and a weight fit in its 16 registers, else one.
+constexpr int fits2(int M, int R) { return R * sums2(M) * M + M + 1 <= 16 ? R : 1; }
+template <bool BF16, int R, std::size_t... I>
+constexpr Table avx2_table(std::index_sequence<I...>) { return {&rows_avx2<BF16, int(I) + 1, fits2(int(I) + 1, R)>...}; }
 
-constexpr int64_t kRows[] = {1, 2, 4};  // the rows-per-step variants (AVX-512; AVX2 has one row)
+constexpr int64_t kRows[] = {1, 2, 4};  // the rows-per-step variants
 constexpr auto kSeq = std::make_index_sequence<kMaxM>();
 const Table kTables[2][2][3] = {  // [isa == AVX-512][bf16][rows 1, 2, 4]
-    {{avx2_table<false>(kSeq), avx2_table<false>(kSeq), avx2_table<false>(kSeq)},
-     {avx2_table<true>(kSeq), avx2_table<true>(kSeq), avx2_table<true>(kSeq)}},
+    {{avx2_table<false, 1>(kSeq), avx2_table<false, 2>(kSeq), avx2_table<false, 4>(kSeq)},
+     {avx2_table<true, 1>(kSeq), avx2_table<true, 2>(kSeq), avx2_table<true, 4>(kSeq)}},
     {{avx512_table<false, 1>(kSeq), avx512_table<false, 2>(kSeq), avx512_table<false, 4>(kSeq)},
      {avx512_table<true, 1>(kSeq), avx512_table<true, 2>(kSeq), avx512_table<true, 4>(kSeq)}},
 };
@@ -588,7 +614,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rows"), py::arg("prefetch"));
   m.def("variant", []() { return std::make_pair(g_variant.rows, g_variant.prefetch); }, "(rows, prefetch) in use");
   m.def("variant_rows", [](int64_t isa) {
-    return pick_isa(isa, "variant_rows") == kAvx512 ? std::vector<int64_t>{1, 2, 4} : std::vector<int64_t>{1};
+    pick_isa(isa, "variant_rows");
+    return std::vector<int64_t>(std::begin(kRows), std::end(kRows));
   }, "the rows-per-step variants that differ on this instruction set", py::arg("isa") = -1);
   m.def("matvec_int8", &matvec_int8,
         "y = scale * (x @ q.T) for int8 q (N, K), f32 scale (N,) and f32 x (..., K), x rounded to f16 after a "
