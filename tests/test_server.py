@@ -500,8 +500,9 @@ def test_example_client(server):
 
 
 def test_exit_after_one_query(demo_gguf):
-    # The reference model in one process; a 4 MiB cache budget holds 5 KV blocks of 16 positions (720 KiB each).
-    s = Server(CLI_LAUNCHER, "--model-path", str(demo_gguf), "--workers", "0", "--max-seq-len", "32",
+    # The reference model in one process; a 4 MiB cache budget holds 5 KV blocks of 16 positions (720 KiB each,
+    # f32 as the file's blocks keep it: --dtype gguf, where auto would widen to f16 on a CPU without AVX-512).
+    s = Server(CLI_LAUNCHER, "--model-path", str(demo_gguf), "--workers", "0", "--max-seq-len", "32", "--dtype", "gguf",
                "--inference-server-port", "0", "--inference-server-prompt-cache-memory", "4",
                "--inference-server-exit-after-one-query")
     try:
