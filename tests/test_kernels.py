@@ -381,15 +381,24 @@ def test_every_variant_gives_the_same_bits(lib, M, K, N, bf16, pad, seed):
 
 
 def test_set_variant_is_what_matvec_uses(lib):
-    before = lib.variant()
+    before = lib.variant() + lib.variant(True)
     try:
         lib.set_variant(max(lib.variant_rows()), 0)
-        assert lib.variant() == (max(lib.variant_rows()), 0)
+        assert lib.variant() == lib.variant(True) == (max(lib.variant_rows()), 0)
+        lib.set_variant(2, 0, 1, 8192)  # one for rows of short_k weights or more, one for shorter rows
+        assert lib.variant() == (2, 0) and lib.variant(True) == (1, 8192)
         with pytest.raises(RuntimeError, match="rows per step must be 1, 2 or 4"):
             lib.set_variant(3, 0)
+        with pytest.raises(RuntimeError, match="rows per step must be 1, 2 or 4"):
+            lib.set_variant(1, 0, 3, 0)
         with pytest.raises(RuntimeError, match="prefetch"):
             lib.set_variant(1, -5)
+        with pytest.raises(RuntimeError, match="prefetch"):
+            lib.set_variant(1, 0, 1, 1 << 21)
+        assert lib.variant() == (2, 0) and lib.variant(True) == (1, 8192)  # a refused setting changed nothing
         w, x = torch.randn(9, 40).half(), torch.randn(1, 40).half()
+        assert torch.equal(lib.matvec(x, w), lib.matvec(x, w, 4096, -1, 1))
+        w, x = torch.randn(9, lib.short_k + 8).half(), torch.randn(1, lib.short_k + 8).half()
         assert torch.equal(lib.matvec(x, w), lib.matvec(x, w, 4096, -1, 1))
     finally:
         lib.set_variant(*before)
@@ -403,7 +412,9 @@ def small_calibration(monkeypatch):
     calls = []
     real = calibrate.measure
     monkeypatch.setattr(calibrate, "default_working_set", lambda: 16 << 20)
-    monkeypatch.setattr(calibrate, "measure", lambda lib: calls.append(1) or real(lib))
+    # one call per calibration: the long rows' measure (the short rows' follows it)
+    monkeypatch.setattr(calibrate, "measure", lambda lib, **kw: calls.extend([1] * ("k" not in kw or
+                                                                                  kw["k"] == 4096)) or real(lib, **kw))
     monkeypatch.setenv(calibrate.ENV, "auto")
     return calls
 
@@ -412,12 +423,15 @@ def test_calibration_measures_once_and_stores_the_winner(lib, tmp_path, small_ca
     from shardllama.kernels import calibrate
 
     chosen = calibrate.choose(lib, tmp_path)
-    assert small_calibration == [1] and chosen in calibrate.CANDIDATES
+    assert small_calibration == [1] and chosen[:2] in calibrate.CANDIDATES and chosen[2:] in calibrate.CANDIDATES
     stored = json.loads((tmp_path / calibrate.FILE).read_text())
-    assert stored["cpu"] == calibrate.cpu_model() and stored["variant"] == "x".join(map(str, chosen))
-    assert set(stored["gb_s"]) == {f"{r}x{p}" for r, p in calibrate.CANDIDATES if r in lib.variant_rows()}
-    assert all(v > 0 for v in stored["gb_s"].values())
+    assert stored["cpu"] == calibrate.cpu_model()
+    assert stored["variant"] == {"long": "x".join(map(str, chosen[:2])), "short": "x".join(map(str, chosen[2:]))}
+    for key in ("long", "short"):
+        assert set(stored["gb_s"][key]) == {f"{r}x{p}" for r, p in calibrate.CANDIDATES if r in lib.variant_rows()}
+        assert all(v > 0 for v in stored["gb_s"][key].values())
     assert calibrate.choose(lib, tmp_path) == chosen and small_calibration == [1]  # read back, not measured
+    assert calibrate.SHAPES["short"] < lib.short_k <= calibrate.SHAPES["long"]  # each class measured in its own
 
 
 @pytest.mark.parametrize("plant", ["writable by others", "another CPU", "not JSON", "unknown variant", "huge",
@@ -426,10 +440,12 @@ def test_a_stored_calibration_not_to_trust_is_measured_again(lib, tmp_path, smal
     from shardllama.kernels import calibrate
 
     path = tmp_path / calibrate.FILE
-    good = {"cpu": calibrate.cpu_model(), "variant": "1x4096",
-            "gb_s": {f"{r}x{p}": 9.0 for r, p in calibrate.CANDIDATES}}
-    body = {"another CPU": {**good, "cpu": "a CPU that is not this one"}, "unknown variant": {**good, "variant": "3x1"},
-            "older set of variants": {**good, "gb_s": {"1x4096": 9.0}}}
+    rates = {f"{r}x{p}": 9.0 for r, p in calibrate.CANDIDATES}
+    good = {"cpu": calibrate.cpu_model(), "variant": {"long": "1x4096", "short": "1x4096"},
+            "gb_s": {"long": rates, "short": rates}}
+    body = {"another CPU": {**good, "cpu": "a CPU that is not this one"},
+            "unknown variant": {**good, "variant": {"long": "1x4096", "short": "3x1"}},
+            "older set of variants": {**good, "variant": "1x4096", "gb_s": rates}}
     text = "{not json" if plant == "not JSON" else json.dumps(body.get(plant, good)) + " " * (70000 * (plant == "huge"))
     if plant == "symlink":
         (tmp_path / "elsewhere.json").write_text(text)
@@ -447,7 +463,7 @@ def test_the_environment_pins_the_variant(lib, tmp_path, monkeypatch, small_cali
     from shardllama.kernels import calibrate
 
     monkeypatch.setenv(calibrate.ENV, f"{max(lib.variant_rows())}x0")
-    assert calibrate.choose(lib, tmp_path) == (max(lib.variant_rows()), 0)
+    assert calibrate.choose(lib, tmp_path) == (max(lib.variant_rows()), 0) * 2  # for long and short rows
     assert small_calibration == [] and not (tmp_path / calibrate.FILE).exists()
     for bad in ("3x0", "4", "fast", "1x99999999"):
         monkeypatch.setenv(calibrate.ENV, bad)

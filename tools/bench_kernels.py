@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     isa = {"auto": -1, "avx2": 1, "avx512": 2}[a.isa]
     distances = a.sweep or [lib.default_prefetch]
-    print(f"kernel variant in use (calibrated or SHARDLLAMA_MATVEC_VARIANT): {'x'.join(map(str, lib.variant()))}",
+    print(f"kernel variant in use (calibrated or SHARDLLAMA_MATVEC_VARIANT): {'x'.join(map(str, lib.variant()))}"
+          f" (rows of {lib.short_k} weights or more), {'x'.join(map(str, lib.variant(True)))} (shorter rows)",
           file=sys.stderr)
     results = []
     for dname in [] if a.skip_matrices else a.dtype:

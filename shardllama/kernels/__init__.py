@@ -15,7 +15,8 @@ the rest of the process; on a CPU without AVX2/F16C/FMA, or not x86-64, the same
 ``SHARDLLAMA_KERNELS=0`` in the environment, read on first use, turns the kernels off (worker processes
 inherit it), ``SHARDLLAMA_KERNELS=matvec,blocks`` keeps only the libraries named (of ``LIBRARIES``: this one,
 ``blocks.py``'s and ``decode.py``'s); :func:`enable` turns them all on or off from code.  Which of the kernel's bit-identical f16/bf16 variants
-runs is measured once per machine (``calibrate.py``) or pinned by ``SHARDLLAMA_MATVEC_VARIANT``.
+runs (one for rows of 1024 weights or more, one for shorter rows) is measured once per machine
+(``calibrate.py``) or pinned by ``SHARDLLAMA_MATVEC_VARIANT``.
 """
 
 from __future__ import annotations

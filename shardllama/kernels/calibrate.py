@@ -2,9 +2,11 @@
 
 The matrix-vector kernel can take 1, 2 or 4 weight rows per step, with or without a software prefetch
 (``matvec.cpp``).  All variants give bit-identical results; which one streams fastest depends on the CPU
-(Zen 5: one row with prefetch; Sapphire Rapids: four rows without, ~10% faster), so the first process on a
-machine times a few on a working set beyond the last-level cache, one thread as a worker runs, and writes the
-winner beside the compiled library (``variant.json``, ~1-2 s, once per machine like the build itself, under
+(Zen 5: one row with prefetch; Sapphire Rapids: four rows without, ~10% faster) and on the length of the rows
+(Zen 3: four rows with prefetch on 4096 weights, 16.8 GB/s, but one row with prefetch on a 135M model's 576,
+11.2 against 6.6), so the first process on a machine times a few on a working set beyond the last-level cache,
+one thread as a worker runs, for long rows and for short ones (``SHAPES``), and writes the winners beside the
+compiled library (``variant.json``, ~1-2 s, once per machine like the build itself, under
 the build lock so that workers starting together measure once).  Later processes read it back, after checking that the file is this user's, that no
 one else may write it, that it is small and names this CPU and a variant the library has; anything else is
 measured afresh.
@@ -36,6 +38,9 @@ FILE = "variant.json"
 # What is measured: (rows per step, prefetch bytes).  DEFAULT, the kernel's only variant before calibration
 # (best on Zen 5), is kept unless another is MARGIN faster.
 CANDIDATES = ((1, 4096), (1, 0), (2, 4096), (4, 0), (4, 4096))
+# The row lengths measured, each choosing the variant for its class (matvec.cpp's short_k, 1024, lies between
+# them): the fastest differs (Zen 3: four rows + prefetch on 4096-weight rows, one row + prefetch on 576).
+SHAPES = {"long": 4096, "short": 576}
 DEFAULT = CANDIDATES[0]
 MARGIN = 1.03
 MAX_PREFETCH = 1 << 20
@@ -57,11 +62,12 @@ def parse(text: str, lib: ModuleType) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def choose(lib: ModuleType, directory: Path) -> tuple[int, int]:
-    """The variant for this process: pinned by the environment, stored for this CPU, or measured now."""
+def choose(lib: ModuleType, directory: Path) -> tuple[int, int, int, int]:
+    """The variants for this process, (rows, prefetch) for long rows then for short ones (``lib.short_k``):
+    pinned by the environment (one for both), stored for this CPU, or measured now."""
     pinned = os.environ.get(ENV, "auto")
     if pinned.strip().lower() != "auto":
-        return parse(pinned, lib)
+        return parse(pinned, lib) * 2
     path = Path(directory) / FILE
     stored = read(path, lib)
     if stored is not None:
@@ -70,18 +76,23 @@ def choose(lib: ModuleType, directory: Path) -> tuple[int, int]:
         stored = read(path, lib)  # measured by another process while this one waited
         if stored is not None:
             return stored
-        rates = measure(lib)
-        best = max(rates, key=rates.get)
-        if rates[best] < MARGIN * rates[DEFAULT]:  # within the noise: keep the variant that needs no reason
-            best = DEFAULT
+        rates = {key: measure(lib, k=k) for key, k in SHAPES.items()}
+        best = {key: _best(r) for key, r in rates.items()}
         write(path, best, rates)
-        log.info("matvec variant for this CPU: %s (%s)", _name(best),
-                 ", ".join(f"{_name(v)} {r:.1f} GB/s" for v, r in rates.items()))
-        return best
+        for key, r in rates.items():
+            log.info("matvec variant for this CPU, %s rows: %s (%s)", key, _name(best[key]),
+                     ", ".join(f"{_name(v)} {g:.1f} GB/s" for v, g in r.items()))
+        return best["long"] + best["short"]
 
 
-def read(path: Path, lib: ModuleType) -> tuple[int, int] | None:
-    """The stored variant, or None (logged) when the file is missing, foreign, malformed or for another CPU."""
+def _best(rates: dict[tuple[int, int], float]) -> tuple[int, int]:
+    best = max(rates, key=rates.get)
+    return DEFAULT if rates[best] < MARGIN * rates[DEFAULT] else best  # within the noise: the one needing no reason
+
+
+def read(path: Path, lib: ModuleType) -> tuple[int, int, int, int] | None:
+    """The stored variants (as :func:`choose`), or None (logged) when the file is missing, foreign, malformed,
+    for another CPU or without a variant measured now."""
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -95,20 +106,21 @@ def read(path: Path, lib: ModuleType) -> tuple[int, int] | None:
             data = json.loads(path.read_text())
             if data.get("cpu") != cpu_model():
                 why = f"measured on another CPU ({data.get('cpu')!r})"
-            elif missing := [_name(v) for v in CANDIDATES if v[0] in lib.variant_rows()
-                             and _name(v) not in data.get("gb_s", {})]:
+            elif missing := [f"{key} {_name(v)}" for key in SHAPES for v in CANDIDATES if v[0] in lib.variant_rows()
+                             and _name(v) not in (data.get("gb_s", {}).get(key) or {})]:
                 why = f"{', '.join(missing)} not measured (a newer set of variants)"
             else:
-                return parse(str(data.get("variant")), lib)
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+                return parse(str(data["variant"]["long"]), lib) + parse(str(data["variant"]["short"]), lib)
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
     log.info("%s not used: %s; measuring again", path, why)
     return None
 
 
-def write(path: Path, variant: tuple[int, int], rates: dict[tuple[int, int], float]) -> None:
+def write(path: Path, best: dict[str, tuple[int, int]], rates: dict[str, dict[tuple[int, int], float]]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    body = {"cpu": cpu_model(), "variant": _name(variant), "gb_s": {_name(v): round(r, 2) for v, r in rates.items()},
+    body = {"cpu": cpu_model(), "variant": {key: _name(v) for key, v in best.items()},
+            "gb_s": {key: {_name(v): round(g, 2) for v, g in r.items()} for key, r in rates.items()},
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -120,13 +132,14 @@ def write(path: Path, variant: tuple[int, int], rates: dict[tuple[int, int], flo
         tmp.unlink(missing_ok=True)
 
 
-def measure(lib: ModuleType, working_set: int | None = None, rounds: int = 4) -> dict[tuple[int, int], float]:
-    """GB/s of each candidate this library has, on one thread, through f16 matrices adding up to
-    ``working_set`` bytes (default: twice the last-level cache, 256 MiB to 1 GiB, so that every pass streams
+def measure(lib: ModuleType, working_set: int | None = None, rounds: int = 4, k: int = 4096
+            ) -> dict[tuple[int, int], float]:
+    """GB/s of each candidate this library has, on one thread, through f16 matrices of ``k`` columns adding up
+    to ``working_set`` bytes (default: twice the last-level cache, 256 MiB to 1 GiB, so that every pass streams
     from memory as a decode step does).  The candidates take turns ``rounds`` times; each keeps its fastest
     pass, timed in this thread's CPU time: on a busy machine another process taking the core slows no one."""
     working_set = working_set or default_working_set()
-    N, K = 2752, 4096  # a quarter of LLaMA-7B's w1, as each of four workers holds it
+    N, K = 2752 * 4096 // k, k  # 11 M weights, a quarter of LLaMA-7B's w1 as each of four workers holds it
     copies = max(2, working_set // (N * K * 2))
     weights = torch.full((copies, N, K), 0.01, dtype=torch.float16)
     x = torch.full((1, K), 0.5, dtype=torch.float16)

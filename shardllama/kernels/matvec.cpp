@@ -57,7 +57,10 @@ struct Variant {
   int64_t rows = 1;  // weight rows per step: 1, 2 or 4
   int64_t prefetch = kDefaultPrefetch;  // bytes ahead; 0: no software prefetch
 };
-Variant g_variant;
+// [0] for rows of kShortK weights or more, [1] for shorter ones (a 135M model's 576): the fastest variant
+// differs between them (Zen 3: 4 rows + prefetch for 4096, one row + prefetch for 576, 16.8 and 11.2 GB/s).
+constexpr int64_t kShortK = 1024;
+Variant g_variant[2];
 
 enum Isa : int64_t { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -502,7 +505,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, int64_t prefetch, in
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   TORCH_CHECK(M <= kMaxM, "matvec: at most ", kMaxM, " rows of x, got ", M);
   isa = pick_isa(isa, "matvec");
-  const Variant v = g_variant;
+  const Variant v = g_variant[w.size(1) < kShortK];
   const int r = rows_index(rows < 0 ? v.rows : rows);
 
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
@@ -606,13 +609,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x @ w.T for a few rows of x; f32 sums, output in w's dtype; prefetch: bytes ahead, rows: weight rows "
         "per step (1, 2, 4; -1: the variant set_variant chose)", py::arg("x"), py::arg("w"), py::arg("prefetch") = -1,
         py::arg("isa") = -1, py::arg("rows") = -1, py::call_guard<py::gil_scoped_release>());
-  m.def("set_variant", [](int64_t rows, int64_t prefetch) {
-    rows_index(rows);
-    TORCH_CHECK(prefetch >= 0 && prefetch <= (1 << 20), "matvec: prefetch must be 0..1 MiB, got ", prefetch);
-    g_variant = Variant{rows, prefetch};
-  }, "the f16/bf16 variant matvec uses when a call names none: weight rows per step and prefetch bytes",
-        py::arg("rows"), py::arg("prefetch"));
-  m.def("variant", []() { return std::make_pair(g_variant.rows, g_variant.prefetch); }, "(rows, prefetch) in use");
+  m.def("set_variant", [](int64_t rows, int64_t prefetch, int64_t short_rows, int64_t short_prefetch) {
+    if (short_rows < 0) {
+      short_rows = rows;
+      short_prefetch = prefetch;
+    }
+    for (int64_t r : {rows, short_rows}) rows_index(r);
+    for (int64_t b : {prefetch, short_prefetch})
+      TORCH_CHECK(b >= 0 && b <= (1 << 20), "matvec: prefetch must be 0..1 MiB, got ", b);
+    g_variant[0] = Variant{rows, prefetch};
+    g_variant[1] = Variant{short_rows, short_prefetch};
+  }, "the f16/bf16 variants matvec uses when a call names none: weight rows per step and prefetch bytes, for rows "
+        "of short_k weights or more and (short_rows, short_prefetch; -1: the same) for shorter ones",
+        py::arg("rows"), py::arg("prefetch"), py::arg("short_rows") = -1, py::arg("short_prefetch") = -1);
+  m.def("variant", [](bool short_rows) {
+    const Variant v = g_variant[short_rows];
+    return std::make_pair(v.rows, v.prefetch);
+  },
+        "(rows, prefetch) in use for rows of short_k weights or more (or, short_rows, for shorter ones)",
+        py::arg("short_rows") = false);
+  m.attr("short_k") = kShortK;
   m.def("variant_rows", [](int64_t isa) {
     pick_isa(isa, "variant_rows");
     return std::vector<int64_t>(std::begin(kRows), std::end(kRows));
