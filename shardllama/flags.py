@@ -55,7 +55,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-path", type=Path, help="tokenizer.model / tokenizer.json, if not beside the model")
     g.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16", "int8", "gguf", "q8", "q4"),
                    help="weight precision (auto: as stored, a quantized GGUF's blocks computed in place (gguf) "
-                        "where the CPU has AVX-512, int8 where not; "
+                        "where the CPU has AVX-512, else widened to f16 (int8 where f16 would not fit); "
                         "int8: quantized at load time, one scale per row; q8 / q4: quantized at load time to "
                         "GGUF's Q8_0 / Q4_0 blocks; all of these compute in f32)")
     g.add_argument("--f16", dest="dtype", action="store_const", const="f16", help="alias for --dtype f16 (rllama)")

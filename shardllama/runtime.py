@@ -71,7 +71,7 @@ def resolve_dtype(name: str, native: torch.dtype, quant_types: Sequence[str] = (
     whatever the checkpoint holds."""
     if name == "auto":
         if quant_types:
-            return qblocks.GGUF if qblocks.kernel.runs_here() else widened_dtype(args)
+            return qblocks.GGUF if qblocks.kernel.why_not_here() is None else widened_dtype(args)
         return native if native in DTYPES.values() else torch.float32
     if name == "gguf" and not quant_types:
         raise UsageError("--dtype gguf keeps a GGUF file's quantized blocks, and this model holds none; "
@@ -93,10 +93,12 @@ def f16_bytes(args: ModelArgs) -> int:
 def widened_dtype(args: ModelArgs | None) -> torch.dtype:
     """What ``auto`` makes of a quantized model where the block kernels cannot run: f16, whose numbers are the
     file's nearly exactly (the demo's greedy text is llama.cpp's; int8 rows change it from the first words),
-    unless f16 would take more than WIDEN_SHARE of the memory available; int8 (half that) then."""
-    if args is None or f16_bytes(args) <= WIDEN_SHARE * psutil.virtual_memory().available:
+    unless f16 would take more than WIDEN_SHARE of the memory available; int8 (half that) then, and where even
+    int8 would, the blocks as they are (slow, but at the file's size)."""
+    if args is None:
         return torch.float16
-    return INT8
+    room = WIDEN_SHARE * psutil.virtual_memory().available
+    return torch.float16 if f16_bytes(args) <= room else INT8 if f16_bytes(args) // 2 <= room else qblocks.GGUF
 
 
 @dataclasses.dataclass
@@ -161,13 +163,16 @@ def prepare(
                                  f"{model_path} has only {args.vocab_size} embedding rows; they do not belong together")
         notes = []
         torch_dtype = resolve_dtype(dtype, ckpt.native_dtype, ckpt.quant_types, ckpt.args)
-        if dtype == "auto" and ckpt.quant_types and torch_dtype != qblocks.GGUF:
+        why = qblocks.kernel.why_not_here() if dtype == "auto" and ckpt.quant_types else None
+        if why is not None:
             size = f"{f16_bytes(args) / 1e9:.1f} GB"
+            what = {torch.float16: f"widened to f16 ({size})",
+                    INT8: f"converted to int8 rows (f16 would take {size}, too much of the memory available)"}
             notes.append(f"{Path(model_path).name}: {'/'.join(ckpt.quant_types)} weights "
-                         + (f"widened to f16 ({size})" if torch_dtype == torch.float16 else
-                            f"converted to int8 rows (f16 would take {size}, too much of the memory available)")
-                         + ": the kernels that compute on a GGUF's own blocks need AVX-512, which this CPU lacks "
-                         "(--dtype gguf keeps the blocks, ~10x slower here; --dtype int8 or f16 chooses)")
+                         + what.get(torch_dtype, f"kept as blocks and dequantized as they are used, ~10x slower "
+                                                 f"(f16 would take {size}, int8 half that: too much of the memory "
+                                                 "available)")
+                         + f": {why} (pass --dtype gguf, int8 or f16 to choose)")
         elif dtype == "auto" and ckpt.quant_types:
             own = [q for q in ckpt.quant_types if qblocks.has_kernel(q)]
             other = [q for q in ckpt.quant_types if q not in own]

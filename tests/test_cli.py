@@ -30,7 +30,8 @@ def test_demo_model_greedy_meaning_of_life(demo_gguf):
 
 def test_plain_command_uses_the_cached_demo_model_as_stored_and_quiet_silences_stderr(demo_gguf):
     # No --model-path: the default model, found in the cache the fixture filled.  Its file is Q4_1 (and
-    # Q8_0), computed on its own blocks (not widened to f32): the same text as an explicit --dtype gguf.
+    # Q8_0), computed on its own blocks (not widened to f32) where the CPU has AVX-512, widened to f16 where
+    # not: either way the same text as an explicit --dtype gguf, llama.cpp's.
     common = ["generate", "--prompt", "The meaning of life is", "--temperature", "0", "--max-new-tokens", "5",
               "--no-echo"]
     env = {"SHARDLLAMA_CACHE": str(demo_gguf.parent)}

@@ -385,6 +385,8 @@ def test_set_variant_is_what_matvec_uses(lib):
     try:
         lib.set_variant(max(lib.variant_rows()), 0)
         assert lib.variant() == lib.variant(True) == (max(lib.variant_rows()), 0)
+        lib.set_variant(1, 4096, 2)  # the short rows' prefetch, not given: the long rows'
+        assert lib.variant() == (1, 4096) and lib.variant(True) == (2, 4096)
         lib.set_variant(2, 0, 1, 8192)  # one for rows of short_k weights or more, one for shorter rows
         assert lib.variant() == (2, 0) and lib.variant(True) == (1, 8192)
         with pytest.raises(RuntimeError, match="rows per step must be 1, 2 or 4"):
@@ -435,7 +437,7 @@ def test_calibration_measures_once_and_stores_the_winner(lib, tmp_path, small_ca
 
 
 @pytest.mark.parametrize("plant", ["writable by others", "another CPU", "not JSON", "unknown variant", "huge",
-                                   "symlink", "older set of variants"])
+                                   "symlink", "older set of variants", "deeply nested", "rates not a dict"])
 def test_a_stored_calibration_not_to_trust_is_measured_again(lib, tmp_path, small_calibration, caplog, plant):
     from shardllama.kernels import calibrate
 
@@ -445,8 +447,10 @@ def test_a_stored_calibration_not_to_trust_is_measured_again(lib, tmp_path, smal
             "gb_s": {"long": rates, "short": rates}}
     body = {"another CPU": {**good, "cpu": "a CPU that is not this one"},
             "unknown variant": {**good, "variant": {"long": "1x4096", "short": "3x1"}},
-            "older set of variants": {**good, "variant": "1x4096", "gb_s": rates}}
-    text = "{not json" if plant == "not JSON" else json.dumps(body.get(plant, good)) + " " * (70000 * (plant == "huge"))
+            "older set of variants": {**good, "variant": "1x4096", "gb_s": rates},
+            "rates not a dict": {**good, "gb_s": {"long": list(rates), "short": "".join(rates)}}}
+    text = ("{not json" if plant == "not JSON" else "[" * 5000 if plant == "deeply nested"  # json: RecursionError
+            else json.dumps(body.get(plant, good)) + " " * (70000 * (plant == "huge")))
     if plant == "symlink":
         (tmp_path / "elsewhere.json").write_text(text)
         path.symlink_to(tmp_path / "elsewhere.json")

@@ -5,6 +5,7 @@ not time: the checkpoint's ``load`` is replaced by one that fails the test if it
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import gguf
 import pytest
@@ -30,7 +31,7 @@ def no_weight_read(monkeypatch):
 
 def test_quantized_file_keeps_its_blocks_and_says_so(tmp_path, monkeypatch):
     path = write_gguf(tmp_path / "q.gguf", random_weights(ARGS), ARGS, Q.Q8_0)
-    monkeypatch.setattr(qblocks.kernel, "runs_here", lambda: True)  # a CPU with AVX-512, whichever this is
+    monkeypatch.setattr(qblocks.kernel, "why_not_here", lambda: None)  # a CPU with AVX-512, whichever this is
     with prepare(path) as p:
         assert p.dtype == qblocks.GGUF
         assert any("Q8_0 weights computed as stored" in n for n in p.notes)
@@ -103,17 +104,23 @@ def test_without_the_block_kernels_a_quantized_file_is_widened_to_f16_or_int8(tm
     # A CPU without AVX-512: torch's dequantize-then-multiply is all the blocks would have, ~10x slower, so
     # auto widens them to f16 (the file's numbers nearly exactly), or int8 where f16 would not fit.
     path = write_gguf(tmp_path / "q.gguf", random_weights(ARGS), ARGS, Q.Q4_0)
-    monkeypatch.setattr(qblocks.kernel, "runs_here", lambda: False)
+    lacks = "the kernels that compute on a GGUF's own blocks need AVX-512, which this CPU lacks"
+    monkeypatch.setattr(qblocks.kernel, "why_not_here", lambda: lacks)
     with prepare(path) as p:
         assert p.dtype == torch.float16
-        assert len(p.notes) == 1 and "weights widened to f16" in p.notes[0] and "need AVX-512" in p.notes[0]
-        assert "q.gguf" in p.notes[0]
-    monkeypatch.setattr(runtime, "WIDEN_SHARE", 1e-12)  # f16 would take too much of the memory available
-    with prepare(path) as p:
-        assert p.dtype == quant.INT8
-        assert "converted to int8 rows (f16 would take" in p.notes[0]
+        assert p.notes == [f"q.gguf: Q4_0 weights widened to f16 ({runtime.f16_bytes(ARGS) / 1e9:.1f} GB): {lacks} "
+                           "(pass --dtype gguf, int8 or f16 to choose)"]
+    f16 = runtime.f16_bytes(ARGS)
+    for available, dtype, said in ((0.75 * f16 / runtime.WIDEN_SHARE, quant.INT8, "converted to int8 rows"),
+                                   (0.25 * f16 / runtime.WIDEN_SHARE, qblocks.GGUF, "kept as blocks")):
+        monkeypatch.setattr(runtime.psutil, "virtual_memory", lambda a=available: SimpleNamespace(available=a))
+        with prepare(path) as p:  # f16 would take too much of the memory available; int8 too, the second time
+            assert p.dtype == dtype and said in p.notes[0] and lacks in p.notes[0]
     with prepare(path, dtype="gguf") as p:  # asked for: the blocks, whatever they cost here
         assert p.dtype == qblocks.GGUF and not p.notes
+    monkeypatch.setattr(qblocks.kernel, "why_not_here", lambda: "the quantized-block kernels are turned off")
+    with prepare(path) as p:  # the reason said is the one that holds
+        assert p.dtype == qblocks.GGUF and "turned off" in p.notes[0] and "AVX-512" not in p.notes[0]
 
 
 def test_notes_are_said_unless_quiet(tmp_path, capsys, caplog):

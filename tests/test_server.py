@@ -539,7 +539,7 @@ def test_prompt_cache_dir_survives_a_restart_with_other_workers(demo_gguf, token
     (cache_dir / "corrupt.safetensors").write_bytes(b"\x00" * 100)
 
     second = Server(CLI_LAUNCHER, "--model-path", str(demo_gguf), "--workers", "1", "--max-seq-len", "64",
-                    "--dtype", "f32",  # as the first: the CLI's default for this Q4_1 file is int8, another cache
+                    "--dtype", "f32",  # as the first: the CLI's default for this Q4_1 file is another cache
                     "--inference-server-port", "0", "--prompt-cache-dir", str(cache_dir))
     try:
         again = second.generate(prompt=prompt, temperature=0, max_new_tokens=5)

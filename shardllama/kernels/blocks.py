@@ -78,16 +78,26 @@ def _load() -> ModuleType | bool:
 AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")  # what the library's kernels need (has_avx512)
 
 
-def runs_here() -> bool:
-    """Whether block products here run in the library rather than torch's dequantize-then-multiply (some
-    20x slower a decode step), judged without building it: the library enabled, not found unavailable
-    already, and an x86-64 CPU with the AVX-512 it needs.  ``--dtype auto`` keeps a GGUF's blocks only then."""
+def why_not_here() -> str | None:
+    """None where block products here run in the library; else why they would fall to torch's
+    dequantize-then-multiply (~10x slower a decode step).  Judged without building the library: enabled, not
+    found unavailable already, an x86-64 CPU with the AVX-512 it needs.  ``--dtype auto`` keeps a GGUF's blocks
+    only where this is None."""
     from . import enabled
 
-    if not enabled("blocks") or _library is False:
-        return False
-    return _library is not None or (platform.machine().lower() in ("x86_64", "amd64")
-                                    and len(build.cpu_flags(AVX512)) == len(AVX512))
+    if not enabled("blocks"):
+        return "the quantized-block kernels are turned off (SHARDLLAMA_KERNELS)"
+    if _library is False:
+        return "the quantized-block kernels could not be loaded (see the warning)"
+    if _library is None and (platform.machine().lower() not in ("x86_64", "amd64")
+                             or len(build.cpu_flags(AVX512)) < len(AVX512)):
+        return "the kernels that compute on a GGUF's own blocks need AVX-512, which this CPU lacks"
+    return None
+
+
+def runs_here() -> bool:
+    """Whether block products here run in the library (:func:`why_not_here` has nothing to say)."""
+    return why_not_here() is None
 
 
 PAIRS_UP_TO = 2  # rows of x up to which the bf16-pair kernel may be chosen

@@ -6,7 +6,7 @@ The matrix-vector kernel can take 1, 2 or 4 weight rows per step, with or withou
 (Zen 3: four rows with prefetch on 4096 weights, 16.8 GB/s, but one row with prefetch on a 135M model's 576,
 11.2 against 6.6), so the first process on a machine times a few on a working set beyond the last-level cache,
 one thread as a worker runs, for long rows and for short ones (``SHAPES``), and writes the winners beside the
-compiled library (``variant.json``, ~1-2 s, once per machine like the build itself, under
+compiled library (``variant.json``, ~2-4 s, once per machine like the build itself, under
 the build lock so that workers starting together measure once).  Later processes read it back, after checking that the file is this user's, that no
 one else may write it, that it is small and names this CPU and a variant the library has; anything else is
 measured afresh.
@@ -107,11 +107,11 @@ def read(path: Path, lib: ModuleType) -> tuple[int, int, int, int] | None:
             if data.get("cpu") != cpu_model():
                 why = f"measured on another CPU ({data.get('cpu')!r})"
             elif missing := [f"{key} {_name(v)}" for key in SHAPES for v in CANDIDATES if v[0] in lib.variant_rows()
-                             and _name(v) not in (data.get("gb_s", {}).get(key) or {})]:
+                             and not (isinstance(r := data.get("gb_s", {}).get(key), dict) and _name(v) in r)]:
                 why = f"{', '.join(missing)} not measured (a newer set of variants)"
             else:
                 return parse(str(data["variant"]["long"]), lib) + parse(str(data["variant"]["short"]), lib)
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError, RecursionError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
     log.info("%s not used: %s; measuring again", path, why)
     return None

@@ -9,7 +9,7 @@
 // Decoding reads every weight once per token and does two flops per weight, so this is a memory-bandwidth
 // problem: the aim is the weights flowing at the machine's read bandwidth.  The loop walks W front to back,
 // `rows` (1, 2 or 4) rows at a time, widens 16 weights per instruction (F16C `vcvtph2ps`, or a shift for
-// bf16), multiplies each widened vector into every row of x, and keeps at least four independent f32 sums
+// bf16), multiplies each widened vector into every row of x, and keeps several independent f32 sums
 // per row in flight so that FMA latency never stalls the stream.  It can prefetch `prefetch` bytes ahead
 // (rounded up to whole rows), which covers the restart of the hardware prefetcher at each 4 KiB page.
 // Which of these is fastest depends on the CPU: on Zen 5 one row with prefetch (a single linear stream; two
@@ -610,17 +610,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "per step (1, 2, 4; -1: the variant set_variant chose)", py::arg("x"), py::arg("w"), py::arg("prefetch") = -1,
         py::arg("isa") = -1, py::arg("rows") = -1, py::call_guard<py::gil_scoped_release>());
   m.def("set_variant", [](int64_t rows, int64_t prefetch, int64_t short_rows, int64_t short_prefetch) {
-    if (short_rows < 0) {
-      short_rows = rows;
-      short_prefetch = prefetch;
-    }
+    if (short_rows < 0) short_rows = rows;
+    if (short_prefetch < 0) short_prefetch = prefetch;
     for (int64_t r : {rows, short_rows}) rows_index(r);
     for (int64_t b : {prefetch, short_prefetch})
       TORCH_CHECK(b >= 0 && b <= (1 << 20), "matvec: prefetch must be 0..1 MiB, got ", b);
     g_variant[0] = Variant{rows, prefetch};
     g_variant[1] = Variant{short_rows, short_prefetch};
   }, "the f16/bf16 variants matvec uses when a call names none: weight rows per step and prefetch bytes, for rows "
-        "of short_k weights or more and (short_rows, short_prefetch; -1: the same) for shorter ones",
+        "of short_k weights or more and (short_rows, short_prefetch; -1: the same as those) for shorter ones",
         py::arg("rows"), py::arg("prefetch"), py::arg("short_rows") = -1, py::arg("short_prefetch") = -1);
   m.def("variant", [](bool short_rows) {
     const Variant v = g_variant[short_rows];
