@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from shardllama.config import ModelArgs
@@ -60,3 +62,14 @@ def load_tool(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def library_or_skip(lib: ModuleType | None, what: str, why: str) -> ModuleType:
+    """A compiled kernel library ``lib`` where it loaded; else the test skips, saying that ``what`` is
+    unavailable and ``why`` -- or fails, where SHARDLLAMA_REQUIRE_KERNELS=1 (a CI that must run the kernels)."""
+    if lib is None:
+        message = f"{what} unavailable: {why}"
+        if os.environ.get("SHARDLLAMA_REQUIRE_KERNELS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return lib

@@ -19,7 +19,7 @@ from shardllama.config import ModelArgs
 from shardllama.kernels import decode
 from shardllama.kv_cache import contiguous_tables
 from shardllama.model import Step, Transformer, random_weights, rope_tables
-from tests.helpers import seq_cache
+from tests.helpers import library_or_skip, seq_cache
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Where a result is rounded to the dtype, the two paths may land one step apart.
@@ -29,12 +29,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3,
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = decode.library()
-    if lib is None:
-        if os.environ.get("SHARDLLAMA_REQUIRE_KERNELS") == "1":
-            pytest.fail("the decode-step kernels are unavailable")
-        pytest.skip("the decode-step kernels are unavailable (disabled, or not built here)")
-    return lib
+    return library_or_skip(decode.library(), "the decode-step kernels are", "disabled, or not built here")
 
 
 @contextlib.contextmanager

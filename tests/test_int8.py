@@ -23,7 +23,7 @@ from shardllama.kv_cache import blocks_for, contiguous_tables
 from shardllama.quant import Int8Weight, dequantize, quantize, reference_linear
 from shardllama.sharding import plan, shard, unshard, worker_weights
 from tests.test_cli import run_cli
-from tests.helpers import seq_cache
+from tests.helpers import library_or_skip, seq_cache
 from tests.test_tensor_parallel import greedy
 
 # ---- quantize / dequantize -----------------------------------------------------------------------------
@@ -103,12 +103,7 @@ def test_quantize_on_meta_tensors_gives_the_layout():
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = kernels.library()
-    if lib is None:
-        if os.environ.get("SHARDLLAMA_REQUIRE_KERNELS") == "1":
-            pytest.fail("the matvec kernel is unavailable")
-        pytest.skip("the matvec kernel is unavailable (disabled, or it could not be built)")
-    return lib
+    return library_or_skip(kernels.library(), "the matvec kernel is", "disabled, or it could not be built")
 
 
 def isas(lib) -> list[int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -24,18 +23,13 @@ from hypothesis import given, settings, strategies as st
 from shardllama import kernels, model
 from shardllama.config import ModelArgs
 from shardllama.kernels import build
-from tests.helpers import seq_cache
+from tests.helpers import library_or_skip, seq_cache
 
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = kernels.library()
-    if lib is None:
-        why = "disabled by SHARDLLAMA_KERNELS" if not kernels.enabled() else "it could not be built (see the warning)"
-        if os.environ.get("SHARDLLAMA_REQUIRE_KERNELS") == "1":
-            pytest.fail(f"the matvec kernel is unavailable: {why}")
-        pytest.skip(f"the matvec kernel is unavailable: {why}")
-    return lib
+    why = "disabled by SHARDLLAMA_KERNELS" if not kernels.enabled() else "it could not be built (see the warning)"
+    return library_or_skip(kernels.library(), "the matvec kernel is", why)
 
 
 @pytest.fixture

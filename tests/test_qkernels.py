@@ -9,7 +9,6 @@ may lose, so no CPU's rounding is built in.  Where the library cannot be built h
 
 from __future__ import annotations
 
-import os
 
 import gguf
 import numpy as np
@@ -21,6 +20,7 @@ from gguf import GGMLQuantizationType as Q
 from shardllama import kernels
 from shardllama.kernels import blocks as B
 from tests import gguf_ref_quants
+from tests.helpers import library_or_skip
 
 TYPES = list(B.SUPPORTED)
 SCALES = {  # byte offsets of each type's f16 scales (d, and m / dmin where there is one)
@@ -31,13 +31,8 @@ SCALES = {  # byte offsets of each type's f16 scales (d, and m / dmin where ther
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = B.library()
-    if lib is None:
-        why = "disabled by SHARDLLAMA_KERNELS" if not kernels.enabled() else "it could not be built, or no AVX-512"
-        if os.environ.get("SHARDLLAMA_REQUIRE_KERNELS") == "1":
-            pytest.fail(f"the quantized-block kernels are unavailable: {why}")
-        pytest.skip(f"the quantized-block kernels are unavailable: {why}")
-    return lib
+    why = "disabled by SHARDLLAMA_KERNELS" if not kernels.enabled() else "it could not be built, or no AVX-512"
+    return library_or_skip(B.library(), "the quantized-block kernels are", why)
 
 
 def quantized(qtype: Q, N: int, K: int, seed: int = 0) -> torch.Tensor:
